@@ -1,0 +1,137 @@
+"""The ``cctview`` command line: one sub-command per pipeline.
+
+Each sub-command declares which PipelineOptions groups it takes; everything after its
+own flags must be a standard Beam pipeline option (``--runner``, ``--project``, ...).
+Unknown flags, bad values, missing weights and unwritable outputs stop the command at
+once with one line on stderr and a non-zero exit status.
+"""
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+from pipelines import commands
+from pipelines.errors import UsageError
+from pipelines.options import (
+    DetectionInputOptions,
+    FrameInputOptions,
+    MatchOptions,
+    ModelOptions,
+    OutputOptions,
+    TimeZoneOptions,
+)
+
+_OWN_OPTIONS = (DetectionInputOptions, FrameInputOptions, MatchOptions, ModelOptions,
+                OutputOptions, TimeZoneOptions)
+
+
+@dataclass(frozen=True)
+class Command:
+    summary: str
+    option_groups: Sequence[type]
+    run: Callable[[PipelineOptions], int]
+    extra_args: Optional[Callable[[argparse.ArgumentParser], None]] = None
+
+
+COMMANDS = {
+    "extract": Command(
+        "frames -> detections with embeddings (and dead letters)",
+        (FrameInputOptions, TimeZoneOptions, ModelOptions, OutputOptions),
+        commands.extract),
+    "match": Command(
+        "stored detections -> cross-camera match pairs; no model runs",
+        (DetectionInputOptions, TimeZoneOptions, MatchOptions, OutputOptions),
+        commands.match),
+    "run": Command(
+        "extract and match in one pipeline: frames -> detections and matches",
+        (FrameInputOptions, TimeZoneOptions, ModelOptions, MatchOptions, OutputOptions),
+        commands.run),
+    "import-cctview": Command(
+        "CCTView output trees (--features.json + --detections.json) -> detections Parquet",
+        (FrameInputOptions, TimeZoneOptions, OutputOptions),
+        commands.import_cctview),
+}
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, not a usage dump."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _beam_parser() -> argparse.ArgumentParser:
+    """A parser of every standard Beam option (ours excluded), to spot unknown flags."""
+    parser = _BeamArgumentParser(allow_abbrev=False, add_help=False)
+    seen, stack = set(), list(PipelineOptions.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        stack.extend(cls.__subclasses__())
+        if cls not in _OWN_OPTIONS:
+            try:
+                cls._add_argparse_args(parser)
+            except argparse.ArgumentError:
+                pass  # an option two Beam classes both declare
+    return parser
+
+
+def _command_parser(name: str, command: Command) -> _OneLineParser:
+    parser = _OneLineParser(
+        prog="cctview %s" % name,
+        description=command.summary,
+        epilog="Standard Beam pipeline options (--runner, --direct_num_workers, "
+               "--direct_running_mode, --project, --region, --temp_location, --dry_run, "
+               "--dataflow_service_options, --sdk_container_image, ...) may follow.",
+    )
+    for group in command.option_groups:
+        group._add_argparse_args(parser)
+    return parser
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = ["  %-15s %s" % (name, c.summary) for name, c in COMMANDS.items()]
+    return argparse.ArgumentParser(
+        prog="cctview",
+        usage="cctview COMMAND [flags] [Beam pipeline options]",
+        description="CCTV frames in object storage -> cross-camera vehicle matches.",
+        epilog="commands:\n" + "\n".join(lines)
+               + "\n\n'cctview COMMAND --help' explains every flag of a command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def parse(argv: List[str]):
+    """-> (command name, PipelineOptions); raises UsageError for unusable arguments."""
+    if not argv or argv[0] in ("-h", "--help"):
+        _top_parser().print_help()
+        raise SystemExit(0 if argv else 2)
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        raise UsageError("unknown command %r (one of: %s)" % (name, ", ".join(COMMANDS)))
+    _, beam_args = _command_parser(name, COMMANDS[name]).parse_known_args(rest)
+    _, unknown = _beam_parser().parse_known_args(beam_args)
+    if unknown:
+        raise UsageError("unknown flag %s" % unknown[0])
+    return name, PipelineOptions(rest)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    name = argv[0] if argv else "cctview"
+    try:
+        name, options = parse(argv)
+        return COMMANDS[name].run(options)
+    except UsageError as exc:
+        print("cctview %s: error: %s" % (name, exc), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

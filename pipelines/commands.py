@@ -1,0 +1,184 @@
+"""The sub-commands: validate flags, assemble a pipeline, run it, report its counters."""
+import json
+import logging
+import sys
+from typing import Dict, List
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.runners.runner import PipelineState
+
+from pipelines import outputs
+from pipelines.errors import UsageError
+from pipelines.options import (
+    DetectionInputOptions,
+    FrameInputOptions,
+    MatchOptions,
+    ModelOptions,
+    OutputOptions,
+    TimeZoneOptions,
+)
+from transforms.cctview_import import ImportCCTView
+from transforms.detections_io import DetectionsSchemaError, ReadDetections, check_files, \
+    parquet_files
+from transforms.frames import DEAD_LETTER, ReadFrames
+from transforms.layout import FrameLayout, optional_range
+
+_LOG = logging.getLogger(__name__)
+SUMMARY_COUNTERS = (
+    "frames_listed", "frames_decoded", "frames_dead_lettered", "frames_inferred",
+    "frames_with_detections", "frames_without_detections", "frames_inference_failed",
+    "detections", "detections_read", "candidate_pairs", "matches_emitted",
+    "cctview_rows", "cctview_files_dead_lettered",
+)
+
+
+def _require(value, flag: str):
+    if not value:
+        raise UsageError("%s is required" % flag)
+    return value
+
+
+def _frame_source(options: PipelineOptions):
+    """ReadFrames configured from flags (validated here, on the driver)."""
+    frames = options.view_as(FrameInputOptions)
+    timezone = options.view_as(TimeZoneOptions).timezone
+    _require(frames.input, "--input")
+    try:
+        layout = FrameLayout(frames.layout, timezone)
+    except Exception as exc:  # re.error, ZoneInfoNotFoundError, ValueError
+        raise UsageError("bad --layout/--timezone: %s" % exc)
+    try:
+        start_ms, end_ms = optional_range(frames.start, frames.end, timezone)
+        return ReadFrames(frames.input, layout, start_ms, end_ms,
+                          max_pixels=frames.max_pixels, pipeline_options=options)
+    except ValueError as exc:
+        raise UsageError(str(exc))
+
+
+def _model_stage(options: PipelineOptions):
+    """DetectFrames configured from flags; weights are checked before the job starts."""
+    from pipelines.models_config import detect_transform  # torch only where models run
+
+    return detect_transform(options.view_as(ModelOptions))
+
+
+def _match_stage(options: PipelineOptions):
+    from pipelines.models_config import match_transform
+
+    return match_transform(options.view_as(MatchOptions))
+
+
+def _run(pipeline: beam.Pipeline) -> Dict[str, int]:
+    result = pipeline.run()
+    state = result.wait_until_finish()
+    if state not in (PipelineState.DONE, None) and state != "DONE":
+        raise RuntimeError("pipeline ended in state %s" % state)
+    try:
+        counters = result.metrics().query()["counters"]
+    except (NotImplementedError, AttributeError, KeyError):
+        return {}
+    totals: Dict[str, int] = {}
+    for counter in counters:
+        name = counter.key.metric.name
+        value = counter.committed if counter.committed is not None else counter.attempted
+        totals[name] = totals.get(name, 0) + int(value or 0)
+    return totals
+
+
+def _is_dry_run(options: PipelineOptions) -> bool:
+    return bool(options.get_all_options().get("dry_run"))
+
+
+def _report(totals: Dict[str, int], output: str) -> None:
+    shown = ["%s=%d" % (k, totals[k]) for k in SUMMARY_COUNTERS if k in totals]
+    print("done: %s -> %s" % (", ".join(shown) or "no counters", output))
+    sys.stdout.flush()
+
+
+def _write_all(pcolls: Dict[str, object], output: str, shards: int) -> None:
+    for table, pcoll in pcolls.items():
+        outputs.write(pcoll, output, table, shards)
+
+
+def _finish(options, pipeline, output: str, tables: List[str]) -> int:
+    totals = _run(pipeline)
+    if _is_dry_run(options):
+        print("dry run: job built, nothing executed")
+        return 0
+    outputs.finish(output, tables)
+    _report(totals, output)
+    return 0
+
+
+def extract(options: PipelineOptions) -> int:
+    """Frames -> detections with embeddings."""
+    out = options.view_as(OutputOptions)
+    source = _frame_source(options)
+    detect = _model_stage(options)
+    tables = ["detections", "dead_letter"]
+    outputs.prepare(_require(out.output, "--output"), tables)
+    pipeline = beam.Pipeline(options=options)
+    read = pipeline | "ReadFrames" >> source
+    found = read.frames | "DetectFrames" >> detect
+    dead = (read[DEAD_LETTER], found[DEAD_LETTER]) | "AllDeadLetters" >> beam.Flatten()
+    _write_all({"detections": found["detections"], "dead_letter": dead}, out.output, out.shards)
+    return _finish(options, pipeline, out.output, tables)
+
+
+def _detection_source(options: PipelineOptions) -> ReadDetections:
+    paths = _require(options.view_as(DetectionInputOptions).detections, "--detections")
+    files = parquet_files(paths)
+    if not files:
+        raise UsageError("no Parquet files in --detections %s" % " ".join(paths))
+    try:
+        check_files(files)
+    except DetectionsSchemaError as exc:
+        raise UsageError(str(exc))
+    return ReadDetections(files, options.view_as(TimeZoneOptions).timezone)
+
+
+def match(options: PipelineOptions) -> int:
+    """Stored detections -> cross-camera match pairs; no model runs."""
+    out = options.view_as(OutputOptions)
+    source = _detection_source(options)
+    matcher = _match_stage(options)
+    tables = ["matches"]
+    outputs.prepare(_require(out.output, "--output"), tables)
+    pipeline = beam.Pipeline(options=options)
+    matches = pipeline | "ReadDetections" >> source | "Match" >> matcher
+    _write_all({"matches": matches}, out.output, out.shards)
+    return _finish(options, pipeline, out.output, tables)
+
+
+def run(options: PipelineOptions) -> int:
+    """Frames -> detections and matches in one pipeline."""
+    out = options.view_as(OutputOptions)
+    source = _frame_source(options)
+    detect = _model_stage(options)
+    matcher = _match_stage(options)
+    tables = ["detections", "matches", "dead_letter"]
+    outputs.prepare(_require(out.output, "--output"), tables)
+    pipeline = beam.Pipeline(options=options)
+    read = pipeline | "ReadFrames" >> source
+    found = read.frames | "DetectFrames" >> detect
+    matches = found["detections"] | "Match" >> matcher
+    dead = (read[DEAD_LETTER], found[DEAD_LETTER]) | "AllDeadLetters" >> beam.Flatten()
+    _write_all({"detections": found["detections"], "matches": matches, "dead_letter": dead},
+               out.output, out.shards)
+    return _finish(options, pipeline, out.output, tables)
+
+
+def import_cctview(options: PipelineOptions) -> int:
+    """CCTView output trees -> detections Parquet."""
+    out = options.view_as(OutputOptions)
+    roots = _require(options.view_as(FrameInputOptions).input, "--input")
+    tables = ["detections", "dead_letter"]
+    outputs.prepare(_require(out.output, "--output"), tables)
+    pipeline = beam.Pipeline(options=options)
+    imported = pipeline | "ImportCCTView" >> ImportCCTView(
+        roots, options.view_as(TimeZoneOptions).timezone)
+    _write_all({"detections": imported.detections, "dead_letter": imported[DEAD_LETTER]},
+               out.output, out.shards)
+    return _finish(options, pipeline, out.output, tables)

@@ -1,0 +1,190 @@
+"""The commands' flags as Beam PipelineOptions subclasses.
+
+Each group of flags is one subclass, so a flag is declared once, shows up in
+``--help`` of every command that uses it, and is read with ``options.view_as(...)``
+like any Beam option (also on Dataflow workers). Flags are spelled as in SPEC.md
+(``--max-gap``); their attribute names use underscores (``max_gap``).
+"""
+from apache_beam.options.pipeline_options import PipelineOptions
+
+VEHICLES = "car,bus,truck,motorcycle"
+
+
+def _positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be positive")
+    return value
+
+
+def _unit_float(text):
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("must be between 0 and 1")
+    return value
+
+
+_positive_int.__name__ = "positive integer"
+_positive_float.__name__ = "positive number"
+_unit_float.__name__ = "number in [0, 1]"
+
+
+class FrameInputOptions(PipelineOptions):
+    """Where frames are and which ones to take."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--input", dest="input", nargs="+", metavar="PATTERN",
+            help="Frame files or folders: local paths or any Beam filesystem URI "
+                 "(gs://bucket/frames, s3://bucket/frames/**). Folders are listed "
+                 "recursively.")
+        parser.add_argument(
+            "--start", dest="start", metavar="ISO",
+            help="First capture time to take (ISO-8601; naive = --timezone). With "
+                 "--end and the cctview layout only the hour folders in range are listed.")
+        parser.add_argument(
+            "--end", dest="end", metavar="ISO",
+            help="Capture time to stop before (exclusive; ISO-8601, naive = --timezone).")
+        parser.add_argument(
+            "--layout", dest="layout", default="cctview", metavar="cctview|REGEX",
+            help="How camera id and capture time are read from the path: 'cctview' "
+                 "(<camera>/YYYY/MM/DD/HH/MM/SS/<camera>--YYYY-MM-DD--HH.MM.SS--original.jpeg) "
+                 "or a regex with named groups camera and date+time (or ts).")
+        parser.add_argument(
+            "--max-pixels", dest="max_pixels", type=_positive_int, default=4096 * 4096,
+            help="Frames with more pixels are dead-lettered as too_large (default 16.7M).")
+
+
+class TimeZoneOptions(PipelineOptions):
+    """How camera-local times are read."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--timezone", dest="timezone", default="UTC", metavar="TZ",
+            help="IANA time zone of camera-local times: capture times in paths and "
+                 "naive frame_ts columns (default UTC; NYC DOT cameras: America/New_York).")
+
+
+class ModelOptions(PipelineOptions):
+    """Which detector and embedder run, where, and what they keep."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--detector", dest="detector", default="yolox",
+            help="Detector: retinanet_resnet50_fpn, retinanet_resnet50_fpn_v2, "
+                 "fasterrcnn_resnet50_fpn_v2, ssdlite320_mobilenet_v3_large, yolox (ONNX "
+                 "file), background (classical, no weights). Default yolox.")
+        parser.add_argument(
+            "--detector-weights", dest="detector_weights", metavar="URI",
+            help="Detector weights: a local path or Beam filesystem URI (torch state "
+                 "dict, or the ONNX file for yolox). Required where the network has no "
+                 "weights on this machine.")
+        parser.add_argument(
+            "--detector-sha256", dest="detector_sha256", metavar="HEX",
+            help="Refuse detector weights whose sha256 differs from this.")
+        parser.add_argument(
+            "--embedder", dest="embedder", default="onnx",
+            help="Embedder: densenet201_veri (CCTView's VeRI_densenet_ft50.pth loads as "
+                 "is), resnet50, onnx (any fixed-size ONNX embedder), color_histogram "
+                 "(classical, no weights). Default onnx.")
+        parser.add_argument(
+            "--embedder-weights", dest="embedder_weights", metavar="URI",
+            help="Embedder weights: a local path or Beam filesystem URI.")
+        parser.add_argument(
+            "--embedder-sha256", dest="embedder_sha256", metavar="HEX",
+            help="Refuse embedder weights whose sha256 differs from this.")
+        parser.add_argument(
+            "--device", dest="device", choices=("cpu", "cuda"), default="cpu",
+            help="Where the models run (default cpu).")
+        parser.add_argument(
+            "--batch-size", dest="batch_size", type=_positive_int, default=16,
+            help="Most frames per model call; RunInference batches up to this (default 16).")
+        parser.add_argument(
+            "--min-score", dest="min_score", type=_unit_float, default=0.25,
+            help="Drop detections scored below this (default 0.25).")
+        parser.add_argument(
+            "--classes", dest="classes", default=VEHICLES,
+            help="COCO class names to keep and embed, comma-separated (default %s). "
+                 "People are never embedded unless named here." % VEHICLES)
+        parser.add_argument(
+            "--min-box", dest="min_box", type=float, default=0.0,
+            help="Drop boxes whose shorter side is under this many pixels (default 0).")
+        parser.add_argument(
+            "--nms-iou", dest="nms_iou", type=_unit_float, default=0.45,
+            help="IoU above which overlapping boxes of one class are merged (default 0.45).")
+        parser.add_argument(
+            "--max-detections", dest="max_detections", type=_positive_int, default=100,
+            help="Keep at most this many detections per frame, best first (default 100).")
+        parser.add_argument(
+            "--separate-stages", dest="separate_stages", action="store_true",
+            help="Run detection and embedding as two RunInference steps instead of the "
+                 "fused detect-and-embed step.")
+
+
+class MatchOptions(PipelineOptions):
+    """How stored detections are paired across cameras."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--max-gap", dest="max_gap", type=_positive_float, default=300.0,
+            help="Largest |dt| in seconds between two detections that may match "
+                 "(default 300). Ignored for camera pairs given in --links.")
+        parser.add_argument(
+            "--window", dest="window", type=_positive_float, default=60.0,
+            help="Event-time window in seconds that blocks the work (default 60). "
+                 "Results of all/topk/mutual do not depend on it.")
+        parser.add_argument(
+            "--metric", dest="metric", choices=("l2", "cosine"), default="l2",
+            help="Embedding distance (default l2, CCTView's).")
+        parser.add_argument(
+            "--policy", dest="policy", choices=("all", "topk", "mutual", "assignment"),
+            default="mutual",
+            help="all: every candidate under --threshold; topk: --top-k nearest per "
+                 "detection and camera; mutual: mutual nearest neighbours; assignment: "
+                 "one-to-one per camera pair and window (default mutual).")
+        parser.add_argument(
+            "--threshold", dest="threshold", type=float, default=None,
+            help="Largest distance that may match (default: none).")
+        parser.add_argument(
+            "--top-k", dest="top_k", type=_positive_int, default=1,
+            help="Neighbours per detection and other camera for --policy topk (default 1).")
+        parser.add_argument(
+            "--links", dest="links", metavar="FILE",
+            help="links.json from 'cctview calibrate': only linked camera pairs match, "
+                 "and only inside each link's dt band.")
+
+
+class OutputOptions(PipelineOptions):
+    """Where results go."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--output", dest="output", metavar="DIR",
+            help="Output folder (local or Beam filesystem URI); its detections/, "
+                 "matches/ and dead_letter/ tables are replaced by this run.")
+        parser.add_argument(
+            "--shards", dest="shards", type=_positive_int, default=1,
+            help="Parquet files per hour partition (default 1); raise it for many cameras.")
+
+
+class DetectionInputOptions(PipelineOptions):
+    """Stored detections to match."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--detections", dest="detections", nargs="+", metavar="PATH",
+            help="Detections Parquet files or folders (this tool's detections/ or any "
+                 "Parquet with camera_id, frame_ts, detection_id, embedding).")

@@ -1,0 +1,67 @@
+"""The output folder of a command: checked before, replaced during, summarised after.
+
+A command first proves it can write to ``--output`` (so an unwritable bucket fails in a
+second, not after an hour of inference), clears the tables it is about to write (a
+re-run replaces, never appends), and after the run makes sure every table folder holds
+at least an empty file with its schema.
+"""
+import uuid
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines.errors import UsageError
+from transforms import parquet_io
+
+TABLES = {
+    "detections": (parquet_io.DETECTIONS_SCHEMA,
+                   lambda r: r["detection_id"], lambda r: parquet_io.hour_partition(
+                       int(r["frame_ts"].timestamp() * 1000))),
+    "matches": (parquet_io.MATCHES_SCHEMA,
+                lambda r: r["detection_id_a"] + "|" + r["detection_id_b"],
+                lambda r: parquet_io.hour_partition(int(r["frame_ts_a"].timestamp() * 1000))),
+    "dead_letter": (parquet_io.DEAD_LETTER_SCHEMA,
+                    lambda r: r["stage"] + "|" + r["uri"], None),
+}
+
+ROW_BUILDERS = {
+    "detections": parquet_io.detection_row,
+    "matches": parquet_io.match_row,
+    "dead_letter": parquet_io.dead_letter_row,
+}
+
+
+def table_dir(output: str, table: str) -> str:
+    return FileSystems.join(output.rstrip("/"), table)
+
+
+def prepare(output: str, tables) -> None:
+    """Checks that ``output`` is writable and clears ``tables`` under it."""
+    if not output:
+        raise UsageError("--output is required")
+    probe = FileSystems.join(output.rstrip("/"), ".cctview-write-check-%s" % uuid.uuid4().hex)
+    try:
+        with FileSystems.create(probe) as handle:
+            handle.write(b"ok")
+        FileSystems.delete([probe])
+    except Exception as exc:  # any filesystem's failure means the same thing here
+        raise UsageError("cannot write to output %s (%s)" % (output, type(exc).__name__))
+    for table in tables:
+        parquet_io.clear_table(table_dir(output, table))
+
+
+def write(pcoll, output: str, table: str, shards: int = 1):
+    """Writes internal records of ``table`` kind under ``output``."""
+    schema, id_fn, partition_fn = TABLES[table]
+    return (
+        pcoll
+        | "%sRows" % table >> beam.Map(ROW_BUILDERS[table])
+        | "Write_%s" % table >> parquet_io.WriteParquetTable(
+            table_dir(output, table), schema, id_fn, partition_fn,
+            shards=shards if partition_fn else 1, name=table)
+    )
+
+
+def finish(output: str, tables) -> None:
+    for table in tables:
+        parquet_io.ensure_table(table_dir(output, table), TABLES[table][0])

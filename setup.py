@@ -1,0 +1,36 @@
+"""Installs cctview-beam: CCTV frames in object storage -> cross-camera vehicle matches."""
+from setuptools import setup
+
+setup(
+    name="cctview-beam",
+    version="0.1.0",
+    description=(
+        "Apache Beam pipeline that turns archived CCTV frames into cross-camera "
+        "vehicle match pairs (Parquet), locally or on Dataflow."
+    ),
+    python_requires=">=3.10",
+    packages=["pipelines", "transforms", "models", "runners"],
+    install_requires=[
+        "apache-beam[gcp]>=2.60",
+        "google-cloud-storage>=2.10",
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "numpy>=1.26",
+        "pyarrow>=14",
+        "pillow>=10",
+        "onnxruntime>=1.17",
+        "scipy>=1.11",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "gcp-storage-emulator>=2024.8",
+            "moto[server]>=5",
+            "boto3>=1.34",
+        ],
+        "tf": ["tensorflow>=2.15"],
+        "imageai": ["imageai>=3.0"],
+    },
+    entry_points={"console_scripts": ["cctview=pipelines.cli:main"]},
+)

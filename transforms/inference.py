@@ -1,0 +1,120 @@
+"""DetectFrames: frames -> detections with embeddings, through Beam's RunInference.
+
+The models come in as ModelHandlers (built from flags in ``pipelines``); this module
+only keys frames, calls ``RunInference`` (which batches through the handlers'
+``batch_elements_kwargs``), turns predictions into detection records with
+deterministic ids, and sends frames whose inference failed to the dead-letter output.
+Counters: frames_inferred, frames_with_detections, frames_without_detections,
+detections, frames_inference_failed.
+"""
+from typing import Optional
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.transforms.window import TimestampedValue
+
+from transforms.records import dead_letter, detection_id
+
+DEAD_LETTER = "dead_letter"
+NAMESPACE = "cctview"
+
+
+def _frame_key(frame: dict):
+    return frame["uri"], frame["camera_id"], frame["frame_ts_ms"]
+
+
+class _ToDetectionsFn(beam.DoFn):
+    """(frame key, PredictionResult) -> detection records of that frame."""
+
+    def __init__(self, detector: str, embedder: str, keep_embeddings: bool):
+        self._detector = detector
+        self._embedder = embedder
+        self._keep_embeddings = keep_embeddings
+        self.inferred = Metrics.counter(NAMESPACE, "frames_inferred")
+        self.with_dets = Metrics.counter(NAMESPACE, "frames_with_detections")
+        self.without_dets = Metrics.counter(NAMESPACE, "frames_without_detections")
+        self.detections = Metrics.counter(NAMESPACE, "detections")
+
+    def process(self, element):
+        (uri, camera_id, ts_ms), result = element
+        found = result.inference
+        self.inferred.inc()
+        (self.with_dets if found else self.without_dets).inc()
+        self.detections.inc(len(found))
+        for det in found:
+            box = [float(v) for v in det["box_xyxy"]]
+            yield TimestampedValue({
+                "camera_id": camera_id,
+                "frame_ts_ms": ts_ms,
+                "frame_uri": uri,
+                "detection_id": detection_id(uri, box, det["label"]),
+                "label": det["label"],
+                "score": float(det["score"]),
+                "box_xyxy": box,
+                "embedding": det["embedding"] if self._keep_embeddings else None,
+                "detector": self._detector,
+                "embedder": self._embedder,
+            }, ts_ms / 1000.0)
+
+
+class _FailedBatchFn(beam.DoFn):
+    """A batch whose inference raised -> one dead letter per frame in it."""
+
+    def __init__(self):
+        self.failed = Metrics.counter(NAMESPACE, "frames_inference_failed")
+
+    def process(self, element):
+        batch, error = element
+        for key, _ in batch:
+            self.failed.inc()
+            yield dead_letter(key[0], "inference", "inference_failed",
+                              "%s: %s" % (type(error).__name__, error))
+
+
+class DetectFrames(beam.PTransform):
+    """Runs detection and embedding on frame dicts.
+
+    ``handler`` is a fused detect-and-embed ModelHandler whose inference for one image
+    is a list of ``{box_xyxy, score, label, embedding}``. With ``embed_handler`` the
+    two stages run as two RunInference steps: ``handler`` then detects (its result
+    for an image is ``{boxes, scores, labels}``) and ``embed_handler`` embeds the
+    ``(image, boxes)`` pairs. Returns ``{"detections": ..., "dead_letter": ...}``.
+    """
+
+    def __init__(self, handler, detector_name: str, embedder_name: str,
+                 embed_handler: Optional[object] = None, keep_embeddings: bool = True):
+        super().__init__()
+        self._handler = handler
+        self._embed_handler = embed_handler
+        self._names = (detector_name, embedder_name)
+        self._keep_embeddings = keep_embeddings
+
+    def expand(self, frames):
+        keyed = frames | "KeyByFrame" >> beam.Map(lambda f: (_frame_key(f), f["image"]))
+        predictions, failed = keyed | "Detect" >> RunInference(
+            KeyedModelHandler(self._handler)).with_exception_handling()
+        dead = [failed.failed_inferences | "DetectFailed" >> beam.ParDo(_FailedBatchFn())]
+        if self._embed_handler is not None:
+            to_embed = (
+                (predictions, keyed)
+                | "JoinImage" >> beam.CoGroupByKey()
+                | "ImageAndBoxes" >> beam.FlatMap(_image_and_boxes)
+            )
+            predictions, failed_embed = to_embed | "Embed" >> RunInference(
+                KeyedModelHandler(self._embed_handler)).with_exception_handling()
+            dead.append(failed_embed.failed_inferences
+                        | "EmbedFailed" >> beam.ParDo(_FailedBatchFn()))
+        detections = predictions | "ToDetections" >> beam.ParDo(
+            _ToDetectionsFn(*self._names, keep_embeddings=self._keep_embeddings))
+        return {
+            "detections": detections,
+            DEAD_LETTER: tuple(dead) | "FlattenDead" >> beam.Flatten(),
+        }
+
+
+def _image_and_boxes(element):
+    """(key, ([detect result], [image])) -> (key, (image, detect result)) for the embedder."""
+    key, (results, images) = element
+    for result, image in zip(results, images):
+        yield key, (image, result.inference)
