@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     packages=["pipelines", "transforms", "models", "runners"],
     install_requires=[
-        "apache-beam[gcp]>=2.60",
+        "apache-beam[gcp,aws]>=2.60",
         "google-cloud-storage>=2.10",
         "torch>=2.4",
         "torchvision>=0.19",
@@ -20,6 +20,7 @@ setup(
         "pillow>=10",
         "onnxruntime>=1.17",
         "scipy>=1.11",
+        "tzdata",
     ],
     extras_require={
         "test": [

@@ -59,15 +59,15 @@ def _frame_source(options: PipelineOptions):
 
 def _model_stage(options: PipelineOptions):
     """DetectFrames configured from flags; weights are checked before the job starts."""
-    from pipelines.models_config import detect_transform  # torch only where models run
+    from pipelines.stages import detect_stage  # imports torch: only where models run
 
-    return detect_transform(options.view_as(ModelOptions))
+    return detect_stage(options.view_as(ModelOptions))
 
 
 def _match_stage(options: PipelineOptions):
-    from pipelines.models_config import match_transform
+    from pipelines.stages import match_stage
 
-    return match_transform(options.view_as(MatchOptions))
+    return match_stage(options.view_as(MatchOptions))
 
 
 def _run(pipeline: beam.Pipeline) -> Dict[str, int]:

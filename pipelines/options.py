@@ -80,23 +80,24 @@ class ModelOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument(
-            "--detector", dest="detector", default="yolox",
+            "--detector", dest="detector", default="retinanet_resnet50_fpn",
             help="Detector: retinanet_resnet50_fpn, retinanet_resnet50_fpn_v2, "
                  "fasterrcnn_resnet50_fpn_v2, ssdlite320_mobilenet_v3_large, yolox (ONNX "
-                 "file), background (classical, no weights). Default yolox.")
+                 "file), background (classical, no weights). Default "
+                 "retinanet_resnet50_fpn, CCTView's family.")
         parser.add_argument(
             "--detector-weights", dest="detector_weights", metavar="URI",
             help="Detector weights: a local path or Beam filesystem URI (torch state "
-                 "dict, or the ONNX file for yolox). Required where the network has no "
-                 "weights on this machine.")
+                 "dict, or the ONNX file for yolox). Without it torchvision's published "
+                 "weights are used, which needs them cached or the internet.")
         parser.add_argument(
             "--detector-sha256", dest="detector_sha256", metavar="HEX",
             help="Refuse detector weights whose sha256 differs from this.")
         parser.add_argument(
-            "--embedder", dest="embedder", default="onnx",
+            "--embedder", dest="embedder", default="resnet50",
             help="Embedder: densenet201_veri (CCTView's VeRI_densenet_ft50.pth loads as "
                  "is), resnet50, onnx (any fixed-size ONNX embedder), color_histogram "
-                 "(classical, no weights). Default onnx.")
+                 "(classical, no weights). Default resnet50.")
         parser.add_argument(
             "--embedder-weights", dest="embedder_weights", metavar="URI",
             help="Embedder weights: a local path or Beam filesystem URI.")

@@ -1,0 +1,104 @@
+"""Flags -> configured pipeline stages (model handlers, matcher), checked on the driver.
+
+The models are built once here, before the job starts, so that a missing or
+mismatching weight file, an ONNX file of the wrong shape or an unknown model name
+stops the command in seconds with one line, not on every worker an hour later.
+"""
+import json
+from typing import List, Optional
+
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines.errors import UsageError
+from pipelines.options import MatchOptions, ModelOptions
+from transforms.inference import DetectFrames
+
+
+def _classes(text: str) -> tuple:
+    classes = tuple(c.strip() for c in text.split(",") if c.strip())
+    if not classes:
+        raise UsageError("--classes names no class")
+    return classes
+
+
+def detector_options(opts: ModelOptions) -> dict:
+    return {
+        "sha256": opts.detector_sha256,
+        "min_score": opts.min_score,
+        "nms_iou": opts.nms_iou,
+        "classes": _classes(opts.classes),
+        "min_box": opts.min_box,
+        "max_detections": opts.max_detections,
+    }
+
+
+def embedder_options(opts: ModelOptions) -> dict:
+    return {"sha256": opts.embedder_sha256}
+
+
+def check_models(opts: ModelOptions) -> None:
+    """Builds both models once on the driver; any problem becomes a UsageError."""
+    from models.registry import build_detector, build_embedder
+    from models.weights import WeightsError
+
+    try:
+        detector = build_detector(opts.detector, opts.detector_weights, "cpu",
+                                  **detector_options(opts))
+        embedder = build_embedder(opts.embedder, opts.embedder_weights, "cpu",
+                                  **embedder_options(opts))
+    except (WeightsError, ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    del detector, embedder
+
+
+def detect_stage(opts: ModelOptions, keep_embeddings: bool = True) -> DetectFrames:
+    """DetectFrames with the handlers the flags ask for (fused unless --separate-stages)."""
+    from models.handlers import DetectEmbedModelHandler, DetectModelHandler, EmbedModelHandler
+
+    check_models(opts)
+    batching = {"device": opts.device, "max_batch_size": opts.batch_size,
+                "min_batch_size": 1}
+    if opts.separate_stages:
+        detect = DetectModelHandler(opts.detector, weights=opts.detector_weights,
+                                    options=detector_options(opts), **batching)
+        embed = EmbedModelHandler(opts.embedder, weights=opts.embedder_weights,
+                                  options=embedder_options(opts), **batching)
+        return DetectFrames(detect, opts.detector, opts.embedder, embed_handler=embed,
+                            keep_embeddings=keep_embeddings)
+    handler = DetectEmbedModelHandler(
+        opts.detector, opts.embedder, detector_weights=opts.detector_weights,
+        embedder_weights=opts.embedder_weights, detector_options=detector_options(opts),
+        embedder_options=embedder_options(opts), **batching)
+    return DetectFrames(handler, opts.detector, opts.embedder, keep_embeddings=keep_embeddings)
+
+
+def read_links(uri: Optional[str]) -> Optional[List[dict]]:
+    """links.json -> list of links, validated; None when no file is given."""
+    if not uri:
+        return None
+    try:
+        with FileSystems.open(uri) as handle:
+            links = json.loads(handle.read().decode("utf-8"))
+    except Exception as exc:  # missing file, bad JSON: the same one-line answer
+        raise UsageError("cannot read --links %s (%s)" % (uri, type(exc).__name__))
+    if not isinstance(links, list):
+        raise UsageError("--links %s is not a JSON list" % uri)
+    for link in links:
+        try:
+            ok = (str(link["camera_a"]) < str(link["camera_b"])
+                  and float(link["spread_s"]) >= 0 and float(link["offset_s"]) == float(
+                      link["offset_s"]))
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise UsageError("bad link in %s: %s" % (uri, json.dumps(link)[:200]))
+    return links
+
+
+def match_stage(opts: MatchOptions):
+    """MatchDetections configured from the flags."""
+    from transforms.matching import MatchDetections
+
+    return MatchDetections(
+        policy=opts.policy, metric=opts.metric, max_gap_s=opts.max_gap, window_s=opts.window,
+        threshold=opts.threshold, top_k=opts.top_k, links=read_links(opts.links))
