@@ -1,0 +1,249 @@
+"""Appearance embedders behind one interface, and their builders.
+
+:meth:`Embedder.embed_crops` takes whole frames and the boxes found in them,
+cuts every crop from the frame's device tensor with ``roi_align``
+(:func:`models.imaging.crop_boxes`) and runs one forward for all crops of all
+frames. :meth:`Embedder.embed_pil` is CCTView's way for one crop (PIL crop,
+Resize, CenterCrop, ToTensor, Normalize), kept as the baseline for benchmarks.
+"""
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision import transforms as T
+
+from models.imaging import CENTER_CROP_FRACTION, crop_boxes, to_device
+from models.weights import (WeightsError, WeightsSpec, apply_state_dict, load_state_dict, onnx_session,
+                            torchvision_state_dict)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+VERI_DENSENET = WeightsSpec(
+    name="VeRI_densenet_ft50",
+    # CCTView's checkpoint (Git LFS); the sha256 is the LFS object id of that file.
+    url="https://media.githubusercontent.com/media/samdbrice/cctview/"
+        "332841f61cd7f618a5d87a4cb33869202593e787/models/VeRI_densenet_ft50.pth",
+    sha256="bd82ed9950dfb18876b908bdc6b02eae8f9896e6f2f17e66f75f76c8ea123030",
+    transforms="Resize(256), CenterCrop(224), ImageNet mean/std",
+    meta={"classes": 576, "embedding": "1920-d average-pooled DenseNet201 features, before the classifier",
+          "source": "CCTView, after GeoTrouvetout/Vehicle_ReID (DenseNet201 fine-tuned on VeRi-776)"},
+)
+OSNET_X0_25 = WeightsSpec(
+    name="osnet_x0_25",
+    url="https://github.com/KaiyangZhou/deep-person-reid",
+    # Digest of the copy this project is tested with (../shared/models/osnet_x0_25.onnx).
+    sha256="df72548a7133d2896a9faeac417019c62eaa5ec1a713182f7fb6762b99f4411d",
+    transforms="stretch to 256x128, RGB 0..1, ImageNet mean/std",
+    meta={"embedding": "512-d", "trained_on": "people (generic appearance)"},
+    file_format="onnx",
+)
+
+
+class Embedder:
+    """Crops -> fixed-size float32 vectors; subclasses implement :meth:`_embed`.
+
+    ``crop`` is how a box becomes the input: ``stretch`` (the whole box warped
+    to ``input_size``) or ``center`` (CCTView's Resize + CenterCrop geometry).
+    """
+
+    name = "embedder"
+    dim = 0
+
+    def __init__(self, *, input_size: Sequence[int], crop: str = "stretch", device: str = "cpu",
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        if crop not in ("stretch", "center"):
+            raise ValueError("crop must be 'stretch' or 'center', got %r" % crop)
+        self.input_size = tuple(int(v) for v in input_size)
+        self.crop = crop
+        self.device = torch.device(device)
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+
+    def embed_crops(self, images, boxes) -> list:
+        """One (Ni, dim) float32 array per HxWx3 uint8 RGB image, for its (Ni, 4) xyxy boxes."""
+        return self.embed_tensors(to_device(images, self.device), boxes)
+
+    @torch.inference_mode()
+    def embed_tensors(self, frames, boxes) -> list:
+        """As :meth:`embed_crops`, for float (3, H, W) 0..1 frames already on a device."""
+        counts = [len(b) for b in boxes]
+        if not sum(counts):
+            return [np.zeros((0, self.dim), np.float32) for _ in counts]
+        crops = crop_boxes([f.to(self.device) for f in frames], boxes, self.input_size, self.crop)
+        return np.split(self._embed(crops), np.cumsum(counts)[:-1])
+
+    @torch.inference_mode()
+    def embed_pil(self, crop) -> np.ndarray:
+        """CCTView's way, for one PIL crop: resize and crop in PIL, then one forward."""
+        if self.crop == "center":
+            resize = [T.Resize(round(min(self.input_size) / CENTER_CROP_FRACTION)), T.CenterCrop(self.input_size)]
+        else:
+            resize = [T.Resize(self.input_size)]
+        tensor = T.Compose(resize + [T.ToTensor()])(crop.convert("RGB"))
+        return self._embed(tensor[None].to(self.device))[0]
+
+    def _normalise(self, crops: torch.Tensor) -> torch.Tensor:
+        return (crops - self._mean) / self._std
+
+    def _embed(self, crops: torch.Tensor) -> np.ndarray:
+        """(M, 3, H, W) RGB 0..1 crops on the device -> (M, dim) float32."""
+        raise NotImplementedError
+
+
+class TorchEmbedder(Embedder):
+    """A torch module whose ``forward`` (or the given method) returns embeddings."""
+
+    def __init__(self, name: str, model: torch.nn.Module, dim: int, spec: WeightsSpec,
+                 method: Optional[str] = None, **options):
+        super().__init__(**options)
+        self.name, self.dim, self.spec = name, dim, spec
+        self.model = model.eval().to(self.device)
+        self._forward = getattr(self.model, method) if method else self.model
+
+    def _embed(self, crops):
+        return self._forward(self._normalise(crops)).float().cpu().numpy()
+
+
+class DenseNetVeRI(torch.nn.Module):
+    """CCTView's vehicle re-id network, module for module, so that its
+    ``VeRI_densenet_ft50.pth`` loads unchanged (keys ``features.*``,
+    ``classifier.*``; the pooling has no weights). Unlike torchvision's
+    DenseNet there is no ReLU between the features and the pooling, and the
+    pooling is a fixed 7x7 average: the input must be 224x224."""
+
+    def __init__(self, num_classes: int = 576):
+        super().__init__()
+        self.features = torchvision.models.densenet201(weights=None).features
+        self.mixer = torch.nn.AvgPool2d(kernel_size=7, stride=1)
+        self.classifier = torch.nn.Linear(1920, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The 1920-d vector CCTView stored as a detection's features."""
+        return self.mixer(self.features(x)).flatten(1)
+
+    def forward(self, x: torch.Tensor):
+        f = self.embed(x)
+        return f, self.classifier(f)
+
+
+def densenet201_veri(*, weights: Optional[str] = None, sha256: Optional[str] = None, pretrained: bool = True,
+                     device: str = "cpu", crop: str = "center") -> TorchEmbedder:
+    """CCTView's DenseNet201-VeRi; ``crop='center'`` matches the embeddings CCTView stored."""
+    model = DenseNetVeRI()
+    if weights:
+        apply_state_dict(model, load_state_dict(weights, sha256), weights, "densenet201_veri")
+    elif pretrained:
+        raise WeightsError("densenet201_veri needs CCTView's VeRI_densenet_ft50.pth: pass --embedder-weights URI "
+                           "(url: %s, sha256 %s)" % (VERI_DENSENET.url, VERI_DENSENET.sha256))
+    return TorchEmbedder("densenet201_veri", model, 1920, VERI_DENSENET, method="embed",
+                         input_size=(224, 224), crop=crop, device=device)
+
+
+def resnet50(*, weights: Optional[str] = None, sha256: Optional[str] = None, pretrained: bool = True,
+             device: str = "cpu", crop: str = "center") -> TorchEmbedder:
+    """torchvision's ResNet-50 trunk: the 2048-d pooled features (the classifier removed).
+
+    ``weights`` may hold a full ResNet-50 state dict (as torchvision publishes
+    it) or one saved without ``fc``.
+    """
+    published = torchvision.models.ResNet50_Weights.DEFAULT
+    model = torchvision.models.resnet50(weights=None)
+    if weights:
+        state = load_state_dict(weights, sha256)
+        if not any(k.startswith("fc.") for k in state):
+            model.fc = torch.nn.Identity()
+        apply_state_dict(model, state, weights, "resnet50")
+    elif pretrained:
+        apply_state_dict(model, torchvision_state_dict(published, "resnet50", "--embedder-weights"),
+                         published.url, "resnet50")
+    model.fc = torch.nn.Identity()
+    spec = WeightsSpec(name="resnet50", url=published.url, sha256=None,
+                       transforms="Resize(256), CenterCrop(224), ImageNet mean/std",
+                       meta={"torchvision_weights": str(published)})
+    return TorchEmbedder("resnet50", model, 2048, spec, input_size=(224, 224), crop=crop, device=device)
+
+
+class OnnxEmbedder(Embedder):
+    """Any ONNX embedder with one fixed-size image input [N or 1, 3, H, W] and
+    an output [N, D]; run once per crop when its batch is fixed to 1."""
+
+    name = "onnx"
+
+    def __init__(self, session, *, bgr: bool = False, scale: float = 1.0, **options):
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        shape = inputs[0].shape if len(inputs) == 1 else []
+        out_shape = outputs[0].shape if outputs else []
+        if not (len(shape) == 4 and shape[1] == 3 and all(isinstance(d, int) for d in shape[2:])
+                and (shape[0] == 1 or not isinstance(shape[0], int)) and len(out_shape) == 2):
+            raise WeightsError("not an ONNX embedder: expected one input [N,3,H,W] with fixed H, W (N dynamic or 1) "
+                               "and an output [N,D], got inputs %s and outputs %s"
+                               % ([i.shape for i in inputs], [o.shape for o in outputs]))
+        super().__init__(input_size=shape[2:], **options)
+        self.session = session
+        self.bgr, self.scale = bgr, float(scale)
+        self._input_name = inputs[0].name
+        self._one_per_run = shape[0] == 1
+        self.dim = out_shape[1] if isinstance(out_shape[1], int) else self._run(
+            np.zeros((1, 3) + self.input_size, np.float32)).shape[1]
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        if self._one_per_run:
+            return np.concatenate([self.session.run(None, {self._input_name: batch[i:i + 1]})[0]
+                                   for i in range(len(batch))])
+        return self.session.run(None, {self._input_name: batch})[0]
+
+    def _normalise(self, crops):
+        return super()._normalise((crops[:, [2, 1, 0]] if self.bgr else crops) * self.scale)
+
+    def _embed(self, crops):
+        return self._run(self._normalise(crops).cpu().numpy()).astype(np.float32, copy=False)
+
+
+def onnx(*, weights: Optional[str] = None, sha256: Optional[str] = None, device: str = "cpu",
+         crop: str = "stretch", mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+         bgr: bool = False, scale: float = 1.0) -> OnnxEmbedder:
+    """An ONNX embedder from ``weights`` (e.g. ``../shared/models/osnet_x0_25.onnx``).
+
+    Its input is prepared as ``(pixel * scale - mean) / std`` with pixels in
+    0..1, RGB unless ``bgr``: the default suits ImageNet-normalised networks.
+    """
+    if not weights:
+        raise WeightsError("onnx embedder needs an ONNX file: pass --embedder-weights URI")
+    return OnnxEmbedder(onnx_session(weights, sha256, device), bgr=bgr, scale=scale,
+                        crop=crop, device=device, mean=mean, std=std)
+
+
+class ColorHistogramEmbedder(Embedder):
+    """A joint RGB histogram (``bins`` per channel) of the crop, L2-normalised.
+
+    No weights, nothing to download: the baseline any learnt embedder must
+    beat, and a usable embedder where no GPU or weights are at hand.
+    """
+
+    name = "color_histogram"
+
+    def __init__(self, *, bins: int = 8, size: int = 64, **options):
+        super().__init__(input_size=(size, size), **options)
+        self.bins = int(bins)
+        self.dim = self.bins ** 3
+
+    def _embed(self, crops):
+        q = (crops * self.bins).long().clamp_(0, self.bins - 1)
+        index = ((q[:, 0] * self.bins + q[:, 1]) * self.bins + q[:, 2]).flatten(1)
+        hist = torch.zeros((len(crops), self.dim), device=crops.device)
+        hist.scatter_add_(1, index, torch.ones_like(index, dtype=hist.dtype))
+        return F.normalize(hist, dim=1).cpu().numpy()
+
+
+def color_histogram(*, weights: Optional[str] = None, sha256: Optional[str] = None, device: str = "cpu",
+                    bins: int = 8, size: int = 64, crop: str = "stretch") -> ColorHistogramEmbedder:
+    """The classical colour-histogram embedder (``bins``**3 dimensions).
+
+    Takes ``weights``/``sha256`` like every builder, only to refuse them.
+    """
+    if weights or sha256:
+        raise WeightsError("color_histogram takes no weights, got %s" % (weights or "a sha256"))
+    return ColorHistogramEmbedder(bins=bins, size=size, crop=crop, device=device)

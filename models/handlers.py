@@ -1,0 +1,100 @@
+"""Beam ``ModelHandler``s that run the models inside ``RunInference``.
+
+The only module of :mod:`models` that imports apache_beam. A handler is built
+from model names, weight URIs and options (all cheap to pickle); the model
+itself is built on the worker, in :meth:`load_model`, through the registry.
+On a GPU the model is shared across the SDK worker processes of a VM (one
+copy per GPU, ``model_copies`` to change it) instead of one copy per process,
+which runs the GPU out of memory (apache/beam#22895).
+"""
+from typing import Any, Optional
+
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+from models.fused import DetectAndEmbed, with_embeddings
+from models.registry import build_detector, build_embedder
+
+
+def _build(builder, model: tuple, device: str):
+    name, weights, options = model
+    return builder(name, weights, device, **options)
+
+
+def _nbytes(element) -> int:
+    if isinstance(element, (tuple, list)):
+        return sum(_nbytes(e) for e in element)
+    return int(getattr(element, "nbytes", 0))
+
+
+class _Handler(ModelHandler):
+    def __init__(self, *, device: str = "cpu", min_batch_size: int = 1, max_batch_size: int = 16,
+                 model_copies: Optional[int] = None):
+        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size,
+                         large_model=device.startswith("cuda"), model_copies=model_copies)
+        self._device = device
+
+    def get_num_bytes(self, batch) -> int:
+        return sum(_nbytes(e) for e in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "cctview"
+
+
+class DetectEmbedModelHandler(_Handler):
+    """Element: an HxWx3 uint8 RGB frame. Inference: a list of dicts
+    (box_xyxy, score, label, embedding), from :class:`models.fused.DetectAndEmbed`."""
+
+    def __init__(self, detector: str, embedder: str, *, detector_weights: Optional[str] = None,
+                 embedder_weights: Optional[str] = None, detector_options: Optional[dict] = None,
+                 embedder_options: Optional[dict] = None, **handler_options):
+        super().__init__(**handler_options)
+        self._detector = (detector, detector_weights, dict(detector_options or {}))
+        self._embedder = (embedder, embedder_weights, dict(embedder_options or {}))
+
+    def load_model(self) -> DetectAndEmbed:
+        return DetectAndEmbed(_build(build_detector, self._detector, self._device),
+                              _build(build_embedder, self._embedder, self._device))
+
+    def run_inference(self, batch, model, inference_args: Optional[dict[str, Any]] = None):
+        return [PredictionResult(x, y) for x, y in zip(batch, model(list(batch)))]
+
+
+class DetectModelHandler(_Handler):
+    """Element: an HxWx3 uint8 RGB frame. Inference: dict(boxes, scores, labels)."""
+
+    def __init__(self, detector: str, *, weights: Optional[str] = None, options: Optional[dict] = None,
+                 **handler_options):
+        super().__init__(**handler_options)
+        self._model = (detector, weights, dict(options or {}))
+
+    def load_model(self):
+        return _build(build_detector, self._model, self._device)
+
+    def run_inference(self, batch, model, inference_args: Optional[dict[str, Any]] = None):
+        return [PredictionResult(x, y) for x, y in zip(batch, model.detect(list(batch)))]
+
+
+class EmbedModelHandler(_Handler):
+    """Element: an (image, boxes) tuple.
+
+    With boxes an (N, 4) xyxy array the inference is the (N, dim) float32
+    embeddings. With boxes a :class:`DetectModelHandler` inference (``{boxes,
+    scores, labels}``) it is what :class:`DetectEmbedModelHandler` gives, a
+    list of (box_xyxy, score, label, embedding) dicts, so that two stages and
+    the fused one feed the same downstream code.
+    """
+
+    def __init__(self, embedder: str, *, weights: Optional[str] = None, options: Optional[dict] = None,
+                 **handler_options):
+        super().__init__(**handler_options)
+        self._model = (embedder, weights, dict(options or {}))
+
+    def load_model(self):
+        return _build(build_embedder, self._model, self._device)
+
+    def run_inference(self, batch, model, inference_args: Optional[dict[str, Any]] = None):
+        images = [image for image, _ in batch]
+        boxes = [b["boxes"] if isinstance(b, dict) else b for _, b in batch]
+        embeddings = model.embed_crops(images, boxes)
+        return [PredictionResult(x, with_embeddings(x[1], e) if isinstance(x[1], dict) else e)
+                for x, e in zip(batch, embeddings)]

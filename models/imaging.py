@@ -1,0 +1,79 @@
+"""Frames on the device, and crops cut from them there.
+
+A frame is uploaded once, as uint8 (a quarter of the bytes of float32), and
+turned into a float ``(3, H, W)`` tensor in 0..1 on the device. Detectors read
+that tensor, and embedders cut their crops from the same tensor with
+``roi_align``: no PIL crop, no per-crop resize on the CPU, no second upload.
+"""
+from collections import defaultdict
+
+import numpy as np
+import torch
+from torchvision.ops import roi_align
+
+# ImageNet evaluation convention (Resize(256) then CenterCrop(224)): the crop
+# keeps 224/256 of the shorter side of the box around its centre.
+CENTER_CROP_FRACTION = 224 / 256
+
+
+def to_device(images, device) -> list:
+    """HxWx3 uint8 RGB arrays -> float32 (3, H, W) tensors in 0..1 on ``device``."""
+    frames = []
+    for image in images:
+        if not (isinstance(image, np.ndarray) and image.dtype == np.uint8
+                and image.ndim == 3 and image.shape[2] == 3):
+            raise ValueError("expected an HxWx3 uint8 RGB array, got %s %s" % (
+                getattr(image, "dtype", type(image).__name__), getattr(image, "shape", "")))
+        # torch wants a writable array (np.asarray(PIL image) is read-only).
+        t = torch.from_numpy(np.require(image, requirements=["C", "W"])).to(device)
+        frames.append(t.permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format).div_(255))
+    return frames
+
+
+def crop_rois(boxes: torch.Tensor, size, mode: str) -> torch.Tensor:
+    """The regions to sample for ``boxes`` (N, 4) xyxy, for an input of ``size`` (H, W).
+
+    ``stretch`` warps the whole box to the input size (usual for re-id nets).
+    ``center`` reproduces Resize + CenterCrop as CCTView applied them to its
+    crop files: a region ``size`` shaped, centred on the box, whose shorter
+    side is 224/256 of the box's shorter side.
+    """
+    if mode == "stretch":
+        return boxes
+    if mode != "center":
+        raise ValueError("crop mode must be 'stretch' or 'center', got %r" % mode)
+    h, w = size
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    short = torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    unit = short * CENTER_CROP_FRACTION / min(h, w)  # box pixels per input pixel
+    half = torch.stack([unit * w, unit * h], dim=1) / 2
+    return torch.cat([centre - half, centre + half], dim=1)
+
+
+def crop_boxes(frames, boxes, size, mode: str = "stretch") -> torch.Tensor:
+    """All boxes of all frames as one (sum Ni, 3, H, W) batch, in frame order.
+
+    ``frames``: (3, H, W) tensors as from :func:`to_device` (sizes may differ);
+    ``boxes``: one (Ni, 4) xyxy array or tensor per frame, in pixels. Frames of
+    the same size are stacked so each size costs one ``roi_align`` call.
+    ``aligned=True`` treats a box's integer edges as pixel edges (a box
+    [x1, x2) covers pixels x1..x2-1, as a PIL crop does); an adaptive sampling
+    ratio averages several samples per output pixel when a box is shrunk.
+    """
+    device = frames[0].device
+    rois = [crop_rois(torch.as_tensor(np.asarray(b, dtype=np.float32).reshape(-1, 4), device=device), size, mode)
+            for b in boxes]
+    counts = [len(r) for r in rois]
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    out = torch.empty((int(starts[-1]), 3) + tuple(size), dtype=torch.float32, device=device)
+    by_shape = defaultdict(list)
+    for i, frame in enumerate(frames):
+        if counts[i]:
+            by_shape[tuple(frame.shape)].append(i)
+    for group in by_shape.values():
+        batch = torch.stack([frames[i] for i in group]) if len(group) > 1 else frames[group[0]][None]
+        crops = roi_align(batch, [rois[i] for i in group], output_size=tuple(size),
+                          spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        where = torch.cat([torch.arange(starts[i], starts[i + 1], device=device) for i in group])
+        out[where] = crops
+    return out

@@ -1,0 +1,39 @@
+"""Model names (as the command line spells them) -> builders.
+
+A builder is a function taking ``weights`` (a URI or None), ``device`` and its
+own keyword options, returning a :class:`models.detectors.Detector` or a
+:class:`models.embedders.Embedder`. Adding a model is adding an entry here.
+"""
+from models import detectors, embedders, yolox
+
+DETECTORS = {
+    "retinanet_resnet50_fpn": detectors.retinanet_resnet50_fpn,
+    "retinanet_resnet50_fpn_v2": detectors.retinanet_resnet50_fpn_v2,
+    "fasterrcnn_resnet50_fpn_v2": detectors.fasterrcnn_resnet50_fpn_v2,
+    "ssdlite320_mobilenet_v3_large": detectors.ssdlite320_mobilenet_v3_large,
+    "yolox": yolox.yolox,
+}
+
+EMBEDDERS = {
+    "densenet201_veri": embedders.densenet201_veri,
+    "resnet50": embedders.resnet50,
+    "onnx": embedders.onnx,
+    "color_histogram": embedders.color_histogram,
+}
+
+
+def _builder(table: dict, kind: str, name: str):
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError("unknown %s %r; known: %s" % (kind, name, ", ".join(sorted(table)))) from None
+
+
+def build_detector(name: str, weights=None, device: str = "cpu", **options) -> detectors.Detector:
+    """The detector ``name`` with ``weights`` (URI) on ``device``; options go to its builder."""
+    return _builder(DETECTORS, "detector", name)(weights=weights, device=device, **options)
+
+
+def build_embedder(name: str, weights=None, device: str = "cpu", **options) -> embedders.Embedder:
+    """The embedder ``name`` with ``weights`` (URI) on ``device``; options go to its builder."""
+    return _builder(EMBEDDERS, "embedder", name)(weights=weights, device=device, **options)

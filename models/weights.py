@@ -1,0 +1,163 @@
+"""Where model weights come from, and how they are read and checked.
+
+Weights live anywhere a Beam filesystem can read (a local path, ``gs://``,
+``s3://``), because a Dataflow worker has no shared disk: the job names a URI and
+every worker reads it. ``apache_beam`` is imported only when a non-local URI is
+actually read, so that this package runs where Beam is not installed (the GPU
+benchmark machine).
+
+Every failure to get usable weights is a :class:`WeightsError` with a one-line
+message, which the command line prints as its one-line reason for exiting.
+"""
+import dataclasses
+import hashlib
+import io
+import logging
+import os
+from typing import Optional
+from urllib.parse import urlparse
+
+import torch
+
+_LOG = logging.getLogger(__name__)
+
+
+class WeightsError(RuntimeError):
+    """Weights are missing, corrupt, or do not fit the model they are meant for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsSpec:
+    """What a model's weights file is and how its inputs must be prepared.
+
+    Modelled on torchvision's ``Weights`` entries, but for files the job reads
+    from a URI rather than downloads: ``url`` says where the published file
+    lives, ``sha256`` (when known) lets a caller pin the exact file.
+    """
+
+    name: str
+    url: str
+    sha256: Optional[str]
+    categories: tuple = ()
+    transforms: str = ""
+    meta: dict = dataclasses.field(default_factory=dict)
+    file_format: str = "torch"  # 'torch' (a state dict) or 'onnx'
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _is_local(uri: str) -> bool:
+    scheme = urlparse(uri).scheme
+    # A one-letter scheme is a Windows drive ("C:\\..."), not a URL.
+    return scheme in ("", "file") or len(scheme) == 1
+
+
+def open_uri(uri: str) -> bytes:
+    """The bytes at ``uri``: a local path, ``file://`` or any Beam filesystem URI.
+
+    Raises FileNotFoundError when nothing is there.
+    """
+    if _is_local(uri):
+        path = urlparse(uri).path if uri.startswith("file://") else uri
+        with open(os.path.expanduser(path), "rb") as f:
+            return f.read()
+    from apache_beam.io.filesystems import FileSystems  # only remote URIs need Beam
+
+    if not FileSystems.exists(uri):
+        raise FileNotFoundError(uri)
+    with FileSystems.open(uri) as f:
+        return f.read()
+
+
+def load_bytes(uri: str, sha256: Optional[str] = None) -> bytes:
+    """Reads ``uri``; when ``sha256`` is given, the file must have that digest."""
+    try:
+        data = open_uri(uri)
+    except FileNotFoundError:
+        raise WeightsError("weights not found: %s" % uri) from None
+    except (OSError, ValueError) as e:  # unreadable, or a scheme Beam does not know
+        raise WeightsError("cannot read weights %s: %s" % (uri, e)) from None
+    if sha256:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != sha256.lower():
+            raise WeightsError(
+                "sha256 mismatch for weights %s: expected %s, got %s" % (uri, sha256.lower(), digest))
+    return data
+
+
+def load_state_dict(uri: str, sha256: Optional[str] = None) -> dict:
+    """A tensor state dict from a checkpoint at ``uri``, on the CPU.
+
+    Accepts a plain state dict or a training checkpoint holding one under
+    ``state_dict`` or ``model``, and strips the ``module.`` prefix that
+    ``nn.DataParallel`` adds. Loads with ``weights_only=True``: a checkpoint
+    is data, and unpickling arbitrary objects from a URI would run their code.
+    """
+    data = load_bytes(uri, sha256)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt or unsafe pickles
+        raise WeightsError("not a loadable torch state dict: %s (%s)" % (uri, _first_line(e))) from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise WeightsError("not a state dict of tensors: %s" % uri)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def apply_state_dict(model: torch.nn.Module, state: dict, uri: str, name: str) -> None:
+    """Loads ``state`` into ``model`` strictly, or says in one line why it does not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    resized = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or resized:
+        parts = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", resized)):
+            if keys:
+                parts.append("%d %s (%s%s)" % (len(keys), what, ", ".join(keys[:3]), ", ..." if len(keys) > 3 else ""))
+        raise WeightsError("weights %s do not fit %s: %s" % (uri, name, "; ".join(parts)))
+    model.load_state_dict(state)
+
+
+def torchvision_state_dict(weights_enum, name: str, flag: str) -> dict:
+    """torchvision's published weights, from the torch hub cache or the network.
+
+    The download fails on an offline worker; the error then says which flag
+    supplies a copy and where the original lives, instead of a urllib traceback.
+    """
+    try:
+        return weights_enum.get_state_dict(progress=False, check_hash=True)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad hash is a RuntimeError
+        _LOG.debug("download of %s failed: %s", weights_enum.url, e)
+        raise WeightsError(
+            "weights not available offline for %s: pass %s URI (torchvision url: %s)"
+            % (name, flag, weights_enum.url)) from None
+
+
+def onnx_session(uri: str, sha256: Optional[str], device: str):
+    """An onnxruntime session for the ONNX file at ``uri``.
+
+    Uses the CUDA provider when ``device`` is cuda and this onnxruntime build
+    has it; otherwise the CPU (with a warning, since the caller asked for a GPU).
+    """
+    import onnxruntime as ort
+
+    data = load_bytes(uri, sha256)
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        else:
+            _LOG.warning("onnxruntime has no CUDA provider here; running %s on the CPU", uri)
+    try:
+        return ort.InferenceSession(data, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types for bad files
+        raise WeightsError("not a loadable ONNX model: %s (%s)" % (uri, _first_line(e))) from None
