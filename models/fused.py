@@ -29,8 +29,14 @@ class DetectAndEmbed:
         self.detector = detector
         self.embedder = embedder
 
-    def __call__(self, images) -> list:
-        frames = to_device(images, self.detector.device)
-        detections = self.detector.detect_tensors(frames)
+    def __call__(self, images, backgrounds=None) -> list:
+        """``backgrounds`` (one per image) is for detectors that compare each frame with
+        its camera's background (``background``); learnt detectors take none."""
+        if backgrounds is not None:
+            detections = self.detector.detect(list(images), list(backgrounds))
+            frames = to_device(images, self.embedder.device)
+        else:
+            frames = to_device(images, self.detector.device)
+            detections = self.detector.detect_tensors(frames)
         embeddings = self.embedder.embed_tensors(frames, [d["boxes"] for d in detections])
         return [with_embeddings(d, e) for d, e in zip(detections, embeddings)]

@@ -40,9 +40,17 @@ class _Handler(ModelHandler):
         return "cctview"
 
 
+def _split_backgrounds(batch):
+    """Elements are frames, or (frame, background) pairs for the ``background`` detector."""
+    if batch and isinstance(batch[0], tuple):
+        return [frame for frame, _ in batch], [bg for _, bg in batch]
+    return list(batch), None
+
+
 class DetectEmbedModelHandler(_Handler):
-    """Element: an HxWx3 uint8 RGB frame. Inference: a list of dicts
-    (box_xyxy, score, label, embedding), from :class:`models.fused.DetectAndEmbed`."""
+    """Element: an HxWx3 uint8 RGB frame, or a (frame, camera background) pair for
+    the ``background`` detector. Inference: a list of dicts (box_xyxy, score, label,
+    embedding), from :class:`models.fused.DetectAndEmbed`."""
 
     def __init__(self, detector: str, embedder: str, *, detector_weights: Optional[str] = None,
                  embedder_weights: Optional[str] = None, detector_options: Optional[dict] = None,
@@ -56,11 +64,13 @@ class DetectEmbedModelHandler(_Handler):
                               _build(build_embedder, self._embedder, self._device))
 
     def run_inference(self, batch, model, inference_args: Optional[dict[str, Any]] = None):
-        return [PredictionResult(x, y) for x, y in zip(batch, model(list(batch)))]
+        frames, backgrounds = _split_backgrounds(batch)
+        return [PredictionResult(x, y) for x, y in zip(batch, model(frames, backgrounds))]
 
 
 class DetectModelHandler(_Handler):
-    """Element: an HxWx3 uint8 RGB frame. Inference: dict(boxes, scores, labels)."""
+    """Element: an HxWx3 uint8 RGB frame (or a (frame, background) pair). Inference:
+    dict(boxes, scores, labels)."""
 
     def __init__(self, detector: str, *, weights: Optional[str] = None, options: Optional[dict] = None,
                  **handler_options):
@@ -71,7 +81,9 @@ class DetectModelHandler(_Handler):
         return _build(build_detector, self._model, self._device)
 
     def run_inference(self, batch, model, inference_args: Optional[dict[str, Any]] = None):
-        return [PredictionResult(x, y) for x, y in zip(batch, model.detect(list(batch)))]
+        frames, backgrounds = _split_backgrounds(batch)
+        found = model.detect(frames) if backgrounds is None else model.detect(frames, backgrounds)
+        return [PredictionResult(x, y) for x, y in zip(batch, found)]
 
 
 class EmbedModelHandler(_Handler):

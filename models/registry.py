@@ -4,7 +4,7 @@ A builder is a function taking ``weights`` (a URI or None), ``device`` and its
 own keyword options, returning a :class:`models.detectors.Detector` or a
 :class:`models.embedders.Embedder`. Adding a model is adding an entry here.
 """
-from models import detectors, embedders, yolox
+from models import background, detectors, embedders, yolox
 
 DETECTORS = {
     "retinanet_resnet50_fpn": detectors.retinanet_resnet50_fpn,
@@ -12,6 +12,7 @@ DETECTORS = {
     "fasterrcnn_resnet50_fpn_v2": detectors.fasterrcnn_resnet50_fpn_v2,
     "ssdlite320_mobilenet_v3_large": detectors.ssdlite320_mobilenet_v3_large,
     "yolox": yolox.yolox,
+    "background": background.background,
 }
 
 EMBEDDERS = {

@@ -13,9 +13,11 @@ from typing import Callable, List, Optional, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
-from pipelines import commands
+from pipelines import commands, synth
 from pipelines.errors import UsageError
 from pipelines.options import (
+    CalibrateOptions,
+    CandidateOptions,
     DetectionInputOptions,
     FrameInputOptions,
     MatchOptions,
@@ -24,16 +26,21 @@ from pipelines.options import (
     TimeZoneOptions,
 )
 
-_OWN_OPTIONS = (DetectionInputOptions, FrameInputOptions, MatchOptions, ModelOptions,
-                OutputOptions, TimeZoneOptions)
+_OWN_OPTIONS = (CalibrateOptions, CandidateOptions, DetectionInputOptions, FrameInputOptions,
+                MatchOptions, ModelOptions, OutputOptions, TimeZoneOptions)
 
 
 @dataclass(frozen=True)
 class Command:
+    """A sub-command: its flag groups (Beam PipelineOptions) and what runs it.
+
+    A command with ``add_arguments`` runs no Beam pipeline: it takes exactly the flags
+    that function declares and gets an argparse namespace instead of PipelineOptions.
+    """
     summary: str
     option_groups: Sequence[type]
-    run: Callable[[PipelineOptions], int]
-    extra_args: Optional[Callable[[argparse.ArgumentParser], None]] = None
+    run: Callable[[object], int]
+    add_arguments: Optional[Callable[[argparse.ArgumentParser], object]] = None
 
 
 COMMANDS = {
@@ -43,16 +50,32 @@ COMMANDS = {
         commands.extract),
     "match": Command(
         "stored detections -> cross-camera match pairs; no model runs",
-        (DetectionInputOptions, TimeZoneOptions, MatchOptions, OutputOptions),
+        (DetectionInputOptions, TimeZoneOptions, CandidateOptions, MatchOptions, OutputOptions),
         commands.match),
     "run": Command(
         "extract and match in one pipeline: frames -> detections and matches",
-        (FrameInputOptions, TimeZoneOptions, ModelOptions, MatchOptions, OutputOptions),
+        (FrameInputOptions, TimeZoneOptions, ModelOptions, CandidateOptions, MatchOptions,
+         OutputOptions),
         commands.run),
+    "calibrate": Command(
+        "stored detections -> links.json: camera links (transit-time offsets) found in "
+        "the data",
+        (DetectionInputOptions, TimeZoneOptions, CandidateOptions, CalibrateOptions,
+         OutputOptions),
+        commands.calibrate),
+    "evaluate": Command(
+        "a matching configuration on real and time-shifted detections: estimated "
+        "precision per camera pair (SPEC.md's time-shift control)",
+        (DetectionInputOptions, TimeZoneOptions, CandidateOptions, MatchOptions,
+         OutputOptions),
+        commands.evaluate),
     "import-cctview": Command(
         "CCTView output trees (--features.json + --detections.json) -> detections Parquet",
         (FrameInputOptions, TimeZoneOptions, OutputOptions),
         commands.import_cctview),
+    "synth": Command(
+        "synthetic multi-camera footage with ground truth (frames in the CCTView layout)",
+        (), synth.run_from_args, add_arguments=synth.add_arguments),
 }
 
 
@@ -91,6 +114,9 @@ def _command_parser(name: str, command: Command) -> _OneLineParser:
     )
     for group in command.option_groups:
         group._add_argparse_args(parser)
+    if command.add_arguments:
+        command.add_arguments(parser)
+        parser.epilog = None
     return parser
 
 
@@ -107,14 +133,17 @@ def _top_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: List[str]):
-    """-> (command name, PipelineOptions); raises UsageError for unusable arguments."""
+    """-> (command name, PipelineOptions or namespace); UsageError for unusable arguments."""
     if not argv or argv[0] in ("-h", "--help"):
         _top_parser().print_help()
         raise SystemExit(0 if argv else 2)
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         raise UsageError("unknown command %r (one of: %s)" % (name, ", ".join(COMMANDS)))
-    _, beam_args = _command_parser(name, COMMANDS[name]).parse_known_args(rest)
+    parser = _command_parser(name, COMMANDS[name])
+    if COMMANDS[name].add_arguments:
+        return name, parser.parse_args(rest)
+    _, beam_args = parser.parse_known_args(rest)
     _, unknown = _beam_parser().parse_known_args(beam_args)
     if unknown:
         raise UsageError("unknown flag %s" % unknown[0])

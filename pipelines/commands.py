@@ -12,6 +12,8 @@ from apache_beam.runners.runner import PipelineState
 from pipelines import outputs
 from pipelines.errors import UsageError
 from pipelines.options import (
+    CalibrateOptions,
+    CandidateOptions,
     DetectionInputOptions,
     FrameInputOptions,
     MatchOptions,
@@ -67,7 +69,7 @@ def _model_stage(options: PipelineOptions):
 def _match_stage(options: PipelineOptions):
     from pipelines.stages import match_stage
 
-    return match_stage(options.view_as(MatchOptions))
+    return match_stage(options)
 
 
 def _run(pipeline: beam.Pipeline) -> Dict[str, int]:
@@ -182,3 +184,78 @@ def import_cctview(options: PipelineOptions) -> int:
     _write_all({"detections": imported.detections, "dead_letter": imported[DEAD_LETTER]},
                out.output, out.shards)
     return _finish(options, pipeline, out.output, tables)
+
+
+def calibrate(options: PipelineOptions) -> int:
+    """Stored detections -> links.json (camera links with transit-time offsets)."""
+    from transforms.calibration import CalibrateLinks
+    from transforms.links import write_links
+
+    source = _detection_source(options)
+    target = _require(options.view_as(OutputOptions).output, "--output")
+    outputs.check_writable(target.rsplit("/", 1)[0] if "/" in target else ".")
+    candidates = options.view_as(CandidateOptions)
+    settings = options.view_as(CalibrateOptions)
+    pipeline = beam.Pipeline(options=options)
+    _ = (pipeline
+         | "ReadDetections" >> source
+         | "Calibrate" >> CalibrateLinks(
+             max_gap_s=candidates.max_gap, window_s=candidates.window,
+             metric=candidates.metric, min_support=settings.min_support,
+             min_significance=settings.min_significance)
+         | "AllLinks" >> beam.combiners.ToList()
+         | "WriteLinks" >> beam.Map(write_links, target))
+    totals = _run(pipeline)
+    if _is_dry_run(options):
+        print("dry run: job built, nothing executed")
+        return 0
+    with FileSystems.open(target) as handle:
+        links = json.loads(handle.read().decode("utf-8"))
+    for link in links:
+        print("link %s -> %s: offset %+.1f s, spread %.1f s, support %d, significance %.1f"
+              % (link["camera_a"], link["camera_b"], link["offset_s"], link["spread_s"],
+                 link["support"], link["significance"]))
+    print("done: %d link(s), %d camera pair(s) histogrammed -> %s" % (
+        len(links), totals.get("calibration_pairs_histogrammed", 0), target))
+    return 0
+
+
+def evaluate(options: PipelineOptions) -> int:
+    """Runs a matching configuration on real and time-shifted detections; prints precision."""
+    from pipelines.stages import matcher_factory, read_links
+    from transforms.evaluation import EvaluateWithControl
+
+    source = _detection_source(options)
+    make_matcher = matcher_factory(options)
+    links = read_links(options.view_as(MatchOptions).links)
+    target = _require(options.view_as(OutputOptions).output, "--output")
+    outputs.check_writable(target.rsplit("/", 1)[0] if "/" in target else ".")
+    pipeline = beam.Pipeline(options=options)
+    _ = (pipeline
+         | "ReadDetections" >> source
+         | "Evaluate" >> EvaluateWithControl(make_matcher, links)
+         | "AllRows" >> beam.combiners.ToList()
+         | "WriteTable" >> beam.Map(_write_json, target))
+    _run(pipeline)
+    if _is_dry_run(options):
+        print("dry run: job built, nothing executed")
+        return 0
+    with FileSystems.open(target) as handle:
+        print(format_precision_table(json.loads(handle.read().decode("utf-8"))))
+    return 0
+
+
+def _write_json(rows, target: str) -> None:
+    rows = sorted(rows, key=lambda r: (r["camera_a"], r["camera_b"]))
+    with FileSystems.create(target) as handle:
+        handle.write(json.dumps(rows, indent=2).encode("utf-8"))
+
+
+def format_precision_table(rows) -> str:
+    lines = ["| camera_a | camera_b | real | control | excess | precision |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append("| %s | %s | %d | %.1f | %.1f | %.2f |" % (
+            r["camera_a"], r["camera_b"], r["real"], r["control"], r["excess"],
+            r["precision"]))
+    return "\n".join(lines)

@@ -132,8 +132,8 @@ class ModelOptions(PipelineOptions):
                  "fused detect-and-embed step.")
 
 
-class MatchOptions(PipelineOptions):
-    """How stored detections are paired across cameras."""
+class CandidateOptions(PipelineOptions):
+    """Which detections of two cameras are candidates, and how they are compared."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
@@ -148,6 +148,13 @@ class MatchOptions(PipelineOptions):
         parser.add_argument(
             "--metric", dest="metric", choices=("l2", "cosine"), default="l2",
             help="Embedding distance (default l2, CCTView's).")
+
+
+class MatchOptions(PipelineOptions):
+    """How candidates become match pairs."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
         parser.add_argument(
             "--policy", dest="policy", choices=("all", "topk", "mutual", "assignment"),
             default="mutual",
@@ -164,6 +171,21 @@ class MatchOptions(PipelineOptions):
             "--links", dest="links", metavar="FILE",
             help="links.json from 'cctview calibrate': only linked camera pairs match, "
                  "and only inside each link's dt band.")
+
+
+class CalibrateOptions(PipelineOptions):
+    """When a dt peak counts as a camera link."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--min-support", dest="min_support", type=_positive_int, default=10,
+            help="Least excess of real over control pairs in a peak (default 10); camera "
+                 "pairs with fewer mutual pairs than this are not histogrammed.")
+        parser.add_argument(
+            "--min-significance", dest="min_significance", type=_positive_float,
+            default=5.0,
+            help="Least z-score of a peak over the time-shifted control (default 5).")
 
 
 class OutputOptions(PipelineOptions):

@@ -35,17 +35,22 @@ def table_dir(output: str, table: str) -> str:
     return FileSystems.join(output.rstrip("/"), table)
 
 
-def prepare(output: str, tables) -> None:
-    """Checks that ``output`` is writable and clears ``tables`` under it."""
-    if not output:
-        raise UsageError("--output is required")
-    probe = FileSystems.join(output.rstrip("/"), ".cctview-write-check-%s" % uuid.uuid4().hex)
+def check_writable(folder: str) -> None:
+    """Writes and deletes a probe file in ``folder``; UsageError where that fails."""
+    probe = FileSystems.join(folder.rstrip("/"), ".cctview-write-check-%s" % uuid.uuid4().hex)
     try:
         with FileSystems.create(probe) as handle:
             handle.write(b"ok")
         FileSystems.delete([probe])
     except Exception as exc:  # any filesystem's failure means the same thing here
-        raise UsageError("cannot write to output %s (%s)" % (output, type(exc).__name__))
+        raise UsageError("cannot write to output %s (%s)" % (folder, type(exc).__name__))
+
+
+def prepare(output: str, tables) -> None:
+    """Checks that ``output`` is writable and clears ``tables`` under it."""
+    if not output:
+        raise UsageError("--output is required")
+    check_writable(output)
     for table in tables:
         parquet_io.clear_table(table_dir(output, table))
 

@@ -4,13 +4,10 @@ The models are built once here, before the job starts, so that a missing or
 mismatching weight file, an ONNX file of the wrong shape or an unknown model name
 stops the command in seconds with one line, not on every worker an hour later.
 """
-import json
 from typing import List, Optional
 
-from apache_beam.io.filesystems import FileSystems
-
 from pipelines.errors import UsageError
-from pipelines.options import MatchOptions, ModelOptions
+from pipelines.options import CandidateOptions, MatchOptions, ModelOptions
 from transforms.inference import DetectFrames
 
 
@@ -64,41 +61,49 @@ def detect_stage(opts: ModelOptions, keep_embeddings: bool = True) -> DetectFram
         embed = EmbedModelHandler(opts.embedder, weights=opts.embedder_weights,
                                   options=embedder_options(opts), **batching)
         return DetectFrames(detect, opts.detector, opts.embedder, embed_handler=embed,
-                            keep_embeddings=keep_embeddings)
+                            keep_embeddings=keep_embeddings,
+                            needs_background=opts.detector == "background")
     handler = DetectEmbedModelHandler(
         opts.detector, opts.embedder, detector_weights=opts.detector_weights,
         embedder_weights=opts.embedder_weights, detector_options=detector_options(opts),
         embedder_options=embedder_options(opts), **batching)
-    return DetectFrames(handler, opts.detector, opts.embedder, keep_embeddings=keep_embeddings)
+    return DetectFrames(handler, opts.detector, opts.embedder, keep_embeddings=keep_embeddings,
+                        needs_background=opts.detector == "background")
 
 
 def read_links(uri: Optional[str]) -> Optional[List[dict]]:
-    """links.json -> list of links, validated; None when no file is given."""
+    """links.json -> validated links; None when no file is given."""
     if not uri:
         return None
+    from transforms.links import load_links
+
     try:
-        with FileSystems.open(uri) as handle:
-            links = json.loads(handle.read().decode("utf-8"))
-    except Exception as exc:  # missing file, bad JSON: the same one-line answer
+        return load_links(uri)
+    except ValueError as exc:
+        raise UsageError("bad --links %s: %s" % (uri, str(exc).splitlines()[0]))
+    except Exception as exc:  # missing file, unreadable bucket: the same one-line answer
         raise UsageError("cannot read --links %s (%s)" % (uri, type(exc).__name__))
-    if not isinstance(links, list):
-        raise UsageError("--links %s is not a JSON list" % uri)
-    for link in links:
-        try:
-            ok = (str(link["camera_a"]) < str(link["camera_b"])
-                  and float(link["spread_s"]) >= 0 and float(link["offset_s"]) == float(
-                      link["offset_s"]))
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise UsageError("bad link in %s: %s" % (uri, json.dumps(link)[:200]))
-    return links
 
 
-def match_stage(opts: MatchOptions):
-    """MatchDetections configured from the flags."""
+def matcher_factory(options):
+    """-> (links -> matching PTransform), configured from the flags.
+
+    A factory, because the evaluation runs the same configuration with the links
+    extended to its time-shifted control cameras.
+    """
     from transforms.matching import MatchDetections
 
-    return MatchDetections(
-        policy=opts.policy, metric=opts.metric, max_gap_s=opts.max_gap, window_s=opts.window,
-        threshold=opts.threshold, top_k=opts.top_k, links=read_links(opts.links))
+    candidates, policy = options.view_as(CandidateOptions), options.view_as(MatchOptions)
+
+    def make(links):
+        return MatchDetections(
+            policy=policy.policy, metric=candidates.metric, max_gap_s=candidates.max_gap,
+            window_s=candidates.window, threshold=policy.threshold, top_k=policy.top_k,
+            links=links)
+
+    return make
+
+
+def match_stage(options):
+    """The matching PTransform the flags ask for, with the --links file read."""
+    return matcher_factory(options)(read_links(options.view_as(MatchOptions).links))

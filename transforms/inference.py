@@ -14,6 +14,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.transforms.window import TimestampedValue
 
+from transforms.backgrounds import EstimateBackgrounds
 from transforms.records import dead_letter, detection_id
 
 DEAD_LETTER = "dead_letter"
@@ -79,20 +80,30 @@ class DetectFrames(beam.PTransform):
     is a list of ``{box_xyxy, score, label, embedding}``. With ``embed_handler`` the
     two stages run as two RunInference steps: ``handler`` then detects (its result
     for an image is ``{boxes, scores, labels}``) and ``embed_handler`` embeds the
-    ``(image, boxes)`` pairs. Returns ``{"detections": ..., "dead_letter": ...}``.
+    ``(image, boxes)`` pairs. With ``needs_background`` (the ``background`` detector)
+    each frame goes to the detector with its camera's background, estimated from the
+    camera's own frames (:class:`EstimateBackgrounds`, a side input). Returns
+    ``{"detections": ..., "dead_letter": ...}``.
     """
 
     def __init__(self, handler, detector_name: str, embedder_name: str,
-                 embed_handler: Optional[object] = None, keep_embeddings: bool = True):
+                 embed_handler: Optional[object] = None, keep_embeddings: bool = True,
+                 needs_background: bool = False):
         super().__init__()
         self._handler = handler
         self._embed_handler = embed_handler
         self._names = (detector_name, embedder_name)
         self._keep_embeddings = keep_embeddings
+        self._needs_background = needs_background
 
     def expand(self, frames):
         keyed = frames | "KeyByFrame" >> beam.Map(lambda f: (_frame_key(f), f["image"]))
-        predictions, failed = keyed | "Detect" >> RunInference(
+        to_detect = keyed
+        if self._needs_background:
+            backgrounds = beam.pvalue.AsDict(frames | "Backgrounds" >> EstimateBackgrounds())
+            to_detect = keyed | "WithBackground" >> beam.Map(
+                lambda kv, bgs: (kv[0], (kv[1], bgs[kv[0][1]])), backgrounds)
+        predictions, failed = to_detect | "Detect" >> RunInference(
             KeyedModelHandler(self._handler)).with_exception_handling()
         dead = [failed.failed_inferences | "DetectFailed" >> beam.ParDo(_FailedBatchFn())]
         if self._embed_handler is not None:

@@ -1,0 +1,221 @@
+"""The classical ``background`` detector (models.background) on synthetic and real frames.
+
+On the synthetic world the truth is known, so recall and precision are asserted; on the
+real NYC frames there are only CCTView's reference detections, so that test guards
+against regressions with a loose bound and prints what it measured.
+"""
+import subprocess
+import sys
+from collections import defaultdict
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import FRAMES, REFERENCE, REPO, require_shared
+from models.background import BackgroundDetector, background, estimate_background
+from pipelines import synth
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+
+
+def greedy_match(truth: np.ndarray, found: np.ndarray, min_iou: float = 0.5):
+    """One-to-one matches, best IoU first: (matched truth indices, matched found indices)."""
+    m = iou_matrix(truth, found)
+    got_t, got_f = set(), set()
+    if m.size:
+        for flat in np.argsort(-m, axis=None):
+            i, j = np.unravel_index(flat, m.shape)
+            if m[i, j] < min_iou:
+                break
+            if i not in got_t and j not in got_f:
+                got_t.add(int(i))
+                got_f.add(int(j))
+    return got_t, got_f
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bgworld") / "w"
+    summary = synth.synthesize(str(out), cameras=2, minutes=1.5, seed=11, noise=1.0)
+    truth = defaultdict(list)
+    for row in pq.read_table(out / "ground_truth" / "boxes.parquet").to_pylist():
+        truth[row["frame_uri"]].append(row)
+    cameras = {}
+    for cam in summary["cameras"]:
+        paths = sorted(str(p) for p in (out / "frames" / cam).rglob("*.jpeg"))
+        images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+        empty = np.asarray(Image.open(out / "ground_truth" / "backgrounds" / (cam + ".png")))
+        cameras[cam] = (paths, images, empty)
+    return cameras, truth
+
+
+def test_estimate_background_recovers_the_empty_road(world):
+    """The median of the frames is the empty road, also where vehicles passed.
+
+    The absolute exposure is not identifiable from the frames (the lighting drifts, and a
+    2-minute sample need not average to the camera's mean exposure), so the estimate is
+    compared after one gain and offset per channel, fitted on the whole image."""
+    from models.background import _photometric_fit
+
+    cameras, truth = world
+    for cam, (paths, images, empty) in cameras.items():
+        estimate = estimate_background(images)
+        assert estimate.shape == empty.shape and estimate.dtype == np.uint8
+        gain, offset = _photometric_fit(estimate.astype(np.float32), empty.astype(np.float32))
+        assert np.all(np.abs(gain - 1) < 0.2)
+        error = np.abs((estimate - offset) / gain - empty)
+        traffic = np.zeros(empty.shape[:2], bool)    # every pixel a vehicle ever covered
+        for path in paths:
+            for row in truth.get(path, []):
+                x0, y0, x1, y1 = (int(v) for v in row["box_xyxy"])
+                traffic[y0:y1, x0:x1] = True
+        print("%s: background error %.2f overall, %.2f under traffic (%.0f%% of pixels)"
+              % (cam, error.mean(), error[traffic].mean(), 100 * traffic.mean()))
+        # what is left is JPEG loss of fine texture and edges
+        assert error.mean() < 6.0
+        assert error[traffic].mean() < 8.0 and traffic.mean() > 0.1
+
+
+def test_detector_finds_synthetic_vehicles(world):
+    cameras, truth = world
+    detector = BackgroundDetector()
+    hits = wanted = correct = found = 0
+    for cam, (paths, images, _) in cameras.items():
+        bg = estimate_background(images)
+        results = detector.detect(images, [bg] * len(images))
+        assert len(results) == len(images)
+        for path, result in zip(paths, results):
+            rows = truth.get(path, [])
+            boxes = np.array([r["box_xyxy"] for r in rows], np.float32).reshape(-1, 4)
+            visible = np.array([r["visible_fraction"] for r in rows])
+            got_t, got_f = greedy_match(boxes, result["boxes"])
+            clear = np.flatnonzero(visible >= 0.7)
+            wanted += clear.size
+            hits += sum(int(i) in got_t for i in clear)
+            # a detection is right if it matches any vehicle, also a partly hidden one
+            found += len(result["boxes"])
+            correct += len(got_f)
+    recall, precision = hits / wanted, correct / max(found, 1)
+    print("synthetic noise=1: recall %.3f (%d/%d) precision %.3f (%d/%d)"
+          % (recall, hits, wanted, precision, correct, found))
+    assert wanted > 250
+    assert recall >= 0.8
+    assert precision >= 0.7
+
+
+def _scene(brightness: float = 1.0):
+    rng = np.random.default_rng(0)
+    bg = np.clip(rng.normal(100, 6, (240, 352, 3)), 0, 255).astype(np.uint8)
+    img = bg.astype(np.float32)
+    img[100:114, 60:86] = (200, 30, 30)     # a red car, 26x14
+    img[150:174, 200:262] = (240, 240, 240)  # a white bus, 62x24
+    img[40:52, 300:309] = (20, 20, 20)       # a motorcycle, 9x12
+    img = np.clip(img * brightness, 0, 255).astype(np.uint8)
+    return bg, img
+
+
+def test_detector_boxes_scores_labels_under_a_lighting_change():
+    bg, img = _scene(brightness=1.25)
+    result = BackgroundDetector().detect([img], [bg])[0]
+    order = np.argsort(result["boxes"][:, 0])
+    boxes = result["boxes"][order]
+    labels = [result["labels"][i] for i in order]
+    assert result["boxes"].dtype == np.float32 and result["scores"].dtype == np.float32
+    np.testing.assert_allclose(boxes, [[60, 100, 86, 114], [200, 150, 262, 174], [300, 40, 309, 52]],
+                               atol=1.0)
+    assert labels == ["car", "bus", "motorcycle"]
+    scores = result["scores"]
+    assert ((scores > 0) & (scores <= 1)).all() and (np.diff(scores) <= 0).all()
+
+
+def test_detector_options():
+    bg, img = _scene()
+    only_buses = BackgroundDetector(classes=("bus",)).detect([img], bg)[0]
+    assert only_buses["labels"] == ["bus"]
+    big = BackgroundDetector(min_box=13).detect([img], bg)[0]
+    assert "motorcycle" not in big["labels"] and len(big["labels"]) == 2
+    assert len(BackgroundDetector(max_detections=1).detect([img], bg)[0]["boxes"]) == 1
+    assert len(BackgroundDetector(min_score=0.999).detect([img], bg)[0]["boxes"]) == 0
+    hidden = BackgroundDetector(ignore_regions=[(0, 0, 352, 120)]).detect([img], bg)[0]
+    assert hidden["labels"] == ["bus"]
+    with pytest.raises(ValueError):
+        BackgroundDetector(classes=("person",))
+    with pytest.raises(Exception, match="takes no weights"):
+        background(weights="gs://bucket/w.pth")
+    assert background().name == "background"
+
+
+def test_frame_of_another_size_gets_no_boxes():
+    bg, img = _scene()
+    other = np.zeros((480, 704, 3), np.uint8)
+    same, resized = BackgroundDetector().detect([img, other], [bg, bg])
+    assert len(same["boxes"]) == 3
+    assert resized["boxes"].shape == (0, 4) and resized["labels"] == []
+    assert "differs" in resized["skipped"]
+    assert BackgroundDetector().detect([bg], [bg])[0]["boxes"].shape == (0, 4)
+
+
+def test_imports_without_apache_beam():
+    code = ("import sys; sys.modules['apache_beam'] = None; sys.modules['torch'] = None\n"
+            "import models.background as m; print(m.BackgroundDetector.name)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "background"
+
+
+def test_real_frames_against_cctview_reference():
+    """An honest baseline on real footage: recall of CCTView's confident boxes.
+
+    Background from 60 frames of camera 733-681-N, detection on 20 frames that have
+    reference rows; recall at IoU >= 0.5 of reference boxes with score >= 0.5. Measured
+    0.78 (on 40 frames) when written; asserted loosely, as a regression guard only.
+    """
+    import datetime as dt
+    import re
+
+    camera = "733-681-N"
+    root = require_shared(FRAMES / camera)
+    reference = require_shared(REFERENCE / (camera + ".parquet"))
+    paths = sorted(str(p) for p in root.rglob("*.jpeg"))
+    pick = np.linspace(0, len(paths) - 1, 60).round().astype(int)
+    bg = estimate_background([np.asarray(Image.open(paths[i]).convert("RGB")) for i in pick])
+    ref = defaultdict(list)
+    for row in pq.read_table(reference, columns=["frame_ts", "score", "box_xyxy"]).to_pylist():
+        if row["score"] >= 0.5:
+            ref[row["frame_ts"]].append(row["box_xyxy"])
+
+    def stamp(path):
+        m = re.search(r"--(\d{4}-\d{2}-\d{2})--(\d{2}\.\d{2}\.\d{2})--", path)
+        return dt.datetime.strptime(m[1] + m[2], "%Y-%m-%d%H.%M.%S")
+
+    usable = [p for p in paths if stamp(p) in ref]
+    usable = [usable[i] for i in np.linspace(0, len(usable) - 1, 20).round().astype(int)]
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in usable]
+    # the burnt-in date and time at the top change every frame
+    detector = BackgroundDetector(ignore_regions=[(0, 0, 352, 22)])
+    results = detector.detect(images, [bg] * len(images))
+    hits = total = 0
+    for path, result in zip(usable, results):
+        boxes = np.array(ref[stamp(path)], np.float32)
+        got_t, _ = greedy_match(boxes, result["boxes"])
+        hits += len(got_t)
+        total += len(boxes)
+    recall = hits / total
+    print("real %s: recall %.3f (%d/%d) of reference boxes with score >= 0.5"
+          % (camera, recall, hits, total))
+    assert total > 30
+    assert recall >= 0.5
