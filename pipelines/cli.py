@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
-from pipelines import commands, synth
+from pipelines import commands, demo, report, synth
 from pipelines.errors import UsageError
 from pipelines.options import (
     CalibrateOptions,
@@ -73,6 +73,13 @@ COMMANDS = {
         "CCTView output trees (--features.json + --detections.json) -> detections Parquet",
         (FrameInputOptions, TimeZoneOptions, OutputOptions),
         commands.import_cctview),
+    "demo": Command(
+        "the embedded default: synth, run, calibrate, match --links, report; offline, "
+        "scored against the ground truth",
+        (), demo.run_from_args, add_arguments=demo.add_arguments),
+    "report": Command(
+        "static HTML report of a run's outputs: counts, dt histograms, match gallery",
+        (), report.run_from_args, add_arguments=report.add_arguments),
     "synth": Command(
         "synthetic multi-camera footage with ground truth (frames in the CCTView layout)",
         (), synth.run_from_args, add_arguments=synth.add_arguments),

@@ -1,0 +1,142 @@
+"""Camera links from the data: where mutual nearest neighbours pile up in dt.
+
+For each camera pair, the dt of its mutual-nearest-neighbour pairs within
+``+-max_gap`` is histogrammed twice: on the real data and on a time-shifted control
+(one camera's timestamps circularly shifted by half the data's span: the same traffic
+density, no true pairs). A peak that stands significantly above the control becomes a
+link (SPEC.md, links.json). Both directions of traffic may give a link each.
+
+:func:`find_links` is the pure statistics; :class:`CalibrateLinks` is the Beam
+pipeline: one matching pass over the real detections together with their shifted
+copies (:mod:`transforms.control`), so the real pairs and the control pairs of every
+camera pair come out of the same scalable, windowed matcher.
+"""
+from typing import Dict, List, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+
+from transforms.control import (CONTROL, CONTROLS_PER_PAIR, REAL, ClassifyControl,
+                                WithShiftedControl)
+from transforms.matching import MatchDetections
+
+NAMESPACE = "cctview"
+_HALF_WIDTHS_S = (2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 14.0, 20.0, 30.0)
+
+
+def _window_sums(hist: np.ndarray, half_bins: int) -> np.ndarray:
+    """Sum of hist over [i - half_bins, i + half_bins] for every bin i (zero padded)."""
+    padded = np.concatenate([np.zeros(half_bins), hist, np.zeros(half_bins)])
+    csum = np.concatenate([[0.0], np.cumsum(padded)])
+    width = 2 * half_bins + 1
+    return csum[width:] - csum[:-width]
+
+
+def find_links(dt_real: Sequence[float], dt_control: Sequence[float], max_gap_s: float,
+               controls: float = 1.0, bin_s: float = 1.0, min_support: int = 10,
+               min_significance: float = 5.0, max_links: int = 2) -> List[dict]:
+    """Peaks of the real dt histogram that stand above the control's.
+
+    ``dt_control`` may pool ``controls`` independent control runs; its counts are
+    divided by that number. The control is smoothed over +-30 s to estimate the
+    background rate per bin (the control has no peaks by construction; smoothing
+    lowers its noise). For every centre and half-width (2 to 30 s), the real count R
+    in the band is compared with the background B by ``z = (R - B) / sqrt(B + 1)``;
+    the best (centre, half-width) is a link when ``z >= min_significance`` and the
+    excess ``R - B >= min_support``. Its band is then masked and the next peak
+    searched, up to ``max_links``. Returns links without camera ids:
+    ``offset_s, spread_s, support (R), excess (R - B), significance (z)``.
+    """
+    dt_real = np.asarray(dt_real, dtype=np.float64)
+    dt_control = np.asarray(dt_control, dtype=np.float64)
+    n_bins = int(np.ceil(2 * max_gap_s / bin_s))
+    edges = -max_gap_s + bin_s * np.arange(n_bins + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    real = np.histogram(dt_real, bins=edges)[0].astype(np.float64)
+    control = np.histogram(dt_control, bins=edges)[0] / max(controls, 1e-9)
+    smooth_bins = max(1, int(round(30.0 / bin_s)))
+    counts = _window_sums(control, smooth_bins)
+    support_bins = _window_sums(np.ones_like(control), smooth_bins)
+    background = counts / support_bins
+    floor = max(control.sum() / n_bins, 0.5 / n_bins)  # never a zero background
+    background = np.maximum(background, 0.25 * floor)
+    available = np.ones(n_bins, dtype=bool)
+    links = []
+    for _ in range(max_links):
+        best = None
+        for half_width in _HALF_WIDTHS_S:
+            half = max(1, int(round(half_width / bin_s)))
+            r = _window_sums(np.where(available, real, 0.0), half)
+            b = _window_sums(np.where(available, background, 0.0), half)
+            blocked = _window_sums((~available).astype(np.float64), half) > 0
+            z = np.where(blocked, -np.inf, (r - b) / np.sqrt(b + 1.0))
+            i = int(np.argmax(z))
+            if best is None or z[i] > best[0]:
+                best = (float(z[i]), i, half, float(r[i]), float(b[i]))
+        z, i, half, r, b = best
+        if not (z >= min_significance and r - b >= min_support):
+            break
+        lo, hi = max(0, i - half), min(n_bins, i + half + 1)
+        in_band = (dt_real >= edges[lo]) & (dt_real < edges[hi])
+        offset = float(np.median(dt_real[in_band])) if in_band.any() else float(centres[i])
+        links.append({
+            "offset_s": round(offset, 3),
+            "spread_s": round((half + 0.5) * bin_s, 3),
+            "support": int(r),
+            "excess": round(r - b, 1),
+            "significance": round(z, 2),
+        })
+        available[lo:hi] = False
+    return links
+
+
+class _LinksOfPairFn(beam.DoFn):
+    def __init__(self, max_gap_s: float, min_support: int, min_significance: float):
+        self._max_gap_s = max_gap_s
+        self._min_support = min_support
+        self._min_significance = min_significance
+        self.pairs = Metrics.counter(NAMESPACE, "calibration_pairs_histogrammed")
+        self.links = Metrics.counter(NAMESPACE, "calibration_links")
+
+    def process(self, element):
+        (cam_a, cam_b), values = element
+        real = [dt for kind, dt in values if kind == REAL]
+        control = [dt for kind, dt in values if kind == CONTROL]
+        links = []
+        if len(real) >= self._min_support:  # fewer pairs say nothing: not histogrammed
+            self.pairs.inc()
+            links = find_links(real, control, self._max_gap_s, controls=CONTROLS_PER_PAIR,
+                               min_support=self._min_support,
+                               min_significance=self._min_significance)
+        for link in links:
+            self.links.inc()
+            yield dict(camera_a=cam_a, camera_b=cam_b, **link)
+
+
+class CalibrateLinks(beam.PTransform):
+    """Detection dicts -> link dicts (links.json objects), one pass of the matcher."""
+
+    def __init__(self, max_gap_s: float = 300.0, window_s: float = 60.0, metric: str = "l2",
+                 min_support: int = 10, min_significance: float = 5.0):
+        super().__init__()
+        self._max_gap_s = max_gap_s
+        self._window_s = window_s
+        self._metric = metric
+        self._min_support = min_support
+        self._min_significance = min_significance
+
+    def expand(self, detections):
+        return (
+            detections
+            | "WithControl" >> WithShiftedControl()
+            | "MutualNN" >> MatchDetections(policy="mutual", metric=self._metric,
+                                            max_gap_s=self._max_gap_s, window_s=self._window_s)
+            | "Classify" >> ClassifyControl()
+            | "KindAndDt" >> beam.Map(lambda c: (c[0], (c[1], c[2]["dt_seconds"])))
+            | "ByCameraPair" >> beam.GroupByKey()
+            | "FindLinks" >> beam.ParDo(_LinksOfPairFn(
+                self._max_gap_s, self._min_support, self._min_significance))
+        )
+
+
