@@ -142,8 +142,8 @@ class CandidateOptions(PipelineOptions):
             help="Largest |dt| in seconds between two detections that may match "
                  "(default 300). Ignored for camera pairs given in --links.")
         parser.add_argument(
-            "--window", dest="window", type=_positive_float, default=60.0,
-            help="Event-time window in seconds that blocks the work (default 60). "
+            "--window", dest="window", type=_positive_float, default=600.0,
+            help="Event-time window in seconds that blocks the work (default 600). "
                  "Results of all/topk/mutual do not depend on it.")
         parser.add_argument(
             "--metric", dest="metric", choices=("l2", "cosine"), default="l2",

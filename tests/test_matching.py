@@ -1,0 +1,660 @@
+"""Cross-camera matching: Beam transform and numpy core against a brute-force reference.
+
+The reference below is a plain double loop over pairs, written from the semantics in
+``transforms/match_blocks.py`` and sharing no code with it. Test data make distances
+exact in float32 (integer l2 embeddings; cosine embeddings with four +-1 entries, so
+every norm is 2 and every dot product a multiple of 0.25), so exact ties are common and
+the (distance, detection_id) tie-break is checked exactly.
+
+Pipelines run on the FnApiRunner (the engine the DirectRunner uses for batch; the
+DirectRunner of Beam 2.77 first tries to download the Prism runner from GitHub).
+"""
+import itertools
+import json
+import math
+import os
+import pickle
+import tempfile
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.transforms.window import FixedWindows, IntervalWindow, WindowFn
+from apache_beam.utils.timestamp import Duration, Timestamp
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from transforms import match_blocks as mb
+from transforms.links import load_links, write_links
+from transforms.matching import QUERY, REF, MatchBlockWindows, MatchDetections
+
+T0 = 1_700_000_000_000
+
+
+# ------------------------------------------------------------------- reference
+def ref_distance(x, y, metric):
+    if metric == "l2":
+        return math.sqrt(sum((float(u) - float(v)) ** 2 for u, v in zip(x, y)))
+    nx = math.sqrt(sum(float(u) ** 2 for u in x))
+    ny = math.sqrt(sum(float(v) ** 2 for v in y))
+    if nx == 0 or ny == 0:
+        return 1.0
+    return 1.0 - sum(float(u) * float(v) for u, v in zip(x, y)) / (nx * ny)
+
+
+def ref_is_candidate(a, b, max_gap_s, links):
+    """a, b: detections with a camera < b camera."""
+    dt_ms = b["frame_ts_ms"] - a["frame_ts_ms"]
+    if dt_ms == 0:
+        return False
+    if links is None:
+        return abs(dt_ms) <= max_gap_s * 1000
+    return any(l["camera_a"] == a["camera_id"] and l["camera_b"] == b["camera_id"]
+               and l["offset_s"] - l["spread_s"] <= dt_ms / 1000 <= l["offset_s"] + l["spread_s"]
+               for l in links)
+
+
+def ref_candidates(dets, metric, max_gap_s, links):
+    """{(id_a, id_b): distance} over every unordered candidate pair."""
+    out = {}
+    for a in dets:
+        for b in dets:
+            if a["camera_id"] < b["camera_id"] and ref_is_candidate(a, b, max_gap_s, links):
+                out[(a["detection_id"], b["detection_id"])] = ref_distance(
+                    a["embedding"], b["embedding"], metric)
+    return out
+
+
+def ref_match(dets, policy, metric="l2", max_gap_s=300, window_s=60, threshold=None,
+              top_k=1, links=None):
+    """Brute-force matches as {(id_a, id_b): (distance, rank_a, rank_b)}."""
+    from scipy.optimize import linear_sum_assignment
+
+    by_id = {d["detection_id"]: d for d in dets}
+    cand = ref_candidates(dets, metric, max_gap_s, links)
+    thr = math.inf if threshold is None else threshold
+
+    def dist(x, y):
+        return cand[(x, y)] if (x, y) in cand else cand[(y, x)]
+
+    neighbours = {}
+    for (p, q) in cand:
+        neighbours.setdefault((p, by_id[q]["camera_id"]), []).append(q)
+        neighbours.setdefault((q, by_id[p]["camera_id"]), []).append(p)
+
+    def ordered(x, cam):
+        """x's candidates in camera cam, nearest first, ties by id."""
+        return sorted(neighbours.get((x, cam), []), key=lambda y: (dist(x, y), y))
+
+    def rank(x, y):
+        return ordered(x, by_id[y]["camera_id"]).index(y) + 1
+
+    out = {}
+    if policy == "all":
+        for (a, b), d in cand.items():
+            if d <= thr:
+                out[(a, b)] = (d, rank(a, b), None)
+    elif policy in ("topk", "mutual"):
+        k = top_k if policy == "topk" else 1
+
+        def selected(x, y):
+            return rank(x, y) <= k and dist(x, y) <= thr
+
+        for (a, b), d in cand.items():
+            sa, sb = selected(a, b), selected(b, a)
+            if (policy == "topk" and (sa or sb)) or (policy == "mutual" and sa and sb):
+                out[(a, b)] = (d, rank(a, b) if sa else None, rank(b, a) if sb else None)
+    elif policy == "assignment":
+        w_ms = round(window_s * 1000)
+        cams = sorted({d["camera_id"] for d in dets})
+        best = {}
+        for ca, cb in itertools.combinations(cams, 2):
+            windows = {}
+            for d in dets:
+                if d["camera_id"] == ca:
+                    windows.setdefault(d["frame_ts_ms"] // w_ms, []).append(d["detection_id"])
+            cols = sorted(d["detection_id"] for d in dets if d["camera_id"] == cb)
+            for rows in windows.values():
+                allowed = {(a, b): cand[(a, b)] for a in rows for b in cols
+                           if (a, b) in cand and cand[(a, b)] <= thr}
+                if not allowed:
+                    continue
+                big = 1.0 + sum(allowed.values())
+                cost = np.array([[allowed.get((a, b), big) for b in cols] for a in rows])
+                for i, j in zip(*linear_sum_assignment(cost)):
+                    a, b = rows[i], cols[j]
+                    if (a, b) in allowed:
+                        key = (ca, b)
+                        if key not in best or (allowed[(a, b)], a) < (best[key][1], best[key][0]):
+                            best[key] = (a, allowed[(a, b)])
+        for (ca, b), (a, d) in best.items():
+            out[(a, b)] = (d, rank(a, b), None)
+    return out
+
+
+def check_against_reference(got, dets, policy, metric, window_s, **kw):
+    """Asserts that Match dicts ``got`` equal the reference, field by field."""
+    exp = ref_match(dets, policy, metric=metric, window_s=window_s, **kw)
+    by_id = {d["detection_id"]: d for d in dets}
+    keys = [(m["detection_id_a"], m["detection_id_b"]) for m in got]
+    assert len(keys) == len(set(keys)), "duplicate pairs"
+    assert set(keys) == set(exp), (sorted(set(keys) - set(exp))[:5],
+                                   sorted(set(exp) - set(keys))[:5])
+    w_ms = round(window_s * 1000)
+    for m in got:
+        d, ra, rb = exp[(m["detection_id_a"], m["detection_id_b"])]
+        a, b = by_id[m["detection_id_a"]], by_id[m["detection_id_b"]]
+        assert m["camera_id_a"] == a["camera_id"] < m["camera_id_b"] == b["camera_id"]
+        assert m["frame_ts_a_ms"] == a["frame_ts_ms"] and m["frame_ts_b_ms"] == b["frame_ts_ms"]
+        assert m["dt_seconds"] == (b["frame_ts_ms"] - a["frame_ts_ms"]) / 1000
+        assert m["distance"] == pytest.approx(d, rel=1e-5, abs=1e-5)
+        assert (m["rank_a"], m["rank_b"]) == (ra, rb), m
+        assert m["policy"] == policy
+        assert m["window_start_ms"] == a["frame_ts_ms"] // w_ms * w_ms
+        assert m["window_end_ms"] == m["window_start_ms"] + w_ms
+
+
+def assert_one_to_one(got, dets, metric, threshold, **kw):
+    cand = ref_candidates(dets, metric, **kw)
+    thr = math.inf if threshold is None else threshold
+    seen_a, seen_b = set(), set()
+    for m in got:
+        key = (m["detection_id_a"], m["detection_id_b"])
+        assert key in cand and cand[key] <= thr
+        pair = (m["camera_id_a"], m["camera_id_b"])
+        assert (pair, key[0]) not in seen_a and (pair, key[1]) not in seen_b
+        seen_a.add((pair, key[0]))
+        seen_b.add((pair, key[1]))
+
+
+# ------------------------------------------------------------------------ data
+@st.composite
+def cases(draw, embeddings="ties", max_bursts=1):
+    """A random small data set and matching parameters.
+
+    embeddings: "ties" (few distinct integer values: exact ties), "distinct" (wide
+    integer range, still exact in float32, ties unlikely). max_bursts > 1 puts several
+    independent bursts of detections ~28 h apart in one data set (several cases for the
+    price of one pipeline run).
+    """
+    n_cams = draw(st.integers(2, 4))
+    cams = draw(st.lists(st.text("abz-9", min_size=1, max_size=3), min_size=n_cams,
+                         max_size=n_cams, unique=True))
+    bursts = []
+    for b in range(draw(st.integers(1, max_bursts))):
+        n_b = draw(st.one_of(st.integers(4, 40), st.integers(20, 40), st.integers(0, 3)))
+        span = draw(st.integers(5_000, 300_000))
+        step = draw(st.sampled_from([1, 250, 1000, 2500]))  # coarse: equal times, exact edges
+        t0 = T0 + b * 100_000_000 + draw(st.integers(-200_000, 200_000))
+        bursts += [(t0, span, step)] * n_b
+    n = len(bursts)
+    seed = draw(st.integers(0, 2 ** 32 - 1))
+    dim = draw(st.integers(4, 8))
+    metric = "l2" if embeddings == "distinct" else draw(st.sampled_from(["l2", "cosine"]))
+    max_gap_s = draw(st.integers(2, 240)) / 2
+    w1, w2 = draw(st.lists(st.integers(2, 400), min_size=2, max_size=2, unique=True))
+    top_k = draw(st.integers(1, 3))
+    rng = np.random.default_rng(seed)
+    if metric == "l2":
+        v = 600 if embeddings == "distinct" else draw(st.sampled_from([1, 2, 3]))
+        emb = rng.integers(-v, v + 1, size=(n, dim)).astype(np.float32)
+        threshold = draw(st.one_of(st.none(), st.integers(0, 12).map(lambda k: k + 0.5)))
+    else:
+        emb = np.zeros((n, dim), np.float32)
+        for row in emb:
+            row[rng.choice(dim, 4, replace=False)] = rng.choice([-1.0, 1.0], 4)
+        threshold = draw(st.one_of(st.none(), st.integers(0, 7).map(lambda k: k / 4 + 0.125)))
+    links = None
+    if draw(st.booleans()):
+        links = []
+        for a, b in itertools.combinations(sorted(cams), 2):
+            for _ in range(draw(st.integers(0, 2))):
+                links.append({"camera_a": a, "camera_b": b,
+                              "offset_s": draw(st.integers(-120, 120)) / 2,
+                              "spread_s": draw(st.integers(0, 60)) / 2})
+    ids = ["%06x" % x for x in rng.choice(16 ** 6, size=n, replace=False)]
+    dets = [{"camera_id": cams[int(rng.integers(n_cams))],
+             "frame_ts_ms": int(t0 + rng.integers(0, span // step + 1) * step),
+             "detection_id": ids[i], "embedding": emb[i], "label": "car", "score": 0.9}
+            for i, (t0, span, step) in enumerate(bursts)]
+    return {"dets": dets, "metric": metric, "max_gap_s": max_gap_s, "windows": (w1 / 2, w2 / 2),
+            "threshold": threshold, "top_k": top_k, "links": links}
+
+
+def arrays(dets):
+    if not dets:
+        return [], [], np.zeros((0, 4), np.float32), []
+    return ([d["camera_id"] for d in dets], [d["frame_ts_ms"] for d in dets],
+            np.stack([d["embedding"] for d in dets]), [d["detection_id"] for d in dets])
+
+
+def _params(case, policy, window_s, **extra):
+    return dict(policy=policy, metric=case["metric"], max_gap_s=case["max_gap_s"],
+                window_s=window_s, threshold=case["threshold"], top_k=case["top_k"],
+                links=case["links"], **extra)
+
+
+def _ref_kw(case):
+    return dict(max_gap_s=case["max_gap_s"], threshold=case["threshold"],
+                top_k=case["top_k"], links=case["links"])
+
+
+# ------------------------------------------------------------ running pipelines
+def _dump(values, path):
+    with open(path, "wb") as f:
+        pickle.dump(values, f)
+
+
+def run_matchers(dets, configs):
+    """Runs one pipeline with a MatchDetections per config; returns (outputs, counters).
+
+    outputs[name] = list of Match dicts; counters[(name, metric)] = committed value.
+    """
+    tmp = tempfile.mkdtemp(prefix="test_matching_")
+    p = beam.Pipeline(runner=FnApiRunner())
+    src = p | "Dets" >> beam.Create(dets, reshuffle=False)
+    for name, params in configs.items():
+        (src
+         | name >> MatchDetections(**params)
+         | "List_" + name >> beam.combiners.ToList()
+         | "Dump_" + name >> beam.Map(_dump, os.path.join(tmp, name)))
+    result = p.run()
+    result.wait_until_finish()
+    outputs = {}
+    for name in configs:
+        with open(os.path.join(tmp, name), "rb") as f:
+            outputs[name] = sorted(pickle.load(f), key=mb.match_sort_key)
+    counters = {}
+    for c in result.metrics().query(MetricsFilter())["counters"]:
+        name = c.key.step.split("/")[0]
+        key = (name, c.key.metric.name)
+        counters[key] = counters.get(key, 0) + c.committed
+    return outputs, counters
+
+
+def _strip_window(ms):
+    return [{k: v for k, v in m.items() if not k.startswith("window_")} for m in ms]
+
+
+# ------------------------------------------------------------ property tests
+BEAM_SETTINGS = settings(max_examples=12, deadline=None,
+                         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@BEAM_SETTINGS
+@given(case=cases(max_bursts=3), small_blocks=st.booleans())
+def test_beam_matches_reference_all_policies(case, small_blocks):
+    """Beam == brute-force reference for all/topk/mutual, independent of window_s;
+    assignment == match_arrays and one-to-one; candidate_pairs counted once."""
+    dets = case["dets"]
+    extra = {"max_candidates_per_block": 7} if small_blocks else {}
+    configs = {}
+    for policy in mb.POLICIES:
+        for i, w in enumerate(case["windows"]):
+            configs["%s_w%d" % (policy, i)] = _params(case, policy, w, **extra)
+    outputs, counters = run_matchers(dets, configs)
+    n_cand = len(ref_candidates(dets, case["metric"], case["max_gap_s"], case["links"]))
+    for name, params in configs.items():
+        policy, w = params["policy"], params["window_s"]
+        got = outputs[name]
+        if policy == "assignment":
+            assert_one_to_one(got, dets, case["metric"], case["threshold"],
+                              max_gap_s=case["max_gap_s"], links=case["links"])
+            assert got == mb.match_arrays(*arrays(dets), **params)
+        else:
+            check_against_reference(got, dets, policy, case["metric"], w, **_ref_kw(case))
+        assert counters.get((name, "candidate_pairs"), 0) == n_cand, name
+        assert counters.get((name, "matches_emitted"), 0) == len(got), name
+    for policy in ("all", "topk", "mutual"):
+        assert _strip_window(outputs[policy + "_w0"]) == _strip_window(outputs[policy + "_w1"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(), policy=st.sampled_from(["all", "topk", "mutual"]),
+       tiles=st.sampled_from([(mb.DEFAULT_Q_TILE, mb.DEFAULT_R_TILE), (3, 5), (1, 1)]))
+def test_match_arrays_matches_reference(case, policy, tiles):
+    w = case["windows"][0]
+    got = mb.match_arrays(*arrays(case["dets"]), **_params(case, policy, w),
+                          q_tile=tiles[0], r_tile=tiles[1])
+    check_against_reference(got, case["dets"], policy, case["metric"], w, **_ref_kw(case))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(embeddings="distinct"), window_idx=st.integers(0, 1))
+def test_match_arrays_assignment_matches_reference(case, window_idx):
+    """Without exact ties (wide integer embeddings) the optimum is unique."""
+    cand = ref_candidates(case["dets"], case["metric"], case["max_gap_s"], case["links"])
+    dists = sorted(cand.values())
+    assume(all(x != y for x, y in zip(dists, dists[1:])))
+    w = case["windows"][window_idx]
+    got = mb.match_arrays(*arrays(case["dets"]), **_params(case, "assignment", w))
+    check_against_reference(got, case["dets"], "assignment", case["metric"], w, **_ref_kw(case))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(), max_cells=st.integers(1, 60), window_idx=st.integers(0, 1))
+def test_split_blocks_assignment_one_to_one(case, max_cells, window_idx):
+    got = mb.match_arrays(*arrays(case["dets"]),
+                          **_params(case, "assignment", case["windows"][window_idx],
+                                    max_candidates_per_block=max_cells))
+    assert_one_to_one(got, case["dets"], case["metric"], case["threshold"],
+                      max_gap_s=case["max_gap_s"], links=case["links"])
+
+
+# ------------------------------------------------------------ numpy core units
+def test_pair_distances_match_float64():
+    rng = np.random.default_rng(1)
+    q = rng.normal(size=(13, 32)).astype(np.float32)
+    r = rng.normal(size=(17, 32)).astype(np.float32)
+    r[3] = q[2]
+    r[4] = 0.0
+    for metric in ("l2", "cosine"):
+        got = mb.pair_distances(mb.prepare_embeddings(q, metric),
+                                mb.prepare_embeddings(r, metric), metric)
+        assert got.dtype == np.float32
+        exp = np.array([[ref_distance(x, y, metric) for y in r] for x in q])
+        np.testing.assert_allclose(got, exp, rtol=1e-4, atol=2e-3)
+        assert got.min() >= 0
+    d = mb.pair_distances(mb.prepare_embeddings(q, "cosine"), mb.prepare_embeddings(r, "cosine"),
+                          "cosine")
+    assert np.all(d[:, 4] == 1.0)  # zero vector: cosine similarity 0
+
+
+def test_candidate_mask_and_bands():
+    bands = mb.CandidateBands(max_gap_s=2)
+    iv = bands.intervals("a", "b")
+    m = mb.candidate_mask(np.array([0, 1000]), np.array([-2000, -2001, 0, 1000, 2000, 3000, 3001]),
+                          iv)
+    assert m.tolist() == [[True, False, False, True, True, False, False],
+                          [False, False, True, False, True, True, False]]
+    assert len(bands.intervals("a", "a")) == 0
+    linked = mb.CandidateBands(links=[{"camera_a": "b", "camera_b": "a", "offset_s": 10,
+                                       "spread_s": 2.5}])
+    # flipped to a < b with offset -10: t_b - t_a in [-12.5, -7.5] s
+    assert linked.intervals("a", "b").tolist() == [[-12500, -7500]]
+    assert linked.intervals("b", "a").tolist() == [[7500, 12500]]
+    assert linked.partners("a") == ["b"] and linked.partners("c") == []
+    assert len(linked.intervals("a", "c")) == 0
+    # decimal seconds: 0.1 + 0.2 s must give 300 ms inclusive, not 301 / 299
+    dec = mb.CandidateBands(links=[{"camera_a": "a", "camera_b": "b", "offset_s": 0.2,
+                                    "spread_s": 0.1}])
+    assert dec.intervals("a", "b").tolist() == [[100, 300]]
+    zero = mb.CandidateBands(links=[{"camera_a": "a", "camera_b": "b", "offset_s": 0,
+                                     "spread_s": 1}])
+    assert mb.candidate_mask(np.array([5]), np.array([4, 5, 6]),
+                             zero.intervals("a", "b")).tolist() == [[True, False, True]]
+    with pytest.raises(ValueError):
+        mb.CandidateBands(links=[{"camera_a": "a", "camera_b": "a", "offset_s": 0, "spread_s": 1}])
+    with pytest.raises(ValueError):
+        mb.CandidateBands(links=[{"camera_a": "a", "camera_b": "b", "offset_s": 0, "spread_s": -1}])
+    assert mb.CandidateBands(3) == mb.CandidateBands(3) != mb.CandidateBands(4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(t=st.integers(-10 ** 7, 10 ** 7), w=st.integers(1, 100_000), data=st.data())
+def test_reach_window_starts_exact(t, w, data):
+    span = 20 * w + 1000  # keeps the brute force below short
+    bounds = data.draw(st.lists(st.tuples(st.integers(-span, span), st.integers(0, span)),
+                                min_size=1, max_size=3))
+    iv = np.array([(lo, lo + width) for lo, width in bounds], dtype=np.int64)
+    starts = mb.reach_window_starts(t, w, iv)
+    assert starts == sorted(set(starts))
+    # brute force over every window whose reach could contain t
+    lo_all, hi_all = int(iv[:, 0].min()), int(iv[:, 1].max())
+    k_lo, k_hi = (t - hi_all) // w - 2, (t - lo_all) // w + 2
+    exp = []
+    for k in range(k_lo, k_hi + 1):
+        # some query time q in [kW, (k+1)W) has t - q in some [lo, hi]
+        if any(max(k * w, t - hi) <= min((k + 1) * w - 1, t - lo) for lo, hi in iv.tolist()):
+            exp.append(k * w)
+    assert starts == exp
+    for s in range(k_lo * w, (k_hi + 1) * w, w):
+        assert bool(mb.in_reach(np.array([t]), s, w, iv)[0]) == (s in starts)
+
+
+def _batch(ts_list, window_ms):
+    ts = np.asarray(sorted(ts_list), dtype=np.int64)
+    ids = np.asarray(["d%d" % i for i in range(len(ts))])
+    return mb.Batch(int(ts[0]) // window_ms * window_ms, ids,
+                    ts, np.zeros((len(ts), 2), np.float32))
+
+
+def _assign(window_fn, element, ts_ms):
+    return window_fn.assign(WindowFn.AssignContext(Timestamp(micros=ts_ms * 1000),
+                                                   element=element))
+
+
+def _starts(windows):
+    return [x.start.micros // 1000 for x in windows]
+
+
+@settings(max_examples=200, deadline=None)
+@given(t=st.integers(-10 ** 9, 10 ** 9), w=st.integers(1, 200_000), data=st.data())
+def test_block_windowfn(t, w, data):
+    """Query role = FixedWindows; reference role = exactly the windows whose reach
+    [kW - gap, (k+1)W + gap) contains the detection; a batch = union of its detections'."""
+    gap = data.draw(st.integers(1, 20 * w + 1000))
+    bands = mb.CandidateBands(max_gap_s=gap / 1000)
+    fn = MatchBlockWindows(w, bands)
+    q = _assign(fn, (("a", "b"), (QUERY, _batch([t], w))), t)
+    fixed = FixedWindows(Duration(micros=w * 1000)).assign(
+        WindowFn.AssignContext(Timestamp(micros=t * 1000)))
+    assert q == fixed
+    got = _assign(fn, (("a", "b"), (REF, _batch([t], w))), t)
+    assert all(isinstance(x, IntervalWindow) for x in got)
+    assert all(x.end.micros // 1000 == s + w for x, s in zip(got, _starts(got)))
+    exp = [k * w for k in range((t - gap) // w - 1, (t + gap) // w + 2)
+           if k * w - gap <= t < (k + 1) * w + gap]
+    assert _starts(got) == exp
+    # a batch of several detections of the same fixed window
+    start = t // w * w
+    others = data.draw(st.lists(st.integers(start, start + w - 1), max_size=4))
+    got = _assign(fn, (("a", "b"), (REF, _batch([t] + others, w))), start)
+    union = sorted({s for x in [t] + others
+                    for s in mb.reach_window_starts(x, w, bands.intervals("a", "b"))})
+    assert _starts(got) == union
+    assert fn == MatchBlockWindows(w, mb.CandidateBands(max_gap_s=gap / 1000))
+
+
+def test_block_windowfn_links_per_pair():
+    links = [{"camera_a": "a", "camera_b": "b", "offset_s": 20, "spread_s": 5}]
+    fn = MatchBlockWindows(10_000, mb.CandidateBands(links=links))
+    # reference b at t=100 s for queries of a: t_b - t_a in [15, 25] s -> a in [75, 85] s
+    got = _assign(fn, (("a", "b"), (REF, _batch([100_000], 10_000))), 100_000)
+    assert _starts(got) == [70_000, 80_000]
+    # reference a at t=100 s for queries of b: t_a - t_b in [-25, -15] s -> b in [115, 125]
+    got = _assign(fn, (("b", "a"), (REF, _batch([100_000], 10_000))), 100_000)
+    assert _starts(got) == [110_000, 120_000]
+
+
+def test_make_batches():
+    recs = [("d%d" % i, 1000 - i % 3, np.full(3, i, np.float16)) for i in range(7)]
+    batches = mb.make_batches(0, recs, max_size=3)
+    assert [len(b) for b in batches] == [3, 3, 1]
+    assert all(b.emb.dtype == np.float16 for b in batches)
+    ts = np.concatenate([b.ts for b in batches])
+    ids = np.concatenate([b.ids for b in batches])
+    assert list(zip(ts.tolist(), ids.tolist())) == sorted((r[1], r[0]) for r in recs)
+    side = mb.side_from_batches("c", batches, "l2", keep=[b.ts >= 999 for b in batches])
+    assert side.emb.dtype == np.float32 and len(side) == 5
+
+
+def _side(cam, ids, ts, emb, metric="l2"):
+    return mb.make_side(cam, ids, ts, np.asarray(emb, np.float32), metric)
+
+
+def test_scan_block_ties_ranks_and_topk():
+    q = _side("a", ["q1"], [1000], [[0, 0]])
+    # four refs at distance 1 (tie), one at 0; ids chosen out of time order
+    r = _side("b", ["r9", "r2", "r5", "r1", "r0"], [1500, 1600, 1700, 1800, 50_000],
+              [[1, 0], [0, 1], [-1, 0], [0, 0], [0, 0]])
+    iv = mb.CandidateBands(max_gap_s=10).intervals("a", "b")
+    (ch,) = list(mb.scan_block(q, r, iv, "l2"))
+    assert [r.ids[j] for j in ch.rj] == ["r1", "r2", "r5", "r9"]  # r0 is too far in time
+    assert ch.rank.tolist() == [1, 2, 3, 4] and ch.n_candidates == 4
+    (ch,) = list(mb.scan_block(q, r, iv, "l2", keep_k=2, q_tile=1, r_tile=1))
+    assert [r.ids[j] for j in ch.rj] == ["r1", "r2"] and ch.rank.tolist() == [1, 2]
+    (ch,) = list(mb.scan_block(q, r, iv, "l2", threshold=0.5))
+    assert [r.ids[j] for j in ch.rj] == ["r1"]
+
+
+def test_split_block_keeps_every_candidate():
+    rng = np.random.default_rng(3)
+    q = _side("a", ["q%d" % i for i in range(50)], rng.integers(0, 100_000, 50),
+              rng.normal(size=(50, 4)))
+    r = _side("b", ["r%d" % i for i in range(70)], rng.integers(-20_000, 120_000, 70),
+              rng.normal(size=(70, 4)))
+    iv = mb.CandidateBands(max_gap_s=7).intervals("a", "b")
+    whole = mb.candidate_mask(q.ts, r.ts, iv)
+    pairs = {(q.ids[i], r.ids[j]) for i, j in zip(*np.nonzero(whole))}
+    parts = mb.split_block(q, r, iv, max_cells=300)
+    assert len(parts) > 1
+    got = []
+    for qs, rs in parts:
+        m = mb.candidate_mask(qs.ts, rs.ts, iv)
+        got += [(qs.ids[i], rs.ids[j]) for i, j in zip(*np.nonzero(m))]
+    assert len(got) == len(set(got)) and set(got) == pairs
+    assert sum(len(qs) for qs, _ in parts) == len(q)
+
+
+def _brute_assignment_value(cost):
+    """(max pairs, min total) over every partial one-to-one matching of allowed cells."""
+    n, m = cost.shape
+    best = (0, 0.0)
+    for perm in itertools.permutations(range(m), min(n, m)) if n <= m else \
+            (tuple(p) for p in itertools.permutations(range(n), m)):
+        if n <= m:
+            cells = [(i, perm[i]) for i in range(n)]
+        else:
+            cells = [(perm[j], j) for j in range(m)]
+        cells = [(i, j) for i, j in cells if np.isfinite(cost[i, j])]
+        val = (len(cells), sum(cost[i, j] for i, j in cells))
+        if val[0] > best[0] or (val[0] == best[0] and val[1] < best[1] - 1e-9):
+            best = val
+    return best
+
+
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(1, 5), m=st.integers(1, 5), seed=st.integers(0, 10 ** 6),
+       density=st.floats(0.1, 1.0))
+def test_assign_cells_optimal_and_deterministic(n, m, seed, density):
+    rng = np.random.default_rng(seed)
+    cost = rng.integers(0, 4, size=(n, m)).astype(np.float32)  # many ties
+    allowed = rng.random((n, m)) < density
+    q = _side("a", ["q%d" % i for i in range(n)], np.zeros(n), np.zeros((n, 2)))
+    r = _side("b", ["r%d" % j for j in range(m)], np.zeros(m), np.zeros((m, 2)))
+    qi, rj = np.nonzero(allowed)
+    dist = cost[qi, rj]
+    pick = mb.assign_cells(q, r, qi, rj, dist)
+    assert len(set(qi[pick].tolist())) == len(pick) == len(set(rj[pick].tolist()))
+    exp = _brute_assignment_value(np.where(allowed, cost, np.inf))
+    assert (len(pick), float(dist[pick].sum())) == (exp[0], pytest.approx(exp[1]))
+    perm = rng.permutation(len(qi))
+    pick2 = mb.assign_cells(q, r, qi[perm], rj[perm], dist[perm])
+    assert sorted(zip(qi[perm][pick2].tolist(), rj[perm][pick2].tolist())) == \
+        sorted(zip(qi[pick].tolist(), rj[pick].tolist()))
+
+
+def test_match_arrays_small_example():
+    # cameras "x" < "y"; y1 is nearest to x1 but x2 is nearer to y1 -> not mutual for x1
+    cam = ["x", "x", "y", "y"]
+    ts = [T0, T0 + 1000, T0 + 5000, T0 + 6000]
+    emb = [[0.0, 0.0], [1.0, 0.0], [0.9, 0.0], [5.0, 0.0]]
+    ids = ["x1", "x2", "y1", "y2"]
+    mutual = mb.match_arrays(cam, ts, emb, ids, "mutual", max_gap_s=10, window_s=60)
+    assert [(m["detection_id_a"], m["detection_id_b"]) for m in mutual] == [("x2", "y1")]
+    m = mutual[0]
+    assert m["dt_seconds"] == 4.0 and m["rank_a"] == m["rank_b"] == 1
+    assert m["distance"] == pytest.approx(0.1, abs=1e-6) and m["policy"] == "mutual"
+    assert m["window_start_ms"] == T0 // 60_000 * 60_000
+    allp = mb.match_arrays(cam, ts, emb, ids, "all", max_gap_s=10, threshold=1.0)
+    assert {(m["detection_id_a"], m["detection_id_b"]): m["rank_a"] for m in allp} == \
+        {("x1", "y1"): 1, ("x2", "y1"): 1}
+    assign = mb.match_arrays(cam, ts, emb, ids, "assignment", max_gap_s=10)
+    assert {(m["detection_id_a"], m["detection_id_b"]) for m in assign} == \
+        {("x1", "y1"), ("x2", "y2")}  # max cardinality first, then total distance
+    # no candidates when timestamps are equal (dt == 0) or beyond max_gap
+    assert mb.match_arrays(["x", "y"], [T0, T0], [[0.0], [0.0]], ["a", "b"], "all") == []
+    assert mb.match_arrays(["x", "y"], [T0, T0 + 10_001], [[0.0], [0.0]], ["a", "b"], "all",
+                           max_gap_s=10) == []
+    with pytest.raises(ValueError):
+        mb.match_arrays(cam, ts, emb, ["x1", "x1", "y1", "y2"], "all")
+    with pytest.raises(ValueError):
+        mb.match_arrays(cam, ts, emb, ids, "nearest")
+
+
+def test_assignment_keeps_lowest_per_detection_b():
+    """b is assigned in two windows of camera a; only the closer assignment survives."""
+    cam = ["a", "a", "b"]
+    ts = [T0 + 59_000 - T0 % 60_000, T0 + 61_000 - T0 % 60_000, T0 + 60_500 - T0 % 60_000]
+    emb = [[0.0], [0.3], [0.2]]
+    got = mb.match_arrays(cam, ts, emb, ["a1", "a2", "b1"], "assignment", window_s=60)
+    assert [(m["detection_id_a"], m["detection_id_b"]) for m in got] == [("a2", "b1")]
+    got = mb.match_arrays(cam, ts, emb, ["a1", "a2", "b1"], "assignment", window_s=600)
+    assert [(m["detection_id_a"], m["detection_id_b"]) for m in got] == [("a2", "b1")]
+
+
+# ------------------------------------------------------------------ Beam extras
+def test_beam_input_shapes_windowing_and_links_file(tmp_path):
+    """Lists / float16 embeddings, input already windowed and timestamped otherwise,
+    links from a file; output in the GlobalWindow."""
+    rng = np.random.default_rng(7)
+    dets = []
+    for i in range(30):
+        e = rng.integers(-2, 3, size=6)
+        dets.append({"camera_id": "cam%d" % (i % 3),
+                     "frame_ts_ms": T0 + int(rng.integers(0, 90_000)),
+                     "detection_id": "d%02d" % i,
+                     "embedding": e.tolist() if i % 2 else e.astype(np.float16)})
+    links = [{"camera_a": "cam0", "camera_b": "cam1", "offset_s": 10, "spread_s": 30},
+             {"camera_a": "cam2", "camera_b": "cam1", "offset_s": -5, "spread_s": 20}]
+    path = tmp_path / "links.json"
+    write_links(links, str(path))
+    loaded = load_links(str(path))
+    assert [(l["camera_a"], l["camera_b"], l["offset_s"]) for l in loaded] == \
+        [("cam0", "cam1", 10.0), ("cam1", "cam2", 5.0)]
+    out = os.path.join(tempfile.mkdtemp(), "out")
+    p = beam.Pipeline(runner=FnApiRunner())
+    (p
+     | beam.Create(dets)
+     | "OddTimes" >> beam.Map(lambda d: beam.window.TimestampedValue(d, 5))
+     | "OddWindows" >> beam.WindowInto(FixedWindows(1))
+     | MatchDetections(policy="topk", top_k=2, links=str(path), window_s=7)
+     | "InGlobal" >> beam.Map(lambda m, w=beam.DoFn.WindowParam, t=beam.DoFn.TimestampParam:
+                              (m, type(w).__name__, t.micros))
+     | beam.combiners.ToList()
+     | beam.Map(_dump, out))
+    p.run().wait_until_finish()
+    with open(out, "rb") as f:
+        got = pickle.load(f)
+    assert got and all(w == "GlobalWindow" for _, w, _ in got)
+    assert all(t == m["frame_ts_a_ms"] * 1000 for m, _, t in got)
+    got = sorted((m for m, _, _ in got), key=mb.match_sort_key)
+    plain = [dict(d, embedding=np.asarray(d["embedding"], np.float32)) for d in dets]
+    assert got == mb.match_arrays(*arrays(plain), policy="topk", top_k=2, links=loaded,
+                                  window_s=7)
+    check_against_reference(got, plain, "topk", "l2", 7, max_gap_s=None, top_k=2, links=loaded)
+
+
+def test_beam_empty_input():
+    outputs, _ = run_matchers([], {p: {"policy": p} for p in mb.POLICIES})
+    assert all(v == [] for v in outputs.values())
+
+
+def test_constructor_validation():
+    with pytest.raises(ValueError):
+        MatchDetections(policy="nearest")
+    with pytest.raises(ValueError):
+        MatchDetections(metric="manhattan")
+    with pytest.raises(ValueError):
+        MatchDetections(top_k=0)
+    with pytest.raises(ValueError):
+        MatchDetections(window_s=0)
+    with pytest.raises(ValueError):
+        MatchDetections(max_gap_s=0)
+    with pytest.raises(ValueError):
+        MatchDetections(links=[{"camera_a": "a"}])
+    json.dumps(mb.normalize_links([{"camera_a": "b", "camera_b": "a", "offset_s": 1,
+                                    "spread_s": 0, "support": 3}]))

@@ -1,0 +1,34 @@
+"""links.json (``cctview calibrate`` output, ``cctview match --links`` input).
+
+A JSON list of objects ``camera_a``, ``camera_b`` (``camera_a < camera_b``), ``offset_s``
+(typical ``frame_ts_b - frame_ts_a`` of the same vehicle), ``spread_s`` (half-width of
+the band), ``support``, ``significance``. Several links per camera pair are allowed.
+"""
+from __future__ import annotations
+
+import json
+
+from transforms.match_blocks import normalize_links
+
+
+def load_links(path) -> list:
+    """Reads and validates a links.json from a local path or any Beam filesystem URI."""
+    from apache_beam.io.filesystems import FileSystems
+
+    path = str(path)
+    with FileSystems.open(path) as f:
+        data = json.loads(f.read().decode("utf-8"))
+    if not isinstance(data, list):
+        raise ValueError("%s: links.json must hold a JSON list, got %s"
+                         % (path, type(data).__name__))
+    return normalize_links(data)
+
+
+def write_links(links, path) -> None:
+    """Writes links (validated, sorted by camera pair and offset) as links.json."""
+    from apache_beam.io.filesystems import FileSystems
+
+    links = sorted(normalize_links(links) or [],
+                   key=lambda l: (l["camera_a"], l["camera_b"], l["offset_s"]))
+    with FileSystems.create(str(path)) as f:
+        f.write(json.dumps(links, indent=2).encode("utf-8"))
