@@ -22,8 +22,8 @@ from pipelines.options import (
     TimeZoneOptions,
 )
 from transforms.cctview_import import ImportCCTView
-from transforms.detections_io import DetectionsSchemaError, ReadDetections, check_files, \
-    parquet_files
+from transforms.detections_io import (DetectionsSchemaError, ReadDetections, camera_ids,
+                                     check_files, parquet_files)
 from transforms.frames import DEAD_LETTER, ReadFrames
 from transforms.layout import FrameLayout, optional_range
 
@@ -129,7 +129,7 @@ def extract(options: PipelineOptions) -> int:
     return _finish(options, pipeline, out.output, tables)
 
 
-def _detection_source(options: PipelineOptions) -> ReadDetections:
+def _detection_files(options: PipelineOptions) -> List[str]:
     paths = _require(options.view_as(DetectionInputOptions).detections, "--detections")
     files = parquet_files(paths)
     if not files:
@@ -138,6 +138,11 @@ def _detection_source(options: PipelineOptions) -> ReadDetections:
         check_files(files)
     except DetectionsSchemaError as exc:
         raise UsageError(str(exc))
+    return files
+
+
+def _detection_source(options: PipelineOptions, files=None) -> ReadDetections:
+    files = files or _detection_files(options)
     return ReadDetections(files, options.view_as(TimeZoneOptions).timezone)
 
 
@@ -191,7 +196,8 @@ def calibrate(options: PipelineOptions) -> int:
     from transforms.calibration import CalibrateLinks
     from transforms.links import write_links
 
-    source = _detection_source(options)
+    files = _detection_files(options)
+    source = _detection_source(options, files)
     target = _require(options.view_as(OutputOptions).output, "--output")
     outputs.check_writable(target.rsplit("/", 1)[0] if "/" in target else ".")
     candidates = options.view_as(CandidateOptions)
@@ -200,7 +206,7 @@ def calibrate(options: PipelineOptions) -> int:
     _ = (pipeline
          | "ReadDetections" >> source
          | "Calibrate" >> CalibrateLinks(
-             max_gap_s=candidates.max_gap, window_s=candidates.window,
+             camera_ids(files), max_gap_s=candidates.max_gap, window_s=candidates.window,
              metric=candidates.metric, min_support=settings.min_support,
              min_significance=settings.min_significance)
          | "AllLinks" >> beam.combiners.ToList()
@@ -225,15 +231,17 @@ def evaluate(options: PipelineOptions) -> int:
     from pipelines.stages import matcher_factory, read_links
     from transforms.evaluation import EvaluateWithControl
 
-    source = _detection_source(options)
+    files = _detection_files(options)
+    source = _detection_source(options, files)
     make_matcher = matcher_factory(options)
     links = read_links(options.view_as(MatchOptions).links)
+    max_gap = options.view_as(CandidateOptions).max_gap
     target = _require(options.view_as(OutputOptions).output, "--output")
     outputs.check_writable(target.rsplit("/", 1)[0] if "/" in target else ".")
     pipeline = beam.Pipeline(options=options)
     _ = (pipeline
          | "ReadDetections" >> source
-         | "Evaluate" >> EvaluateWithControl(make_matcher, links)
+         | "Evaluate" >> EvaluateWithControl(make_matcher, camera_ids(files), links, max_gap)
          | "AllRows" >> beam.combiners.ToList()
          | "WriteTable" >> beam.Map(_write_json, target))
     _run(pipeline)

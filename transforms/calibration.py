@@ -18,7 +18,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from transforms.control import (CONTROL, CONTROLS_PER_PAIR, REAL, ClassifyControl,
-                                WithShiftedControl)
+                                WithShiftedControl, control_links)
 from transforms.matching import MatchDetections
 
 NAMESPACE = "cctview"
@@ -33,6 +33,23 @@ def _window_sums(hist: np.ndarray, half_bins: int) -> np.ndarray:
     return csum[width:] - csum[:-width]
 
 
+def _bulk_half_width(excess: np.ndarray, available: np.ndarray, centre: int, half: int,
+                     reach: int, bulk: float = 0.9) -> int:
+    """The smallest half-width around ``centre`` that holds ``bulk`` of the peak's excess.
+
+    The z-score picks the band where the peak is most significant, which is its core;
+    vehicles of one link spread wider (lanes, speeds, the frame clock), so the band to
+    match in grows until it holds most of the excess within ``reach`` bins.
+    """
+    gained = []
+    for h in range(0, reach + 1):
+        lo, hi = max(0, centre - h), min(len(excess), centre + h + 1)
+        window = np.where(available[lo:hi], excess[lo:hi], 0.0)
+        gained.append(float(window.sum()))
+    target = bulk * max(gained)
+    return max(half, next(h for h, g in enumerate(gained) if g >= target))
+
+
 def find_links(dt_real: Sequence[float], dt_control: Sequence[float], max_gap_s: float,
                controls: float = 1.0, bin_s: float = 1.0, min_support: int = 10,
                min_significance: float = 5.0, max_links: int = 2) -> List[dict]:
@@ -41,11 +58,13 @@ def find_links(dt_real: Sequence[float], dt_control: Sequence[float], max_gap_s:
     ``dt_control`` may pool ``controls`` independent control runs; its counts are
     divided by that number. The control is smoothed over +-30 s to estimate the
     background rate per bin (the control has no peaks by construction; smoothing
-    lowers its noise). For every centre and half-width (2 to 30 s), the real count R
+    lowers its noise) and scaled to the real histogram's median level. For every
+    centre and half-width (2 to 30 s), the real count R
     in the band is compared with the background B by ``z = (R - B) / sqrt(B + 1)``;
     the best (centre, half-width) is a link when ``z >= min_significance`` and the
-    excess ``R - B >= min_support``. Its band is then masked and the next peak
-    searched, up to ``max_links``. Returns links without camera ids:
+    excess ``R - B >= min_support``; its band is then widened to hold 90% of the
+    peak's excess (:func:`_bulk_half_width`), masked, and the next peak searched, up to
+    ``max_links``. Returns links without camera ids:
     ``offset_s, spread_s, support (R), excess (R - B), significance (z)``.
     """
     dt_real = np.asarray(dt_real, dtype=np.float64)
@@ -59,7 +78,14 @@ def find_links(dt_real: Sequence[float], dt_control: Sequence[float], max_gap_s:
     counts = _window_sums(control, smooth_bins)
     support_bins = _window_sums(np.ones_like(control), smooth_bins)
     background = counts / support_bins
-    floor = max(control.sum() / n_bins, 0.5 / n_bins)  # never a zero background
+    # The control has the real data's traffic, not its exact count of false pairs: scale
+    # it to the real histogram's typical level (the median bin, which a peak of a few
+    # bins cannot move), so a uniformly busier real side is never taken for a link.
+    typical_real = np.median(_window_sums(real, smooth_bins) / support_bins)
+    typical_control = np.median(background)
+    if typical_control > 0 and typical_real > 0:
+        background = background * (typical_real / typical_control)
+    floor = max(background.mean(), 0.5 / n_bins)  # never a zero background
     background = np.maximum(background, 0.25 * floor)
     available = np.ones(n_bins, dtype=bool)
     links = []
@@ -77,7 +103,10 @@ def find_links(dt_real: Sequence[float], dt_control: Sequence[float], max_gap_s:
         z, i, half, r, b = best
         if not (z >= min_significance and r - b >= min_support):
             break
+        half = _bulk_half_width(real - background, available, i, half, smooth_bins)
         lo, hi = max(0, i - half), min(n_bins, i + half + 1)
+        r = float(real[lo:hi].sum())
+        b = float(background[lo:hi].sum())
         in_band = (dt_real >= edges[lo]) & (dt_real < edges[hi])
         offset = float(np.median(dt_real[in_band])) if in_band.any() else float(centres[i])
         links.append({
@@ -85,9 +114,10 @@ def find_links(dt_real: Sequence[float], dt_control: Sequence[float], max_gap_s:
             "spread_s": round((half + 0.5) * bin_s, 3),
             "support": int(r),
             "excess": round(r - b, 1),
-            "significance": round(z, 2),
+            "significance": round(float((r - b) / np.sqrt(b + 1.0)), 2),
         })
-        available[lo:hi] = False
+        # A second link must be a peak of its own, not the shoulder of this one.
+        available[max(0, lo - half):min(n_bins, hi + half)] = False
     return links
 
 
@@ -115,11 +145,16 @@ class _LinksOfPairFn(beam.DoFn):
 
 
 class CalibrateLinks(beam.PTransform):
-    """Detection dicts -> link dicts (links.json objects), one pass of the matcher."""
+    """Detection dicts -> link dicts (links.json objects), one pass of the matcher.
 
-    def __init__(self, max_gap_s: float = 300.0, window_s: float = 60.0, metric: str = "l2",
-                 min_support: int = 10, min_significance: float = 5.0):
+    ``cameras`` are the camera ids in the data (read on the driver); each pair of them
+    is matched for real and against its control.
+    """
+
+    def __init__(self, cameras, max_gap_s: float = 300.0, window_s: float = 600.0,
+                 metric: str = "l2", min_support: int = 10, min_significance: float = 5.0):
         super().__init__()
+        self._links = control_links(None, cameras, max_gap_s)
         self._max_gap_s = max_gap_s
         self._window_s = window_s
         self._metric = metric
@@ -131,7 +166,7 @@ class CalibrateLinks(beam.PTransform):
             detections
             | "WithControl" >> WithShiftedControl()
             | "MutualNN" >> MatchDetections(policy="mutual", metric=self._metric,
-                                            max_gap_s=self._max_gap_s, window_s=self._window_s)
+                                            window_s=self._window_s, links=self._links)
             | "Classify" >> ClassifyControl()
             | "KindAndDt" >> beam.Map(lambda c: (c[0], (c[1], c[2]["dt_seconds"])))
             | "ByCameraPair" >> beam.GroupByKey()

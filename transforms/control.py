@@ -2,17 +2,17 @@
 
 Every detection gets a copy on a virtual camera (``camera_id + "~"``) whose timestamps
 are circularly shifted by half the span of the data. Matching real and shifted
-detections together in one pass yields, per camera pair (a, b):
+detections together in one pass, restricted by links to the pairs that matter, yields
+per camera pair (a, b), a < b:
 
 - ``(a, b)``: the real pairs;
-- ``(a, b~)`` and ``(a~, b)``: control pairs (camera b, or camera a, shifted by half the
-  span: on a circle of that period both are the same shift of b against a), false by
-  construction, with the same traffic density;
-- ``(a~, b~)`` and ``(c, c~)``: not used.
+- ``(a, b~)``: the control pairs (camera b shifted by half the span), false by
+  construction, with the same traffic density.
 
 Matching is per camera pair for every policy, so the virtual cameras change nothing
-in the real pairs. Links are copied to the virtual pairs so that the control uses the
-same links file as the real run.
+in the real pairs. The control pairs get copies of the real pairs' links, so the
+control uses the same links as the real run; without links, every pair of cameras is
+linked with the band ``[-max_gap, +max_gap]``, which is exactly the unlinked rule.
 """
 from typing import List, Optional, Tuple
 
@@ -20,7 +20,7 @@ import apache_beam as beam
 
 SHIFTED = "~"
 REAL, CONTROL = "real", "control"
-CONTROLS_PER_PAIR = 2  # (a, b~) and (a~, b): counts are divided by this
+CONTROLS_PER_PAIR = 1  # (a, b~): counts are divided by this
 
 
 def base_camera(camera: str) -> str:
@@ -36,15 +36,21 @@ def shift_for_control(det: dict, start_ms: int, span_ms: int) -> dict:
     return shifted
 
 
-def control_links(links: Optional[List[dict]]) -> Optional[List[dict]]:
-    """Links plus their copies for (a, b~) and (a~, b); None stays None."""
+def control_links(links: Optional[List[dict]], cameras, max_gap_s: float) -> List[dict]:
+    """The real links plus a copy of each for (a, b~).
+
+    Without links (None), every pair of ``cameras`` gets the band ``[-max_gap_s,
+    +max_gap_s]``, the unlinked candidate rule, so that only real and control pairs are
+    matched, never (a~, b~) or (c, c~).
+    """
     if links is None:
-        return None
+        cameras = sorted(set(cameras))
+        links = [{"camera_a": a, "camera_b": b, "offset_s": 0.0, "spread_s": float(max_gap_s)}
+                 for i, a in enumerate(cameras) for b in cameras[i + 1:]]
     out = []
     for link in links:
         out.append(dict(link))
         out.append(dict(link, camera_b=link["camera_b"] + SHIFTED))
-        out.append(dict(link, camera_a=link["camera_a"] + SHIFTED))
     return out
 
 

@@ -104,6 +104,16 @@ class _ReadFileFn(beam.DoFn):
                     yield TimestampedValue(row, row["frame_ts_ms"] / 1000.0)
 
 
+def camera_ids(files: Sequence[str]) -> List[str]:
+    """The distinct camera ids in ``files``, reading only that column."""
+    cameras = set()
+    for path in files:
+        with FileSystems.open(path) as handle:
+            column = pq.ParquetFile(handle).read(columns=["camera_id"])["camera_id"]
+        cameras.update(str(c) for c in pc.unique(column).to_pylist())
+    return sorted(cameras)
+
+
 def check_files(files: Sequence[str]) -> None:
     """Fails fast, on the driver, when a file lacks the columns matching needs."""
     for path in files:

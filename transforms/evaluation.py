@@ -37,20 +37,21 @@ class EvaluateWithControl(beam.PTransform):
     """Detections -> per camera pair {camera_a, camera_b, real, control, excess, precision}.
 
     ``make_matcher(links)`` returns the matching PTransform to evaluate, given the
-    links extended to the virtual (shifted) cameras, or None when it runs unlinked.
+    links extended to the virtual (shifted) cameras (:func:`control_links`; for an
+    unlinked configuration, every pair of ``cameras`` within ``max_gap_s``).
     """
 
     def __init__(self, make_matcher: Callable[[Optional[List[dict]]], beam.PTransform],
-                 links: Optional[List[dict]] = None):
+                 cameras, links: Optional[List[dict]] = None, max_gap_s: float = 300.0):
         super().__init__()
         self._make_matcher = make_matcher
-        self._links = links
+        self._links = control_links(links, cameras, max_gap_s)
 
     def expand(self, detections):
         return (
             detections
             | "WithControl" >> WithShiftedControl()
-            | "Match" >> self._make_matcher(control_links(self._links))
+            | "Match" >> self._make_matcher(self._links)
             | "Classify" >> ClassifyControl()
             | "PairAndKind" >> beam.Map(lambda c: (c[0], c[1]))
             | "ByPair" >> beam.GroupByKey()
