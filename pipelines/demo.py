@@ -17,7 +17,7 @@ import argparse
 import json
 import time
 
-from pipelines import cli, ground_truth
+from pipelines import ground_truth
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _step(title: str, argv) -> None:
+    from pipelines import cli  # here: cli imports this module
+
     started = time.time()
     print("== %s" % title, flush=True)
     code = cli.main(argv)
