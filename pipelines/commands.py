@@ -114,18 +114,40 @@ def _finish(options, pipeline, output: str, tables: List[str]) -> int:
     return 0
 
 
+def _detect_and_write(pipeline, options: PipelineOptions, source, detect):
+    """Frames -> detections, with detections, crops (if asked) and dead letters written.
+
+    Returns the detections with their embeddings, for matching in the same pipeline;
+    ``--no-embeddings-out`` drops them only from what is written.
+    """
+    out = options.view_as(OutputOptions)
+    models = options.view_as(ModelOptions)
+    read = pipeline | "ReadFrames" >> source
+    found = read.frames | "DetectFrames" >> detect
+    dead = (read[DEAD_LETTER], found[DEAD_LETTER]) | "AllDeadLetters" >> beam.Flatten()
+    written = found["detections"]
+    if models.no_embeddings_out:
+        written = written | "DropEmbeddings" >> beam.Map(lambda d: dict(d, embedding=None))
+    _write_all({"detections": written, "dead_letter": dead}, out.output, out.shards)
+    if models.write_crops:
+        outputs.write_crops(found["crops"], out.output)
+    return found["detections"]
+
+
+def _detection_tables(options: PipelineOptions) -> List[str]:
+    tables = ["detections", "dead_letter"]
+    return tables + ["crops"] if options.view_as(ModelOptions).write_crops else tables
+
+
 def extract(options: PipelineOptions) -> int:
     """Frames -> detections with embeddings."""
     out = options.view_as(OutputOptions)
     source = _frame_source(options)
     detect = _model_stage(options)
-    tables = ["detections", "dead_letter"]
+    tables = _detection_tables(options)
     outputs.prepare(_require(out.output, "--output"), tables)
     pipeline = beam.Pipeline(options=options)
-    read = pipeline | "ReadFrames" >> source
-    found = read.frames | "DetectFrames" >> detect
-    dead = (read[DEAD_LETTER], found[DEAD_LETTER]) | "AllDeadLetters" >> beam.Flatten()
-    _write_all({"detections": found["detections"], "dead_letter": dead}, out.output, out.shards)
+    _detect_and_write(pipeline, options, source, detect)
     return _finish(options, pipeline, out.output, tables)
 
 
@@ -165,15 +187,11 @@ def run(options: PipelineOptions) -> int:
     source = _frame_source(options)
     detect = _model_stage(options)
     matcher = _match_stage(options)
-    tables = ["detections", "matches", "dead_letter"]
+    tables = _detection_tables(options) + ["matches"]
     outputs.prepare(_require(out.output, "--output"), tables)
     pipeline = beam.Pipeline(options=options)
-    read = pipeline | "ReadFrames" >> source
-    found = read.frames | "DetectFrames" >> detect
-    matches = found["detections"] | "Match" >> matcher
-    dead = (read[DEAD_LETTER], found[DEAD_LETTER]) | "AllDeadLetters" >> beam.Flatten()
-    _write_all({"detections": found["detections"], "matches": matches, "dead_letter": dead},
-               out.output, out.shards)
+    detections = _detect_and_write(pipeline, options, source, detect)
+    _write_all({"matches": detections | "Match" >> matcher}, out.output, out.shards)
     return _finish(options, pipeline, out.output, tables)
 
 

@@ -127,6 +127,14 @@ class ModelOptions(PipelineOptions):
             "--max-detections", dest="max_detections", type=_positive_int, default=100,
             help="Keep at most this many detections per frame, best first (default 100).")
         parser.add_argument(
+            "--write-crops", dest="write_crops", action="store_true",
+            help="Also write each detection's crop as JPEG under OUTPUT/crops/ (personal "
+                 "data: off by default).")
+        parser.add_argument(
+            "--no-embeddings-out", dest="no_embeddings_out", action="store_true",
+            help="Leave embeddings out of the detections table (matching in the same run "
+                 "still uses them); for runs that only need matches.")
+        parser.add_argument(
             "--separate-stages", dest="separate_stages", action="store_true",
             help="Run detection and embedding as two RunInference steps instead of the "
                  "fused detect-and-embed step.")

@@ -69,4 +69,26 @@ def write(pcoll, output: str, table: str, shards: int = 1):
 
 def finish(output: str, tables) -> None:
     for table in tables:
-        parquet_io.ensure_table(table_dir(output, table), TABLES[table][0])
+        if table in TABLES:
+            parquet_io.ensure_table(table_dir(output, table), TABLES[table][0])
+
+
+class _WriteCropFn(beam.DoFn):
+    def __init__(self, folder: str):
+        self._folder = folder
+
+    def process(self, element):
+        record, jpeg = element
+        path = "%s/%s/%s.jpg" % (self._folder, parquet_io.hour_partition(record["frame_ts_ms"]),
+                                 record["detection_id"])
+        with FileSystems.create(path) as handle:
+            handle.write(jpeg)
+        yield path
+
+
+def write_crops(crops, output: str):
+    """(detection record, JPEG bytes) -> OUTPUT/crops/date=/hour=/<detection_id>.jpg.
+
+    Named by the detection's deterministic id, so a retried bundle overwrites its own
+    file."""
+    return crops | "WriteCrops" >> beam.ParDo(_WriteCropFn(table_dir(output, "crops")))

@@ -48,7 +48,7 @@ def check_models(opts: ModelOptions) -> None:
     del detector, embedder
 
 
-def detect_stage(opts: ModelOptions, keep_embeddings: bool = True) -> DetectFrames:
+def detect_stage(opts: ModelOptions) -> DetectFrames:
     """DetectFrames with the handlers the flags ask for (fused unless --separate-stages)."""
     from models.handlers import DetectEmbedModelHandler, DetectModelHandler, EmbedModelHandler
 
@@ -61,14 +61,15 @@ def detect_stage(opts: ModelOptions, keep_embeddings: bool = True) -> DetectFram
         embed = EmbedModelHandler(opts.embedder, weights=opts.embedder_weights,
                                   options=embedder_options(opts), **batching)
         return DetectFrames(detect, opts.detector, opts.embedder, embed_handler=embed,
-                            keep_embeddings=keep_embeddings,
-                            needs_background=opts.detector == "background")
+                            needs_background=opts.detector == "background",
+                            max_detections=opts.max_detections, write_crops=opts.write_crops)
     handler = DetectEmbedModelHandler(
         opts.detector, opts.embedder, detector_weights=opts.detector_weights,
         embedder_weights=opts.embedder_weights, detector_options=detector_options(opts),
         embedder_options=embedder_options(opts), **batching)
-    return DetectFrames(handler, opts.detector, opts.embedder, keep_embeddings=keep_embeddings,
-                        needs_background=opts.detector == "background")
+    return DetectFrames(handler, opts.detector, opts.embedder,
+                        needs_background=opts.detector == "background",
+                        max_detections=opts.max_detections, write_crops=opts.write_crops)
 
 
 def read_links(uri: Optional[str]) -> Optional[List[dict]]:

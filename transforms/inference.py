@@ -5,8 +5,9 @@ only keys frames, calls ``RunInference`` (which batches through the handlers'
 ``batch_elements_kwargs``), turns predictions into detection records with
 deterministic ids, and sends frames whose inference failed to the dead-letter output.
 Counters: frames_inferred, frames_with_detections, frames_without_detections,
-detections, frames_inference_failed.
+detections, frames_detection_limit_hit, frames_inference_failed.
 """
+import io
 from typing import Optional
 
 import apache_beam as beam
@@ -18,6 +19,7 @@ from transforms.backgrounds import EstimateBackgrounds
 from transforms.records import dead_letter, detection_id
 
 DEAD_LETTER = "dead_letter"
+CROPS = "crops"
 NAMESPACE = "cctview"
 
 
@@ -25,17 +27,38 @@ def _frame_key(frame: dict):
     return frame["uri"], frame["camera_id"], frame["frame_ts_ms"]
 
 
-class _ToDetectionsFn(beam.DoFn):
-    """(frame key, PredictionResult) -> detection records of that frame."""
+def _frame_image(example):
+    """The frame inside a RunInference example: an image, or a tuple led by one."""
+    return example[0] if isinstance(example, tuple) else example
 
-    def __init__(self, detector: str, embedder: str, keep_embeddings: bool):
+
+def _jpeg_crop(image, box) -> bytes:
+    from PIL import Image
+
+    x1, y1, x2, y2 = [int(round(v)) for v in box]
+    crop = image[max(y1, 0):max(y2, y1 + 1), max(x1, 0):max(x2, x1 + 1)]
+    buffer = io.BytesIO()
+    Image.fromarray(crop).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+class _ToDetectionsFn(beam.DoFn):
+    """(frame key, PredictionResult) -> detection records of that frame (and crops).
+
+    A frame that reaches ``max_detections`` is counted in ``frames_detection_limit_hit``:
+    the detector kept its best boxes and dropped the rest, which a user must see.
+    """
+
+    def __init__(self, detector: str, embedder: str, max_detections: int, write_crops: bool):
         self._detector = detector
         self._embedder = embedder
-        self._keep_embeddings = keep_embeddings
+        self._max_detections = max_detections
+        self._write_crops = write_crops
         self.inferred = Metrics.counter(NAMESPACE, "frames_inferred")
         self.with_dets = Metrics.counter(NAMESPACE, "frames_with_detections")
         self.without_dets = Metrics.counter(NAMESPACE, "frames_without_detections")
         self.detections = Metrics.counter(NAMESPACE, "detections")
+        self.limit_hit = Metrics.counter(NAMESPACE, "frames_detection_limit_hit")
 
     def process(self, element):
         (uri, camera_id, ts_ms), result = element
@@ -43,9 +66,11 @@ class _ToDetectionsFn(beam.DoFn):
         self.inferred.inc()
         (self.with_dets if found else self.without_dets).inc()
         self.detections.inc(len(found))
+        if len(found) >= self._max_detections:
+            self.limit_hit.inc()
         for det in found:
             box = [float(v) for v in det["box_xyxy"]]
-            yield TimestampedValue({
+            record = {
                 "camera_id": camera_id,
                 "frame_ts_ms": ts_ms,
                 "frame_uri": uri,
@@ -53,10 +78,14 @@ class _ToDetectionsFn(beam.DoFn):
                 "label": det["label"],
                 "score": float(det["score"]),
                 "box_xyxy": box,
-                "embedding": det["embedding"] if self._keep_embeddings else None,
+                "embedding": det["embedding"],
                 "detector": self._detector,
                 "embedder": self._embedder,
-            }, ts_ms / 1000.0)
+            }
+            yield TimestampedValue(record, ts_ms / 1000.0)
+            if self._write_crops:
+                yield beam.pvalue.TaggedOutput(CROPS, (
+                    record, _jpeg_crop(_frame_image(result.example), box)))
 
 
 class _FailedBatchFn(beam.DoFn):
@@ -82,19 +111,22 @@ class DetectFrames(beam.PTransform):
     for an image is ``{boxes, scores, labels}``) and ``embed_handler`` embeds the
     ``(image, boxes)`` pairs. With ``needs_background`` (the ``background`` detector)
     each frame goes to the detector with its camera's background, estimated from the
-    camera's own frames (:class:`EstimateBackgrounds`, a side input). Returns
-    ``{"detections": ..., "dead_letter": ...}``.
+    camera's own frames (:class:`EstimateBackgrounds`, a side input). With
+    ``write_crops`` each detection also comes out as ``(record, JPEG bytes)`` on the
+    ``crops`` output (crops are personal data: only when the user asks). Returns
+    ``{"detections": ..., "crops": ..., "dead_letter": ...}``.
     """
 
     def __init__(self, handler, detector_name: str, embedder_name: str,
-                 embed_handler: Optional[object] = None, keep_embeddings: bool = True,
-                 needs_background: bool = False):
+                 embed_handler: Optional[object] = None, needs_background: bool = False,
+                 max_detections: int = 100, write_crops: bool = False):
         super().__init__()
         self._handler = handler
         self._embed_handler = embed_handler
         self._names = (detector_name, embedder_name)
-        self._keep_embeddings = keep_embeddings
         self._needs_background = needs_background
+        self._max_detections = max_detections
+        self._write_crops = write_crops
 
     def expand(self, frames):
         keyed = frames | "KeyByFrame" >> beam.Map(lambda f: (_frame_key(f), f["image"]))
@@ -116,10 +148,12 @@ class DetectFrames(beam.PTransform):
                 KeyedModelHandler(self._embed_handler)).with_exception_handling()
             dead.append(failed_embed.failed_inferences
                         | "EmbedFailed" >> beam.ParDo(_FailedBatchFn()))
-        detections = predictions | "ToDetections" >> beam.ParDo(
-            _ToDetectionsFn(*self._names, keep_embeddings=self._keep_embeddings))
+        converted = predictions | "ToDetections" >> beam.ParDo(
+            _ToDetectionsFn(*self._names, self._max_detections, self._write_crops)
+        ).with_outputs(CROPS, main="detections")
         return {
-            "detections": detections,
+            "detections": converted.detections,
+            CROPS: converted[CROPS],
             DEAD_LETTER: tuple(dead) | "FlattenDead" >> beam.Flatten(),
         }
 

@@ -71,7 +71,7 @@ def hour_partition(ts_ms: int) -> str:
     return _utc(ts_ms).strftime("date=%Y-%m-%d/hour=%H")
 
 
-def detection_row(d: dict) -> dict:
+def detection_row(d):
     emb = d.get("embedding")
     return {
         "camera_id": d["camera_id"],
@@ -87,7 +87,7 @@ def detection_row(d: dict) -> dict:
     }
 
 
-def match_row(m: dict) -> dict:
+def match_row(m):
     return {
         "detection_id_a": m["detection_id_a"],
         "detection_id_b": m["detection_id_b"],
@@ -105,7 +105,7 @@ def match_row(m: dict) -> dict:
     }
 
 
-def dead_letter_row(d: dict) -> dict:
+def dead_letter_row(d):
     return {
         "uri": d["uri"],
         "stage": d["stage"],

@@ -1,0 +1,811 @@
+"""``cctview backfill``: a resumable, partition-by-partition ``run`` over a time range.
+
+::
+
+    cctview backfill --input ROOT --start ISO --end ISO --output DIR [--chunk 1h]
+                     [any other `cctview run` flag and Beam option]
+
+The range is cut into partitions aligned to multiples of ``--chunk`` since the Unix
+epoch in UTC (``15m``, ``1h``, ``6h``, ``1d``, ...; the first and last are clipped to
+``--start/--end``), so the same instant always falls in the same partition whatever
+range a later run asks for. Each partition is committed on its own and a re-run skips
+what is committed: a backfill killed at any moment, even with ``kill -9``, resumes
+where it stopped and ends with exactly the outputs of an uninterrupted run.
+
+Two phases per partition
+========================
+A partition ``P = [s, e)`` is **extracted** (frames of ``[s, e)`` -> detections and
+dead letters: the models run once per frame) and **matched**: the pairs whose
+camera-A detection lies in ``[s, e)`` (``frame_ts_a``, the owner rule of the
+``matches`` table's partitioning) are computed from the *stored* detections of
+``[s - M, e + M)``, clipped to ``[--start, --end)``. ``M`` is how far matching looks
+around a detection (:func:`context_margin_ms`): with ``R`` the largest ``|dt|`` a
+candidate may have (``--max-gap`` or the ``--links`` bands), ``all`` needs ``R``,
+``topk``/``mutual`` ``2R`` (``b``'s own candidates decide whether it picks ``a``) and
+``assignment`` ``3R + 2W`` (``W`` = ``--window``: the window's Hungarian problem plus
+the other windows ``b`` is assigned in). Every pair is therefore emitted once, by the
+partition owning its ``a``, and decided on the same detections as a single job would
+see: **the matches of a backfill equal, as a set, those of ``cctview match`` over the
+backfill's detections restricted to ``[--start, --end)``, for every policy and
+detector.** The detections equal those of one ``cctview extract`` over the range for
+every detector that looks at one frame at a time (all neural ones); the ``background``
+detector estimates each camera's background from the frames of its job, here of one
+partition, so its boxes (not the matching) depend on ``--chunk``.
+
+Why not one ``cctview run`` per partition over ``[s - M, e + M)``: inference would run
+again on every margin frame (``2M/chunk`` extra: +33 % for 1 h chunks and the default
+300 s gap, +133 % for 15 min), and a margin frame's detections would come from a
+different job than the committed ones, so matches would agree with the stored
+detections only for detectors that are deterministic per frame and batch. Here the
+models run once per frame and matching only reads Parquet. A partition's matching
+needs its successors' detections, so jobs are pipelined: one Beam job extracts
+partition ``i`` and matches partition ``i - L`` (``L = ceil(M / chunk)``), from the
+committed files of its neighbours plus the detections of the job's own extraction;
+a backfill of ``N`` partitions runs ``N + L`` jobs (one job startup per partition on
+Dataflow, as with one ``run`` each).
+
+Layout of ``DIR``
+=================
+- ``detections/date=D/hour=H/<P>-part-NNNNN.parquet``, ``matches/date=D/hour=H/<P>-...``,
+  ``dead_letter/<P>-part-NNNNN.parquet``: the usual tables (read them with
+  ``pyarrow.dataset.dataset(DIR/detections, partitioning="hive")``); ``<P>`` names the
+  partition (``20240501T120000Z-20240501T130000Z``), so several partitions share an
+  hour folder without clashing and a partition's files are found by a prefix listing
+  of its own hour folders (cheap on object stores).
+- ``_backfill/BACKFILL``: chunk, input and model flags of the backfill; a re-run with
+  other ones is refused (use another ``--output``), so partitions never mix settings.
+- ``_backfill/<P>/_EXTRACTED`` and ``_backfill/<P>/_SUCCESS`` (JSON, written last,
+  atomically): the commit points of the two phases. ``_SUCCESS`` records the match
+  settings, the context range and which extraction of each neighbour it used; if any
+  of them differs on a re-run (other ``--policy``, a wider ``--end``, a re-extracted
+  neighbour) only the matching of that partition is redone, from stored detections.
+- ``_tmp/<P>/``: a job's outputs before commit. A commit moves them into the tables
+  (a rename; server-side on object stores) and then writes the marker. Anything a
+  killed job left is removed before its partition is redone.
+
+Progress: one line per job (the partition it extracted: frames, detections, dead
+letters; the partition it completed: matches; seconds, frames/s, ETA), a line every
+``--progress-every`` seconds while a job runs on an asynchronous runner (Dataflow),
+and at the end the Beam counters summed over all jobs.
+"""
+import argparse
+import concurrent.futures
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from pipelines.errors import UsageError
+
+_LOG = logging.getLogger(__name__)
+
+CHUNK_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+DAY_MS = 86400 * 1000
+STATE_DIR = "_backfill"
+TMP_DIR = "_tmp"
+STATE_FILE = "BACKFILL"
+EXTRACTED = "_EXTRACTED"
+SUCCESS = "_SUCCESS"
+EXTRACT_TABLES = ("detections", "dead_letter")
+MATCH_TABLES = ("matches",)
+# Flags that change where or how fast the models run, not what they find: a backfill
+# may be resumed with other values (started on a laptop, finished on Dataflow).
+_NOT_FINGERPRINTED = {"device", "batch_size", "input", "start", "end"}
+# Counters shown first in the final summary, in this order; the others follow.
+_SUMMARY_FIRST = ("frames_listed", "frames_decoded", "frames_dead_lettered",
+                  "frames_inferred", "detections", "detections_read", "candidate_pairs",
+                  "matches_emitted", "detections_rows_written", "matches_rows_written",
+                  "dead_letter_rows_written")
+
+
+# ------------------------------------------------------------------ partitions
+def parse_chunk(text: str) -> int:
+    """``15m``, ``1h``, ``6h``, ``1d`` (any ``<int><s|m|h|d>``) -> milliseconds.
+
+    A chunk must divide a day or be whole days, so that partitions aligned to the
+    epoch start at the same clock times every day.
+    """
+    match = re.fullmatch(r"\s*(\d+)\s*([smhd])\s*", text or "")
+    if not match or int(match.group(1)) <= 0:
+        raise UsageError("--chunk must look like 15m, 1h, 6h or 1d, not %r" % text)
+    ms = int(match.group(1)) * CHUNK_UNITS_S[match.group(2)] * 1000
+    if DAY_MS % ms and ms % DAY_MS:
+        raise UsageError("--chunk %s neither divides a day nor is whole days" % text)
+    return ms
+
+
+def _iso(ms: int) -> str:
+    when = dt.datetime.fromtimestamp(ms / 1000.0, tz=dt.timezone.utc)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ" if when.second else "%Y-%m-%dT%H:%MZ")
+
+
+@dataclass(frozen=True, order=True)
+class Partition:
+    """``[start_ms, end_ms)`` in UTC epoch milliseconds."""
+    start_ms: int
+    end_ms: int
+
+    @property
+    def name(self) -> str:
+        """File-name-safe and sortable: ``20240501T120000Z-20240501T130000Z``."""
+        fmt = lambda ms: dt.datetime.fromtimestamp(  # noqa: E731
+            ms / 1000.0, tz=dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        return "%s-%s" % (fmt(self.start_ms), fmt(self.end_ms))
+
+    @property
+    def label(self) -> str:
+        return "%s..%s" % (_iso(self.start_ms), _iso(self.end_ms))
+
+    def overlaps(self, lo: int, hi: int) -> bool:
+        return self.start_ms < hi and lo < self.end_ms
+
+    @staticmethod
+    def from_name(name: str) -> Optional["Partition"]:
+        match = re.fullmatch(r"(\d{8}T\d{6}Z)-(\d{8}T\d{6}Z)", name)
+        if not match:
+            return None
+        parse = lambda s: int(dt.datetime.strptime(s, "%Y%m%dT%H%M%SZ").replace(  # noqa: E731
+            tzinfo=dt.timezone.utc).timestamp() * 1000)
+        return Partition(parse(match.group(1)), parse(match.group(2)))
+
+
+def plan_partitions(start_ms: int, end_ms: int, chunk_ms: int) -> List[Partition]:
+    """Epoch-aligned chunks covering ``[start_ms, end_ms)``, the edge ones clipped."""
+    out, t = [], (start_ms // chunk_ms) * chunk_ms
+    while t < end_ms:
+        out.append(Partition(max(t, start_ms), min(t + chunk_ms, end_ms)))
+        t += chunk_ms
+    return out
+
+
+def reach_ms(max_gap_s: float, links: Optional[Sequence[dict]]) -> int:
+    """The largest ``|dt|`` (ms) a candidate pair can have: ``--max-gap`` or the bands."""
+    if links is None:
+        return int(math.floor(float(max_gap_s) * 1000.0 + 1e-6))
+    reach = 0
+    for link in links:
+        lo = float(link["offset_s"]) - float(link["spread_s"])
+        hi = float(link["offset_s"]) + float(link["spread_s"])
+        reach = max(reach, int(math.ceil(max(abs(lo), abs(hi)) * 1000.0)))
+    return reach
+
+
+def context_margin_ms(policy: str, reach: int, window_ms: int) -> int:
+    """How far from ``[s, e)`` a partition's matching must see detections (see above)."""
+    if policy == "all":
+        return reach
+    if policy in ("topk", "mutual"):
+        return 2 * reach
+    if policy == "assignment":
+        return 3 * reach + 2 * window_ms
+    raise UsageError("backfill does not know how far --policy %s looks across partition "
+                     "boundaries; run it with 'cctview run' instead" % policy)
+
+
+def context_of(partition: Partition, margin_ms: int, start_ms: int, end_ms: int):
+    """The detections a partition's matching reads: ``[s - M, e + M)`` within the range."""
+    return (max(start_ms, partition.start_ms - margin_ms),
+            min(end_ms, partition.end_ms + margin_ms))
+
+
+# ------------------------------------------------------------------ the output folder
+class Store:
+    """Paths, markers and commits under ``DIR`` (any Beam filesystem)."""
+
+    def __init__(self, output: str):
+        from apache_beam.io.filesystems import FileSystems
+
+        self.fs = FileSystems
+        # Local paths are made absolute: listings return absolute paths, and a commit
+        # cuts the temporary folder's prefix off them.
+        self.root = output.rstrip("/") if "://" in output else os.path.abspath(output)
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.root] + [p.strip("/") for p in parts])
+
+    def tmp(self, p: Partition) -> str:
+        return self.join(TMP_DIR, p.name)
+
+    def marker(self, p: Partition, kind: str) -> str:
+        return self.join(STATE_DIR, p.name, kind)
+
+    # -- small files
+    def read_json(self, path: str) -> Optional[dict]:
+        try:
+            with self.fs.open(path) as handle:
+                return json.loads(handle.read().decode("utf-8"))
+        except Exception:  # missing, or cut short by a kill: the same as absent
+            return None
+
+    def write_json(self, path: str, value: dict) -> None:
+        """Writes then renames, so a reader sees the whole file or none (local disks too)."""
+        staging = "%s.%s.inprogress" % (path, uuid.uuid4().hex[:8])
+        with self.fs.create(staging) as handle:
+            handle.write(json.dumps(value, indent=1, sort_keys=True).encode("utf-8"))
+        self.fs.rename([staging], [path])
+
+    def delete(self, paths: Iterable[str]) -> None:
+        for path in paths:
+            try:
+                self.fs.delete([path])
+            except Exception:  # already gone
+                pass
+
+    def list(self, pattern: str) -> List[str]:
+        try:
+            return sorted(m.path for m in self.fs.match([pattern])[0].metadata_list)
+        except Exception:  # a missing folder lists nothing
+            return []
+
+    def _mkdirs(self, folder: str) -> None:
+        try:
+            self.fs.mkdirs(folder)
+        except Exception:  # exists (local), or object stores, which need none
+            pass
+
+    # -- committed files of a partition
+    def hour_folders(self, p: Partition) -> List[str]:
+        hours, t = [], (p.start_ms // 3600000) * 3600000
+        while t < p.end_ms:
+            hours.append(dt.datetime.fromtimestamp(t / 1000.0, tz=dt.timezone.utc)
+                         .strftime("date=%Y-%m-%d/hour=%H"))
+            t += 3600000
+        return hours
+
+    def committed(self, p: Partition, tables: Sequence[str]) -> List[str]:
+        """Every file of ``p`` in ``tables``: a prefix listing of its own hour folders."""
+        found = []
+        for table in tables:
+            if table == "dead_letter":
+                found += self.list(self.join(table, "%s-*" % p.name))
+            else:
+                for hour in self.hour_folders(p):
+                    found += self.list(self.join(table, hour, "%s-*" % p.name))
+        return found
+
+    def clear(self, p: Partition, tables: Sequence[str], marker: str) -> None:
+        """Removes ``p``'s marker, then its files: the order keeps a crash safe."""
+        self.delete([self.marker(p, marker)])
+        self.delete(self.committed(p, tables))
+
+    def commit(self, p: Partition, tables: Sequence[str]) -> List[str]:
+        """Moves ``p``'s files from ``_tmp/<P>/<table>/...`` into the tables; -> new paths."""
+        sources, targets = [], []
+        for table in tables:
+            prefix = self.join(TMP_DIR, p.name, table) + "/"
+            for path in self.list(prefix + "**"):
+                relative = path[len(prefix):]
+                folder, _, base = relative.rpartition("/")
+                target = self.join(table, folder, "%s-%s" % (p.name, base)) if folder \
+                    else self.join(table, "%s-%s" % (p.name, base))
+                sources.append(path)
+                targets.append(target)
+        for folder in sorted({t.rsplit("/", 1)[0] for t in targets}):
+            self._mkdirs(folder)
+        if sources:
+            self.fs.rename(sources, targets)
+        return targets
+
+
+# ------------------------------------------------------------------ flags
+class _OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line (UsageError), like every other command's."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="cctview backfill",
+        description="Resumable, partition-by-partition 'cctview run' over a time range: "
+                    "each partition is committed on its own (DIR/_backfill/<P>/_SUCCESS) "
+                    "and a re-run skips committed partitions. Matches across partition "
+                    "boundaries are computed from the stored detections of the "
+                    "neighbouring partitions, so none are lost or doubled.",
+        epilog="Every other flag of 'cctview run' (--detector, --embedder, --max-gap, "
+               "--policy, --links, --timezone, ...) and any standard Beam pipeline "
+               "option (--runner, --runner_preset, --project, ...) is passed to each "
+               "partition's job.")
+    parser.add_argument("--input", nargs="+", required=True, metavar="ROOT",
+                        help="Frame root(s) in the CCTView layout (local or Beam URI).")
+    parser.add_argument("--start", required=True, metavar="ISO",
+                        help="First capture time (ISO-8601; naive = --timezone).")
+    parser.add_argument("--end", required=True, metavar="ISO",
+                        help="Capture time to stop before (exclusive).")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="Output folder: detections/, matches/, dead_letter/ tables "
+                             "plus the backfill's state in _backfill/.")
+    parser.add_argument("--chunk", default="1h",
+                        help="Partition length: 15m, 1h, 6h, 1d, ... (default 1h).")
+    parser.add_argument("--progress-every", dest="progress_every", type=float, default=60.0,
+                        metavar="S", help="Seconds between progress lines while a job "
+                                          "runs on an asynchronous runner (default 60).")
+    return parser
+
+
+def _option_dests(cls) -> List[str]:
+    parser = argparse.ArgumentParser(add_help=False)
+    cls._add_argparse_args(parser)
+    return [a.dest for a in parser._actions]
+
+
+def _settings(options, classes, extra: Optional[dict] = None) -> dict:
+    values = options.get_all_options()
+    out = {}
+    for cls in classes:
+        for dest in _option_dests(cls):
+            if dest not in _NOT_FINGERPRINTED:
+                out[dest] = values.get(dest)
+    out.update(extra or {})
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+@dataclass
+class Config:
+    roots: List[str]
+    start_ms: int
+    end_ms: int
+    chunk_ms: int
+    output: str
+    passthrough: List[str]
+    progress_every: float
+    dry_run: bool
+
+
+def parse_args(argv: Sequence[str]):
+    """-> (Config, PipelineOptions of the per-partition jobs); UsageError if unusable."""
+    from pipelines import cli
+    from pipelines.options import TimeZoneOptions
+    from runners.presets import expand_preset
+    from transforms.layout import optional_range
+
+    argv = expand_preset(list(argv))
+    args, passthrough = _parser().parse_known_args(argv)
+    chunk_ms = parse_chunk(args.chunk)
+    # Validate every other flag exactly as 'cctview run' would (unknown flags, values).
+    _, options = cli.parse(["run", "--input"] + args.input + ["--output", args.output]
+                           + passthrough)
+    timezone = options.view_as(TimeZoneOptions).timezone
+    try:
+        start_ms, end_ms = optional_range(args.start, args.end, timezone)
+    except Exception as exc:  # bad ISO text or time zone
+        raise UsageError(str(exc))
+    config = Config(list(args.input), start_ms, end_ms, chunk_ms, args.output.rstrip("/"),
+                    passthrough, args.progress_every,
+                    bool(options.get_all_options().get("dry_run")))
+    return config, options
+
+
+# ------------------------------------------------------------------ one job
+def _counters(result) -> Dict[str, int]:
+    try:
+        counters = result.metrics().query()["counters"]
+    except (NotImplementedError, AttributeError, KeyError, TypeError):
+        return {}
+    totals: Dict[str, int] = {}
+    for counter in counters:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + int(value or 0)
+    return totals
+
+
+def run_and_watch(pipeline, every_s: float, say) -> Dict[str, int]:
+    """Runs ``pipeline`` to the end; while it runs asynchronously, reports every ``every_s``.
+
+    The DirectRunner returns from ``run()`` when the job is done; Dataflow returns at
+    once, and ``wait_until_finish(duration=ms)`` polls it, so a long partition shows
+    frames/s and counts as they grow.
+    """
+    from apache_beam.runners.runner import PipelineState
+
+    started = time.time()
+    result = pipeline.run()
+    state = getattr(result, "state", PipelineState.DONE)
+    while state is not None and not PipelineState.is_terminal(state):
+        state = result.wait_until_finish(duration=int(every_s * 1000))
+        if state is not None and not PipelineState.is_terminal(state):
+            seen = _counters(result)
+            elapsed = time.time() - started
+            frames = seen.get("frames_decoded", 0)
+            say("  ... %.0f s: %d frames decoded (%.1f/s), %d detections, %d dead letters"
+                % (elapsed, frames, frames / max(elapsed, 1e-9), seen.get("detections", 0),
+                   seen.get("frames_dead_lettered", 0)))
+    state = result.wait_until_finish() or state
+    if state not in (None, PipelineState.DONE, "DONE"):
+        raise RuntimeError("job ended in state %s" % state)
+    return _counters(result)
+
+
+def _hour_of(path: str) -> Optional[Tuple[int, int]]:
+    """``.../date=D/hour=H/...`` -> the hour's [start, end) in ms; None if not there."""
+    match = re.search(r"date=(\d{4}-\d{2}-\d{2})/hour=(\d{2})", path)
+    if not match:
+        return None
+    start = dt.datetime.strptime("%s %s" % match.groups(), "%Y-%m-%d %H").replace(
+        tzinfo=dt.timezone.utc)
+    ms = int(start.timestamp() * 1000)
+    return ms, ms + 3600000
+
+
+def _parse_failure_owner(uri: str, timezone: str, plan: List[Partition]) -> Partition:
+    """The partition that keeps the dead letter of a file whose path has no capture time.
+
+    With ``--start/--end`` every partition lists the hour folders it overlaps, so a
+    stray file in an hour folder is seen by every partition of that hour (and, with a
+    regex layout, by all of them). Only one keeps it: the partition holding the start
+    of the folder's hour (read from ``<camera>/YYYY/MM/DD/HH/`` in camera-local time),
+    else the first of the plan.
+    """
+    from zoneinfo import ZoneInfo
+
+    match = re.search(r"/(\d{4})/(\d{2})/(\d{2})/(\d{2})/", uri.replace("\\", "/"))
+    if match:
+        try:
+            local = dt.datetime(*map(int, match.groups()), tzinfo=ZoneInfo(timezone))
+            ms = max(plan[0].start_ms, int(local.timestamp() * 1000))
+            for p in plan:
+                if p.start_ms <= ms < p.end_ms:
+                    return p
+        except ValueError:
+            pass
+    return plan[0]
+
+
+def _keep_dead_letter(record: dict, partition: Partition, timezone: str, plan) -> bool:
+    if record.get("stage") != "parse":
+        return True
+    return _parse_failure_owner(record["uri"], timezone, plan) == partition
+
+
+def _in_range(det: dict, lo: int, hi: int) -> bool:
+    return lo <= int(det["frame_ts_ms"]) < hi
+
+
+def _owned(match: dict, lo: int, hi: int) -> bool:
+    return lo <= int(match["frame_ts_a_ms"]) < hi
+
+
+class Backfill:
+    """Plans, runs and commits the jobs of one ``cctview backfill`` invocation."""
+
+    def __init__(self, config: Config, options, say=print):
+        from pipelines.options import (CandidateOptions, FrameInputOptions, MatchOptions,
+                                       ModelOptions, OutputOptions, TimeZoneOptions)
+        from pipelines.stages import read_links
+        from transforms.match_blocks import window_ms_of
+
+        self.config = config
+        self.options = options
+        self.say = say
+        self.store = Store(config.output)
+        self.plan = plan_partitions(config.start_ms, config.end_ms, config.chunk_ms)
+        self.timezone = options.view_as(TimeZoneOptions).timezone
+        self.layout = options.view_as(FrameInputOptions).layout
+        self.max_pixels = options.view_as(FrameInputOptions).max_pixels
+        self.shards = options.view_as(OutputOptions).shards
+        candidates, matching = options.view_as(CandidateOptions), options.view_as(MatchOptions)
+        self.links = read_links(matching.links)
+        links_digest = None
+        if matching.links:
+            with self.store.fs.open(matching.links) as handle:
+                links_digest = hashlib.sha256(handle.read()).hexdigest()
+        self.margin_ms = context_margin_ms(
+            matching.policy, reach_ms(candidates.max_gap, self.links),
+            window_ms_of(candidates.window))
+        self.extract_settings = _settings(
+            options, (FrameInputOptions, TimeZoneOptions, ModelOptions),
+            {"input": [r.rstrip("/") for r in config.roots], "chunk_ms": config.chunk_ms})
+        self.match_settings = _settings(options, (CandidateOptions, MatchOptions),
+                                        {"links_sha256": links_digest})
+        self.model_options = options.view_as(ModelOptions)
+        self._detect = None
+        self._match = None
+        self.extracted: Dict[str, str] = {}   # partition name -> commit id
+        self.done: Dict[str, dict] = {}       # partition name -> _SUCCESS marker
+        self.totals: Dict[str, int] = {}
+        self.job_seconds: List[float] = []
+
+    # -- state
+    def context(self, p: Partition):
+        return context_of(p, self.margin_ms, self.config.start_ms, self.config.end_ms)
+
+    def deps(self, p: Partition) -> List[Partition]:
+        lo, hi = self.context(p)
+        return [q for q in self.plan if q.overlaps(lo, hi)]
+
+    def _match_marker_valid(self, p: Partition, marker: Optional[dict]) -> bool:
+        if not marker:
+            return False
+        lo, hi = self.context(p)
+        wanted = {q.name: self.extracted.get(q.name) for q in self.deps(p)}
+        return (marker.get("context_ms") == [lo, hi]
+                and marker.get("match_settings") == self.match_settings
+                and marker.get("extracts") == wanted)
+
+    def check_output(self) -> None:
+        """Refuses an output that holds other outputs or another backfill's settings."""
+        from pipelines import outputs
+
+        state_path = self.store.join(STATE_DIR, STATE_FILE)
+        state = self.store.read_json(state_path)
+        if state is None:
+            outputs.check_writable(self.config.output)
+            if any(self.store.list(self.store.join(t, "**")) for t in
+                   EXTRACT_TABLES + MATCH_TABLES):
+                raise UsageError("--output %s already holds tables that no backfill made; "
+                                 "use an empty folder" % self.config.output)
+            if not self.config.dry_run:
+                self.store.write_json(state_path, {"version": 1,
+                                                   "extract_settings": self.extract_settings})
+            return
+        if state.get("extract_settings") != self.extract_settings:
+            old, new = state.get("extract_settings") or {}, self.extract_settings
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise UsageError("--output %s was backfilled with other %s; use another --output"
+                             % (self.config.output, ", ".join(diff)))
+        planned = {p.name for p in self.plan}
+        for folder in self.store.list(self.store.join(STATE_DIR, "*", "*")):
+            other = Partition.from_name(folder.rstrip("/").split("/")[-2])
+            if other and other.name not in planned and any(
+                    p.overlaps(other.start_ms, other.end_ms) for p in self.plan):
+                raise UsageError("--output %s holds partition %s, which overlaps this plan "
+                                 "with other bounds; use the same --start alignment or "
+                                 "another --output" % (self.config.output, other.label))
+
+    def load_state(self) -> None:
+        """Reads the markers of the plan's partitions (in parallel: object stores)."""
+        paths = [(p, kind, self.store.marker(p, kind))
+                 for p in self.plan for kind in (EXTRACTED, SUCCESS)]
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            markers = list(pool.map(lambda item: self.store.read_json(item[2]), paths))
+        success = {}
+        for (p, kind, _), marker in zip(paths, markers):
+            if marker is None:
+                continue
+            if kind == EXTRACTED:
+                self.extracted[p.name] = marker["commit_id"]
+            else:
+                success[p.name] = marker
+        for p in self.plan:
+            if self._match_marker_valid(p, success.get(p.name)):
+                self.done[p.name] = success[p.name]
+
+    def next_job(self, extracted=None, done=None):
+        """-> (partition to extract or None, partition to match or None)."""
+        extracted = self.extracted if extracted is None else extracted
+        done = self.done if done is None else done
+        extract = next((p for p in self.plan if p.name not in extracted), None)
+        ready = set(extracted) | ({extract.name} if extract else set())
+        match = next((p for p in self.plan if p.name not in done
+                      and all(q.name in ready for q in self.deps(p))), None)
+        return extract, match
+
+    def jobs_left(self) -> int:
+        extracted, done, jobs = dict(self.extracted), dict(self.done), 0
+        while True:
+            e, m = self.next_job(extracted, done)
+            if e is None and m is None:
+                return jobs
+            jobs += 1
+            if e:
+                extracted[e.name] = "planned"
+            if m:
+                done[m.name] = {}
+
+    # -- the job
+    def _stages(self):
+        from pipelines.stages import detect_stage, match_stage
+
+        if self._detect is None:
+            self._detect = detect_stage(self.model_options)
+            self._match = match_stage(self.options)
+        return self._detect, self._match
+
+    def _job_options(self, index: int):
+        from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
+
+        options = PipelineOptions(list(self.config.passthrough))
+        name = options.view_as(GoogleCloudOptions).job_name
+        if name:  # Dataflow job names must differ between the backfill's jobs
+            options.view_as(GoogleCloudOptions).job_name = "%s-%04d" % (name, index)
+        return options
+
+    def build(self, extract: Optional[Partition], match: Optional[Partition], index: int):
+        import apache_beam as beam
+
+        from pipelines import outputs
+        from transforms.detections_io import ReadDetections
+        from transforms.frames import DEAD_LETTER, ReadFrames
+        from transforms.layout import FrameLayout
+
+        detect, matcher = self._stages()
+        pipeline = beam.Pipeline(options=self._job_options(index))
+        found, work = None, False
+        if extract is not None:
+            tmp = self.store.tmp(extract)
+            outputs.prepare(tmp, EXTRACT_TABLES)
+            read = pipeline | "ReadFrames" >> ReadFrames(
+                self.config.roots, FrameLayout(self.layout, self.timezone),
+                extract.start_ms, extract.end_ms, max_pixels=self.max_pixels,
+                pipeline_options=self.options)
+            found = read.frames | "DetectFrames" >> detect
+            dead = ((read[DEAD_LETTER], found[DEAD_LETTER]) | "AllDeadLetters" >> beam.Flatten()
+                    | "OneDeadLetterPerFile" >> beam.Filter(
+                        _keep_dead_letter, extract, self.timezone, self.plan))
+            outputs.write(found["detections"], tmp, "detections", self.shards)
+            outputs.write(dead, tmp, "dead_letter", self.shards)
+            work = True
+        if match is not None:
+            lo, hi = self.context(match)
+            tmp = self.store.tmp(match)
+            outputs.prepare(tmp, MATCH_TABLES)
+            files = []
+            for q in self.deps(match):
+                if extract is not None and q == extract:
+                    continue
+                for path in self.store.committed(q, ("detections",)):
+                    hour = _hour_of(path)
+                    if hour is None or (hour[0] < hi and lo < hour[1]):
+                        files.append(path)
+            sources = []
+            if files:
+                sources.append(pipeline | "ReadStoredDetections" >> ReadDetections(
+                    files, self.timezone))
+            if found is not None and extract.overlaps(lo, hi):
+                sources.append(found["detections"])
+            if sources:
+                context = (tuple(sources) | "Context" >> beam.Flatten()
+                           | "InContext" >> beam.Filter(_in_range, lo, hi))
+                matches = (context | "Match" >> matcher
+                           | "Owned" >> beam.Filter(_owned, match.start_ms, match.end_ms))
+                outputs.write(matches, tmp, "matches", self.shards)
+                work = True
+        return pipeline if work else None
+
+    def run_job(self, extract, match, index: int, total: int) -> None:
+        if extract is not None:
+            self.store.clear(extract, EXTRACT_TABLES, EXTRACTED)
+            self.store.delete([self.store.marker(extract, SUCCESS)])
+        if match is not None:
+            self.store.clear(match, MATCH_TABLES, SUCCESS)
+        started = time.time()
+        pipeline = self.build(extract, match, index)
+        # No pipeline: a partition to match whose context holds no detections at all.
+        counters = run_and_watch(pipeline, self.config.progress_every, self.say) \
+            if pipeline is not None else {}
+        seconds = time.time() - started
+        for name, value in counters.items():
+            self.totals[name] = self.totals.get(name, 0) + value
+        parts = []
+        if extract is not None:
+            files = self.store.commit(extract, EXTRACT_TABLES)
+            commit_id = uuid.uuid4().hex
+            self.store.write_json(self.store.marker(extract, EXTRACTED), {
+                "partition": extract.label, "commit_id": commit_id, "files": files,
+                "counters": counters, "seconds": round(seconds, 3)})
+            self.store.delete([self.store.tmp(extract) + "/"])
+            self.extracted[extract.name] = commit_id
+            frames = counters.get("frames_listed", 0)
+            parts.append("%s: frames=%d detections=%d dead_letters=%d" % (
+                extract.label, frames, counters.get("detections_rows_written", 0),
+                counters.get("dead_letter_rows_written", 0)))
+        if match is not None:
+            files = self.store.commit(match, MATCH_TABLES)
+            lo, hi = self.context(match)
+            marker = {"partition": match.label, "context_ms": [lo, hi],
+                      "match_settings": self.match_settings,
+                      "extracts": {q.name: self.extracted[q.name] for q in self.deps(match)},
+                      "files": files, "matches": counters.get("matches_rows_written", 0),
+                      "seconds": round(seconds, 3)}
+            self.store.write_json(self.store.marker(match, SUCCESS), marker)
+            self.store.delete([self.store.tmp(match) + "/"])
+            self.done[match.name] = marker
+            parts.append("%s done: matches=%d" % (match.label, marker["matches"]))
+        self.job_seconds.append(seconds)
+        left = self.jobs_left()
+        eta = sum(self.job_seconds) / len(self.job_seconds) * left
+        frames = counters.get("frames_listed", 0)
+        self.say("[%d/%d] %s | %.1f s, %.1f frames/s, ETA %s" % (
+            index, total, " | ".join(parts), seconds, frames / max(seconds, 1e-9),
+            dt.timedelta(seconds=round(eta))))
+
+    def run(self) -> int:
+        self.check_output()
+        self.load_state()
+        total = self.jobs_left()
+        complete = sum(1 for p in self.plan if p.name in self.done)
+        self.say("backfill %s..%s in %d partition(s) of %s: %d complete, %d extracted, "
+                 "%d job(s) to run; matching context +-%.0f s" % (
+                     _iso(self.config.start_ms), _iso(self.config.end_ms), len(self.plan),
+                     dt.timedelta(milliseconds=self.config.chunk_ms), complete,
+                     sum(1 for p in self.plan if p.name in self.extracted) - complete,
+                     total, self.margin_ms / 1000.0))
+        if self.config.dry_run:
+            # Build the first job; only runners that honour --dry_run (Dataflow) get it,
+            # the DirectRunner would execute it.
+            from apache_beam.options.pipeline_options import StandardOptions
+
+            extract, match = self.next_job()
+            pipeline = self.build(extract, match, 1) if (extract or match) else None
+            if pipeline is not None:
+                pipeline.to_runner_api()
+                if "Dataflow" in str(self.options.view_as(StandardOptions).runner or ""):
+                    pipeline.run().wait_until_finish()
+            self.say("dry run: job 1 of %d built, nothing executed or committed" % total)
+            return 0
+        started, index = time.time(), 0
+        while True:
+            extract, match = self.next_job()
+            if extract is None and match is None:
+                break
+            index += 1
+            try:
+                self.run_job(extract, match, index, total)
+            except UsageError:
+                raise
+            except Exception as exc:
+                traceback.print_exc()
+                what = " and ".join(p.label for p in (extract, match) if p)
+                raise JobFailed("job for %s failed (%s: %s); run the same command again "
+                                "to resume" % (what, type(exc).__name__,
+                                               str(exc).splitlines()[0] if str(exc) else ""))
+        self._ensure_tables()
+        self._summary(time.time() - started, index)
+        return 0
+
+    def _ensure_tables(self) -> None:
+        from pipelines import outputs
+        from transforms import parquet_io
+
+        for table in EXTRACT_TABLES + MATCH_TABLES:
+            marker_kind = EXTRACTED if table in EXTRACT_TABLES else SUCCESS
+            any_file = any(self.store.read_json(self.store.marker(p, marker_kind)) and
+                           self.store.read_json(self.store.marker(p, marker_kind)).get("files")
+                           for p in self.plan)
+            if not any_file:
+                parquet_io.ensure_table(outputs.table_dir(self.config.output, table),
+                                        outputs.TABLES[table][0])
+
+    def _summary(self, seconds: float, jobs: int) -> None:
+        matches = sum(m.get("matches", 0) for m in self.done.values())
+        self.say("backfill done: %d partition(s), %d job(s) in %.1f s; %d matches in the "
+                 "range -> %s" % (len(self.plan), jobs, seconds, matches, self.config.output))
+        names = [n for n in _SUMMARY_FIRST if n in self.totals]
+        names += sorted(n for n in self.totals if n not in names)
+        self.say("counters (summed over this run's jobs): %s" % (
+            ", ".join("%s=%d" % (n, self.totals[n]) for n in names) or "none (no job ran)"))
+
+
+class JobFailed(Exception):
+    """A partition's job failed; the backfill stops, resumable."""
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``cctview backfill`` (``argv`` without the word 'backfill'); -> exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config, options = parse_args(argv)
+        return Backfill(config, options, say=lambda line: print(line, flush=True)).run()
+    except UsageError as exc:
+        print("cctview backfill: error: %s" % exc, file=sys.stderr)
+        return 2
+    except JobFailed as exc:
+        print("cctview backfill: %s" % exc, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

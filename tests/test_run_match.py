@@ -1,0 +1,109 @@
+"""cctview run and cctview match: frames -> detections -> matches, and re-matching
+from stored embeddings (ours and CCTView's reference Parquet) with no model."""
+import datetime as dt
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REFERENCE, require_shared
+from pipelines.cli import main
+from transforms.match_blocks import match_arrays
+
+CLASSICAL = ["--detector", "background", "--embedder", "color_histogram"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    assert main(["synth", "--output", str(root), "--cameras", "3", "--minutes", "1.5"]) == 0
+    return root
+
+
+def _table(folder):
+    return ds.dataset(folder, partitioning="hive", format="parquet").to_table()
+
+
+def _pairs(table):
+    return sorted(zip(table["detection_id_a"].to_pylist(), table["detection_id_b"].to_pylist()))
+
+
+def test_run_writes_all_tables_and_match_replays_them(world, tmp_path):
+    out = tmp_path / "run"
+    argv = ["run", "--input", str(world / "frames"), "--output", str(out), "--max-gap", "60"]
+    assert main(argv + CLASSICAL) == 0
+    detections, matches = _table(out / "detections"), _table(out / "matches")
+    assert detections.num_rows > 100 and matches.num_rows > 10
+    assert ds.dataset(out / "dead_letter").count_rows() == 0
+    rows = matches.to_pylist()
+    for m in rows:
+        assert m["camera_id_a"] < m["camera_id_b"]
+        assert m["dt_seconds"] == pytest.approx(
+            (m["frame_ts_b"] - m["frame_ts_a"]).total_seconds())
+        assert 0 < abs(m["dt_seconds"]) <= 60 and m["policy"] == "mutual"
+        assert m["date"] == m["frame_ts_a"].strftime("%Y-%m-%d")
+    assert all(p.parent.name.startswith("hour=") and p.parent.parent.name.startswith("date=")
+               for p in (out / "matches").rglob("*.parquet"))
+    assert str(matches.schema.field("distance").type) == "float"
+    assert str(matches.schema.field("dt_seconds").type) == "double"
+    # Models ran once; matching replays from the stored embeddings and agrees exactly.
+    again = tmp_path / "rematch"
+    assert main(["match", "--detections", str(out / "detections"), "--output", str(again),
+                 "--max-gap", "60"]) == 0
+    assert _pairs(_table(again / "matches")) == _pairs(matches)
+    # A re-run into the same folder replaces its tables: same rows, no stale files.
+    files = sorted(p.relative_to(out) for p in out.rglob("*.parquet"))
+    assert main(argv + CLASSICAL) == 0
+    assert sorted(p.relative_to(out) for p in out.rglob("*.parquet")) == files
+    assert _pairs(_table(out / "matches")) == _pairs(matches)
+    assert _table(out / "detections").num_rows == detections.num_rows
+
+
+def test_privacy_flags_crops_and_no_embeddings(world, tmp_path):
+    out = tmp_path / "private"
+    plain = ["run", "--input", str(world / "frames"), "--max-gap", "60"] + CLASSICAL
+    assert main(plain + ["--output", str(out)]) == 0
+    assert not (out / "crops").exists()
+    assert _table(out / "detections")["embedding"].null_count == 0
+    assert main(plain + ["--output", str(out), "--write-crops", "--no-embeddings-out"]) == 0
+    detections = _table(out / "detections")
+    assert detections["embedding"].null_count == detections.num_rows
+    crops = sorted(p.stem for p in (out / "crops").rglob("*.jpg"))
+    assert crops == sorted(detections["detection_id"].to_pylist())
+    assert _table(out / "matches").num_rows > 0  # matching still had the embeddings
+
+
+def _reference_subset(tmp_path):
+    """Five minutes of CCTView's reference detections of two cameras, as stored:
+    float16 fixed-size embeddings, naive camera-local timestamps."""
+    tables = []
+    for camera in ("733-681-N", "735-683-N"):
+        table = pq.read_table(require_shared(REFERENCE / ("%s.parquet" % camera)))
+        keep = pc.and_(pc.greater_equal(table["frame_ts"], pa.scalar(
+            dt.datetime(2020, 5, 5, 13, 10), pa.timestamp("ms"))), pc.less(
+            table["frame_ts"], pa.scalar(dt.datetime(2020, 5, 5, 13, 15), pa.timestamp("ms"))))
+        table = table.filter(keep)
+        pq.write_table(table, tmp_path / ("%s.parquet" % camera))
+        tables.append(table)
+    return pa.concat_tables(tables)
+
+
+def test_match_reads_cctview_reference_parquet(tmp_path):
+    ref = _reference_subset(tmp_path)
+    assert ref.schema.field("embedding").type == pa.list_(pa.float16(), 1920)
+    out = tmp_path / "out"
+    assert main(["match", "--detections", str(tmp_path / "733-681-N.parquet"),
+                 str(tmp_path / "735-683-N.parquet"), "--timezone", "America/New_York",
+                 "--output", str(out), "--policy", "mutual", "--max-gap", "120"]) == 0
+    got = _table(out / "matches")
+    local = ref["frame_ts"].cast(pa.int64()).to_numpy()
+    utc_ms = local + 4 * 3600 * 1000  # New York is UTC-4 in May
+    emb = np.stack(ref["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    expected = match_arrays(ref["camera_id"].to_pylist(), utc_ms, emb,
+                            ref["detection_id"].to_pylist(), policy="mutual", max_gap_s=120)
+    assert got.num_rows == len(expected) > 50
+    assert _pairs(got) == sorted((m["detection_id_a"], m["detection_id_b"]) for m in expected)
+    assert min(got["frame_ts_a"].to_pylist()).hour == 17  # 13:10 New York = 17:10 UTC
