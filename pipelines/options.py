@@ -164,11 +164,19 @@ class MatchOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument(
-            "--policy", dest="policy", choices=("all", "topk", "mutual", "assignment"),
-            default="mutual",
+            "--policy", dest="policy",
+            choices=("all", "topk", "mutual", "assignment", "learned"), default=None,
             help="all: every candidate under --threshold; topk: --top-k nearest per "
                  "detection and camera; mutual: mutual nearest neighbours; assignment: "
-                 "one-to-one per camera pair and window (default mutual).")
+                 "one-to-one per camera pair and window; learned: a match score learned "
+                 "per linked camera pair from the data and its time-shifted control, "
+                 "one-to-one, thresholded for --min-precision (needs --links). Default: "
+                 "learned with --links, mutual without.")
+        parser.add_argument(
+            "--min-precision", dest="min_precision", type=_unit_float, default=0.7,
+            help="For --policy learned: the precision, estimated with time-shifted "
+                 "controls, that the chosen score threshold must reach; a camera pair "
+                 "where no threshold does gets no matches (default 0.7).")
         parser.add_argument(
             "--threshold", dest="threshold", type=float, default=None,
             help="Largest distance that may match (default: none).")

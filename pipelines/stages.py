@@ -86,6 +86,14 @@ def read_links(uri: Optional[str]) -> Optional[List[dict]]:
         raise UsageError("cannot read --links %s (%s)" % (uri, type(exc).__name__))
 
 
+def policy_of(options) -> str:
+    """The --policy, or its default: learned with --links, mutual without."""
+    policy = options.view_as(MatchOptions)
+    if policy.policy:
+        return policy.policy
+    return "learned" if policy.links else "mutual"
+
+
 def matcher_factory(options):
     """-> (links -> matching PTransform), configured from the flags.
 
@@ -95,10 +103,17 @@ def matcher_factory(options):
     from transforms.matching import MatchDetections
 
     candidates, policy = options.view_as(CandidateOptions), options.view_as(MatchOptions)
+    name = policy_of(options)
+    if name == "learned":
+        if not policy.links:
+            raise UsageError("--policy learned needs --links (run 'cctview calibrate' first)")
+        from transforms.learned_matching import LearnedLinkMatch
+
+        return lambda links: LearnedLinkMatch(links, min_precision=policy.min_precision)
 
     def make(links):
         return MatchDetections(
-            policy=policy.policy, metric=candidates.metric, max_gap_s=candidates.max_gap,
+            policy=name, metric=candidates.metric, max_gap_s=candidates.max_gap,
             window_s=candidates.window, threshold=policy.threshold, top_k=policy.top_k,
             links=links)
 

@@ -1,0 +1,291 @@
+"""Learned linked-pair matching (transforms/learned_matching.py, models/pair_scorer.py).
+
+Synthetic data with a planted structure: vehicles (an identity vector + per-detection
+noise) are seen at camera a and half of them reappear at camera b dt ~ N(12, 2) s
+later, in one lane; camera b also sees distractors. Ground truth (the vehicle of every
+detection) is known, so true precision and recall are measured directly. Pipelines
+run on the FnApiRunner (the DirectRunner's batch engine; see tests/test_matching.py).
+"""
+import numpy as np
+import pytest
+import torch
+
+import apache_beam as beam
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+from conftest import collect, counters
+from models.pair_scorer import PairScorer
+from transforms import learned_matching as lm
+from transforms import match_blocks as mb
+
+T0_MS = 1_700_000_400_000  # a multiple of 600 s: period boundaries at T0 + k * 600 s
+BANDS = np.array([[4.0, 20.0]])
+LINKS = [{"camera_a": "cam-a", "camera_b": "cam-b", "offset_s": 12.0, "spread_s": 8.0}]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def synth(seed=0, span_s=1200, rate_a=0.6, frac_to_b=0.5, rate_b_extra=0.5, dim=24, sigma=1.1,
+          offset_s=12.0, sd_s=2.0, linked=True):
+    """Detection dicts (plus ``vid``, the true vehicle) of two cameras.
+
+    Vehicles going on to b drive in lane 0 at a (box centre x ~ 50 px), the others in
+    lanes 1-2; each vehicle gives 1-2 detections (1 s apart) per camera. Unlinked:
+    the vehicles at b have fresh identities (no true pair exists).
+    """
+    rng = np.random.default_rng(seed)
+    dets, seen = [], set()
+
+    def emit(cam, vid, ident, t_s, lane):
+        for k in range(int(rng.integers(1, 3))):
+            det_id = "%s-%d-%d" % (cam, vid, k)
+            if det_id in seen:
+                continue
+            seen.add(det_id)
+            cx, cy = lane * 100 + 50 + rng.normal(0, 15), 100 + rng.normal(0, 30)
+            w = max(8.0, rng.normal(30, 8))
+            dets.append({"camera_id": cam, "frame_ts_ms": T0_MS + int(round(t_s + k)) * 1000,
+                         "detection_id": det_id, "vid": vid,
+                         "embedding": (ident + sigma * rng.normal(size=dim)).astype(np.float32),
+                         "box_xyxy": [cx - w / 2, cy - w / 3, cx + w / 2, cy + w / 3]})
+
+    vid = 0
+    for t in np.sort(rng.uniform(0, span_s, rng.poisson(rate_a * span_s))):
+        ident = rng.normal(size=dim)
+        goes = rng.random() < frac_to_b
+        emit("cam-a", vid, ident, t, 0 if goes else int(rng.integers(1, 3)))
+        if goes:
+            tb = t + rng.normal(offset_s, sd_s)
+            if 0 <= tb < span_s:
+                emit("cam-b", vid if linked else -vid - 1,
+                     ident if linked else rng.normal(size=dim), tb, 1)
+        vid += 1
+    for t in rng.uniform(0, span_s, rng.poisson(rate_b_extra * span_s)):
+        emit("cam-b", vid, rng.normal(size=dim), t, int(rng.integers(0, 3)))
+        vid += 1
+    return dets
+
+
+def sides(dets):
+    out = []
+    for cam in ("cam-a", "cam-b"):
+        ds = [d for d in dets if d["camera_id"] == cam]
+        out.append({"camera_id": cam, "ids": [d["detection_id"] for d in ds],
+                    "ts_ms": np.array([d["frame_ts_ms"] for d in ds]),
+                    "emb": np.stack([d["embedding"] for d in ds]),
+                    "box": np.array([d["box_xyxy"] for d in ds])})
+    return out
+
+
+@pytest.fixture(scope="module")
+def linked():
+    dets = synth(seed=0)
+    a, b = sides(dets)
+    matches, stats = lm.match_linked_pair(a, b, BANDS, min_precision=0.8)
+    return dets, matches, stats
+
+
+def check_one_to_one(matches):
+    pairs = {(m["camera_id_a"], m["camera_id_b"]) for m in matches}
+    for pair in pairs:
+        ms = [m for m in matches if (m["camera_id_a"], m["camera_id_b"]) == pair]
+        assert len({m["detection_id_a"] for m in ms}) == len(ms)
+        assert len({m["detection_id_b"] for m in ms}) == len(ms)
+
+
+# ---------------------------------------------------------------- the matcher
+def test_planted_pairs_found_with_high_true_precision(linked):
+    dets, matches, stats = linked
+    vid = {d["detection_id"]: d["vid"] for d in dets}
+    ts = {d["detection_id"]: d["frame_ts_ms"] for d in dets}
+    true = [m for m in matches if vid[m["detection_id_a"]] == vid[m["detection_id_b"]]]
+    assert not stats["abstained"] and len(matches) == stats["matches"]
+    assert len(true) / len(matches) >= 0.8
+    # vehicles seen at both cameras with some dt inside the band
+    at_a = {}
+    for d in dets:
+        if d["camera_id"] == "cam-a":
+            at_a.setdefault(d["vid"], []).append(d["frame_ts_ms"])
+    findable = {d["vid"] for d in dets if d["camera_id"] == "cam-b" and any(
+        4000 <= d["frame_ts_ms"] - t <= 20000 for t in at_a.get(d["vid"], []))}
+    found = {vid[m["detection_id_a"]] for m in true}
+    print("true precision %.3f, vehicles found %d of %d" % (
+        len(true) / len(matches), len(found), len(findable)))
+    assert len(found) >= 0.4 * len(findable)
+    check_one_to_one(matches)
+    for m in matches:
+        assert m["policy"] == "learned" and m["camera_id_a"] == "cam-a"
+        assert m["dt_seconds"] == (ts[m["detection_id_b"]] - ts[m["detection_id_a"]]) / 1000
+        assert 4.0 <= m["dt_seconds"] <= 20.0 and m["score"] >= stats["threshold"]
+        assert m["rank_a"] >= 1 and m["rank_b"] >= 1 and m["distance"] >= 0
+        assert m["window_start_ms"] is None and m["window_end_ms"] is None
+    # the estimate behind the threshold is what the stats say
+    assert stats["est_real"] == len(matches)
+    assert stats["est_precision"] >= 0.8
+
+
+def test_no_true_pairs_abstains_or_nearly():
+    a, b = sides(synth(seed=1, linked=False))
+    matches, stats = lm.match_linked_pair(a, b, BANDS)
+    assert len(matches) <= 5
+    if not matches:
+        assert stats["abstained"] and stats["reason"] == "precision_not_reached"
+
+
+def test_deterministic_for_a_seed(linked):
+    dets, matches, _ = linked
+    a, b = sides(dets)
+    again, _ = lm.match_linked_pair(a, b, BANDS, min_precision=0.8)
+    assert again == matches
+    # input order does not matter (sides are sorted by (ts, id))
+    perm = np.random.default_rng(3).permutation(len(b["ids"]))
+    b2 = {"camera_id": "cam-b", "ids": [b["ids"][i] for i in perm], "ts_ms": b["ts_ms"][perm],
+          "emb": b["emb"][perm], "box": b["box"][perm]}
+    shuffled, _ = lm.match_linked_pair(a, b2, BANDS, min_precision=0.8)
+    assert shuffled == matches
+
+
+def test_without_boxes_still_works():
+    a, b = sides(synth(seed=0))
+    a["box"] = b["box"] = None
+    matches, stats = lm.match_linked_pair(a, b, BANDS)
+    assert stats["reason"] in (None, "precision_not_reached")
+    check_one_to_one(matches)
+
+
+def test_candidates_equal_brute_force():
+    """Band-limited enumeration (two bands, one negative; dt == 0 excluded) against a
+    dense double loop, with and without a shifted alignment."""
+    rng = np.random.default_rng(5)
+    n_a, n_b, dim = 150, 170, 8
+    a = lm._Side({"ids": ["a%d" % i for i in range(n_a)],
+                  "ts_ms": rng.integers(0, 200, n_a) * 500, "emb": rng.normal(size=(n_a, dim))})
+    b = lm._Side({"ids": ["b%d" % i for i in range(n_b)],
+                  "ts_ms": rng.integers(0, 200, n_b) * 500, "emb": rng.normal(size=(n_b, dim))})
+    bands = lm.bands_to_ms([[-6.0, -1.5], [0.0, 4.0]])
+    for b_ts in (None, lm._shifted_ts(b.ts, 0, 100_000, 0.375)):
+        tb = b.ts if b_ts is None else b_ts
+        c = lm.enumerate_candidates(a, b, bands, b_ts, max_chunk=7)
+        got = {(int(i), int(j)): (float(d), int(t)) for i, j, d, t in
+               zip(c.ia, c.ib, c.dist, c.dt_ms)}
+        want = {}
+        for i in range(n_a):
+            for j in range(n_b):
+                dt = int(tb[j] - a.ts[i])
+                if dt != 0 and any(lo <= dt <= hi for lo, hi in bands):
+                    want[(i, j)] = (float(np.linalg.norm(a.emb[i] - b.emb[j])), dt)
+        assert got.keys() == want.keys() and len(got) == len(c)
+        for k, (d, dt) in want.items():
+            assert got[k][1] == dt and got[k][0] == pytest.approx(d, rel=1e-4, abs=1e-4)
+    with pytest.raises(lm.TooManyCandidates):
+        lm.enumerate_candidates(a, b, bands, max_candidates=10)
+
+
+def test_choose_threshold_and_greedy():
+    real = np.arange(10, 0, -1, dtype=float)  # greedy-selected real scores
+    ctrl = [np.array([9.0, 5.0, 1.0]), np.array([7.0, 6.0, 2.0])]
+    # t: R, mean C -> precision: 8: 3, .5 -> .83; 7: 4, 1 -> .75; 3: 8, 2 -> .75;
+    # 2: 9, 2.5 -> .72; 1: 10, 3 -> .70
+    assert lm.choose_threshold(real, ctrl, 0.75, 0.0) == (3.0, 8, 2.0, 0.75)
+    assert lm.choose_threshold(real, ctrl, 0.7, 0.0)[:3] == (1.0, 10, 3.0)
+    assert lm.choose_threshold(real, ctrl, 0.8, 0.0)[:3] == (8.0, 3, 0.5)
+    # excess 6 at t=3 is under 3 standard errors (3 * sqrt(8 + 2/2) = 9): abstain
+    assert lm.choose_threshold(real, ctrl, 0.75, 3.0)[0] is None
+    assert lm.choose_threshold(real, ctrl, 0.99, 0.0) == (10.0, 1, 0.0, 1.0)
+    assert lm.choose_threshold(np.zeros(0), ctrl, 0.5, 0.0)[0] is None
+    s = np.array([0.9, 0.8, 0.7, 0.6])
+    ia, ib = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])
+    assert lm.greedy_one_to_one(s, ia, ib, ia, ib).tolist() == [0, 3]
+
+
+def test_shift_and_parameter_validation():
+    a, b = sides(synth(seed=0, span_s=200))
+    with pytest.raises(ValueError):
+        lm.match_linked_pair(a, b, BANDS, train_shifts=(0.0, 0.5))
+    with pytest.raises(ValueError):
+        lm.match_linked_pair(a, b, BANDS, folds=1)
+    with pytest.raises(ValueError):
+        lm.match_linked_pair(a, b, BANDS, features=("nope",))
+    matches, stats = lm.match_linked_pair(a, b, BANDS, max_candidates=5)
+    assert matches == [] and stats["reason"] == "too_many_candidates"
+    matches, stats = lm.match_linked_pair(a, b, np.array([[500.0, 600.0]]))
+    assert matches == [] and stats["reason"] == "no_candidates"
+
+
+def test_pair_scorer_deterministic_and_learns():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(4000, 3)).astype(np.float32)
+    y = X[:, 0] + 0.5 * X[:, 1] ** 2 > 0.5
+    def fit():
+        return PairScorer(hidden=16, epochs=10, max_per_class=1500, batch_size=256).fit(
+            X, y, seed=4)
+
+    s1, s2 = fit().score(X), fit().score(X)
+    assert np.array_equal(s1, s2)
+    ranks = np.argsort(np.argsort(s1)) + 1  # AUC from the rank sum
+    auc = (ranks[y].sum() - y.sum() * (y.sum() + 1) / 2) / (y.sum() * (~y).sum())
+    assert auc > 0.95
+    assert fit().n_train_ == (1500, 1500)
+    with pytest.raises(ValueError):
+        PairScorer().fit(X, np.zeros(len(X), bool))
+
+
+# ----------------------------------------------------------------------- Beam
+def test_period_keys_and_one_match_per_b():
+    iv = {("cam-a", "cam-b"): lm.bands_to_ms(BANDS)}  # dt in [4, 20] s
+    p_ms = 600_000
+    k = T0_MS // p_ms
+    assert lm.period_keys("cam-a", T0_MS + 599_999, iv, p_ms) == [(("cam-a", "cam-b", k), "a")]
+    # a b-detection 10 s into a period pairs with a-detections 6..-10 s around the boundary
+    assert lm.period_keys("cam-b", T0_MS + 10_000, iv, p_ms) == [
+        (("cam-a", "cam-b", k - 1), "b"), (("cam-a", "cam-b", k), "b")]
+    assert lm.period_keys("cam-b", T0_MS + 30_000, iv, p_ms) == [(("cam-a", "cam-b", k), "b")]
+    assert lm.period_keys("cam-c", T0_MS, iv, p_ms) == []
+    m1 = {"score": 2.0, "detection_id_a": "x"}
+    m2 = {"score": 2.0, "detection_id_a": "w"}
+    m3 = {"score": 3.0, "detection_id_a": "z"}
+    assert lm.better_match(m1, m2) is m2 and lm.better_match(m2, m3) is m3
+    assert lm.better_match(None, m1) is m1
+    with pytest.raises(TypeError):
+        lm.LearnedLinkMatch(LINKS, no_such_option=1)
+
+
+def test_beam_equals_pure_across_period_boundary():
+    """LearnedLinkMatch (FnApiRunner) == match_linked_periods, with 600 s periods over
+    1200 s of data: two groups per pair, and pairs whose a and b lie in different
+    periods are found (b-detections go to every period that can reach them)."""
+    dets = synth(seed=2)
+    dets.append({"camera_id": "cam-c", "frame_ts_ms": T0_MS, "detection_id": "c-0",
+                 "embedding": np.zeros(24, np.float32)})  # unlinked camera: ignored
+    beam_dets = [{k: v for k, v in d.items() if k != "vid"} for d in dets]
+    want, group_stats = lm.match_linked_periods(beam_dets, LINKS, period_s=600)
+    # two periods with traffic (plus stragglers: a vehicle's 2nd detection after the end)
+    big = [s for s in group_stats if s["n_a"] > 100]
+    assert [s["period"] for s in big] == [T0_MS // 600_000, T0_MS // 600_000 + 1]
+    assert not any(s["abstained"] for s in big)
+    straddling = [m for m in want
+                  if (m["frame_ts_a_ms"] - T0_MS) // 600_000 != (m["frame_ts_b_ms"] - T0_MS) // 600_000]
+    assert straddling
+    for m in want:
+        assert m["window_start_ms"] <= m["frame_ts_a_ms"] < m["window_end_ms"]
+        assert m["window_end_ms"] - m["window_start_ms"] == 600_000
+    check_one_to_one(want)
+
+    p = beam.Pipeline(runner=FnApiRunner())
+    out = collect(p | beam.Create(beam_dets, reshuffle=False)
+                  | lm.LearnedLinkMatch(LINKS, period_s=600), "learned")
+    result = p.run()
+    result.wait_until_finish()
+    got = sorted(out, key=mb.match_sort_key)
+    assert got == want
+    c = counters(result)
+    assert c["learned_groups"] == len(group_stats)
+    assert c.get("learned_abstained", 0) == sum(s["abstained"] for s in group_stats)
+    assert c["learned_matches"] == len(want)
+    assert c["learned_candidates"] == sum(s["candidates"] for s in group_stats)
