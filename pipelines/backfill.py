@@ -38,11 +38,11 @@ again on every margin frame (``2M/chunk`` extra: +33 % for 1 h chunks and the de
 different job than the committed ones, so matches would agree with the stored
 detections only for detectors that are deterministic per frame and batch. Here the
 models run once per frame and matching only reads Parquet. A partition's matching
-needs its successors' detections, so jobs are pipelined: one Beam job extracts
+needs its successors' detections, so jobs are pipelined: Beam job ``i`` extracts
 partition ``i`` and matches partition ``i - L`` (``L = ceil(M / chunk)``), from the
-committed files of its neighbours plus the detections of the job's own extraction;
-a backfill of ``N`` partitions runs ``N + L`` jobs (one job startup per partition on
-Dataflow, as with one ``run`` each).
+committed files of its neighbours plus the detections of the job's own extraction,
+and the last job matches all the partitions left. A backfill of ``N`` partitions runs
+``N`` jobs: one job startup per partition on Dataflow, as with one ``run`` each.
 
 Layout of ``DIR``
 =================
@@ -84,6 +84,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+import apache_beam as beam
+
 from pipelines.errors import UsageError
 
 _LOG = logging.getLogger(__name__)
@@ -96,6 +98,9 @@ STATE_FILE = "BACKFILL"
 EXTRACTED = "_EXTRACTED"
 SUCCESS = "_SUCCESS"
 EXTRACT_TABLES = ("detections", "dead_letter")
+# A job matches at most this many partitions (a re-match after new settings is cut
+# into jobs of this size, so that it commits, and can resume, as it goes).
+MAX_MATCHES_PER_JOB = 24
 MATCH_TABLES = ("matches",)
 # Flags that change where or how fast the models run, not what they find: a backfill
 # may be resumed with other values (started on a laptop, finished on Dataflow).
@@ -143,7 +148,10 @@ class Partition:
 
     @property
     def label(self) -> str:
-        return "%s..%s" % (_iso(self.start_ms), _iso(self.end_ms))
+        start, end = _iso(self.start_ms), _iso(self.end_ms)
+        if start[:11] == end[:11]:  # same day: 2024-05-01T12:00Z..13:00Z
+            end = end[11:]
+        return "%s..%s" % (start, end)
 
     def overlaps(self, lo: int, hi: int) -> bool:
         return self.start_ms < hi and lo < self.end_ms
@@ -187,8 +195,21 @@ def context_margin_ms(policy: str, reach: int, window_ms: int) -> int:
         return 2 * reach
     if policy == "assignment":
         return 3 * reach + 2 * window_ms
-    raise UsageError("backfill does not know how far --policy %s looks across partition "
-                     "boundaries; run it with 'cctview run' instead" % policy)
+    # 'learned' fits its score to all the data of a job: per partition it would learn
+    # another model, and no margin makes that equal to one job over the range.
+    raise UsageError("backfill cannot split --policy %s by partition (only all, topk, "
+                     "mutual and assignment have a bounded reach); pass one of those, or "
+                     "match the backfill's detections with 'cctview match'" % policy)
+
+
+def effective_policy(options) -> str:
+    """``--policy``, or the default the matcher applies (``pipelines.stages.policy_of``)."""
+    from pipelines import stages
+    from pipelines.options import MatchOptions
+
+    if hasattr(stages, "policy_of"):
+        return stages.policy_of(options)
+    return options.view_as(MatchOptions).policy or "mutual"
 
 
 def context_of(partition: Partition, margin_ms: int, start_ms: int, end_ms: int):
@@ -240,6 +261,10 @@ class Store:
             except Exception:  # already gone
                 pass
 
+    def delete_tree(self, folder: str) -> None:
+        """Deletes a folder and all under it (object stores want the trailing slash)."""
+        self.delete([folder.rstrip("/") + ("/" if "://" in folder else "")])
+
     def list(self, pattern: str) -> List[str]:
         try:
             return sorted(m.path for m in self.fs.match([pattern])[0].metadata_list)
@@ -276,6 +301,7 @@ class Store:
         """Removes ``p``'s marker, then its files: the order keeps a crash safe."""
         self.delete([self.marker(p, marker)])
         self.delete(self.committed(p, tables))
+        self.delete(self.list(self.join(STATE_DIR, p.name, "*.inprogress")))
 
     def commit(self, p: Partition, tables: Sequence[str]) -> List[str]:
         """Moves ``p``'s files from ``_tmp/<P>/<table>/...`` into the tables; -> new paths."""
@@ -461,18 +487,34 @@ def _parse_failure_owner(uri: str, timezone: str, plan: List[Partition]) -> Part
     return plan[0]
 
 
-def _keep_dead_letter(record: dict, partition: Partition, timezone: str, plan) -> bool:
+# The three predicates below carry no type hints on purpose: Beam checks hints against
+# the inferred element types, and a Flatten of ReadFrames' tagged outputs infers a Union.
+def _keep_dead_letter(record, partition, timezone, plan):
     if record.get("stage") != "parse":
         return True
     return _parse_failure_owner(record["uri"], timezone, plan) == partition
 
 
-def _in_range(det: dict, lo: int, hi: int) -> bool:
+def _in_range(det, lo, hi):
     return lo <= int(det["frame_ts_ms"]) < hi
 
 
-def _owned(match: dict, lo: int, hi: int) -> bool:
+def _owned(match, lo, hi):
     return lo <= int(match["frame_ts_a_ms"]) < hi
+
+
+class _WriteTable(beam.PTransform):
+    """``outputs.write`` as a composite, so that one job can write a table several times."""
+
+    def __init__(self, output: str, table: str, shards: int):
+        super().__init__()
+        self._args = (output, table, shards)
+
+    def expand(self, pcoll):
+        from pipelines import outputs
+
+        output, table, shards = self._args
+        return outputs.write(pcoll, output, table, shards)
 
 
 class Backfill:
@@ -499,18 +541,19 @@ class Backfill:
         if matching.links:
             with self.store.fs.open(matching.links) as handle:
                 links_digest = hashlib.sha256(handle.read()).hexdigest()
+        policy = effective_policy(options)
         self.margin_ms = context_margin_ms(
-            matching.policy, reach_ms(candidates.max_gap, self.links),
-            window_ms_of(candidates.window))
+            policy, reach_ms(candidates.max_gap, self.links), window_ms_of(candidates.window))
         self.extract_settings = _settings(
             options, (FrameInputOptions, TimeZoneOptions, ModelOptions),
             {"input": [r.rstrip("/") for r in config.roots], "chunk_ms": config.chunk_ms})
         self.match_settings = _settings(options, (CandidateOptions, MatchOptions),
-                                        {"links_sha256": links_digest})
+                                        {"links_sha256": links_digest, "policy": policy})
         self.model_options = options.view_as(ModelOptions)
         self._detect = None
         self._match = None
         self.extracted: Dict[str, str] = {}   # partition name -> commit id
+        self.extract_markers: Dict[str, dict] = {}  # partition name -> _EXTRACTED marker
         self.done: Dict[str, dict] = {}       # partition name -> _SUCCESS marker
         self.totals: Dict[str, int] = {}
         self.job_seconds: List[float] = []
@@ -574,6 +617,7 @@ class Backfill:
                 continue
             if kind == EXTRACTED:
                 self.extracted[p.name] = marker["commit_id"]
+                self.extract_markers[p.name] = marker
             else:
                 success[p.name] = marker
         for p in self.plan:
@@ -581,26 +625,31 @@ class Backfill:
                 self.done[p.name] = success[p.name]
 
     def next_job(self, extracted=None, done=None):
-        """-> (partition to extract or None, partition to match or None)."""
+        """-> (partition to extract or None, partitions to match: a list, maybe empty).
+
+        A job extracts the first partition not yet extracted and matches every
+        incomplete partition whose context is then extracted (at most
+        ``MAX_MATCHES_PER_JOB``): one in the steady state, the trailing ones together
+        at the end, all of them after new match settings.
+        """
         extracted = self.extracted if extracted is None else extracted
         done = self.done if done is None else done
         extract = next((p for p in self.plan if p.name not in extracted), None)
         ready = set(extracted) | ({extract.name} if extract else set())
-        match = next((p for p in self.plan if p.name not in done
-                      and all(q.name in ready for q in self.deps(p))), None)
-        return extract, match
+        match = [p for p in self.plan if p.name not in done
+                 and all(q.name in ready for q in self.deps(p))]
+        return extract, match[:MAX_MATCHES_PER_JOB]
 
     def jobs_left(self) -> int:
         extracted, done, jobs = dict(self.extracted), dict(self.done), 0
         while True:
-            e, m = self.next_job(extracted, done)
-            if e is None and m is None:
+            extract, match = self.next_job(extracted, done)
+            if extract is None and not match:
                 return jobs
             jobs += 1
-            if e:
-                extracted[e.name] = "planned"
-            if m:
-                done[m.name] = {}
+            if extract:
+                extracted[extract.name] = "planned"
+            done.update((p.name, {}) for p in match)
 
     # -- the job
     def _stages(self):
@@ -620,9 +669,29 @@ class Backfill:
             options.view_as(GoogleCloudOptions).job_name = "%s-%04d" % (name, index)
         return options
 
-    def build(self, extract: Optional[Partition], match: Optional[Partition], index: int):
-        import apache_beam as beam
+    def _stored_detections(self, partitions: Sequence[Partition], lo: int, hi: int):
+        """Committed detection files of ``partitions`` whose hour overlaps ``[lo, hi)``.
 
+        Taken from the partitions' ``_EXTRACTED`` markers, which list exactly what was
+        committed: no listing of the (possibly huge) detections table.
+        """
+        files = []
+        for q in partitions:
+            for path in self.extract_markers[q.name]["files"]:
+                if "/detections/" not in path:
+                    continue
+                hour = _hour_of(path)
+                if hour is None or (hour[0] < hi and lo < hour[1]):
+                    files.append(path)
+        return files
+
+    def build(self, extract: Optional[Partition], match: Sequence[Partition], index: int):
+        """The Beam job: extract ``extract``, match the partitions in ``match``.
+
+        Matching runs once over the union of the targets' contexts (more detections
+        than a target needs change none of its pairs: see the margin rule) and each
+        target keeps the pairs it owns. None when there is nothing to run.
+        """
         from pipelines import outputs
         from transforms.detections_io import ReadDetections
         from transforms.frames import DEAD_LETTER, ReadFrames
@@ -645,18 +714,11 @@ class Backfill:
             outputs.write(found["detections"], tmp, "detections", self.shards)
             outputs.write(dead, tmp, "dead_letter", self.shards)
             work = True
-        if match is not None:
-            lo, hi = self.context(match)
-            tmp = self.store.tmp(match)
-            outputs.prepare(tmp, MATCH_TABLES)
-            files = []
-            for q in self.deps(match):
-                if extract is not None and q == extract:
-                    continue
-                for path in self.store.committed(q, ("detections",)):
-                    hour = _hour_of(path)
-                    if hour is None or (hour[0] < hi and lo < hour[1]):
-                        files.append(path)
+        if match:
+            contexts = [self.context(p) for p in match]
+            lo, hi = min(c[0] for c in contexts), max(c[1] for c in contexts)
+            stored = {q for p in match for q in self.deps(p) if q != extract}
+            files = self._stored_detections(sorted(stored), lo, hi)
             sources = []
             if files:
                 sources.append(pipeline | "ReadStoredDetections" >> ReadDetections(
@@ -664,23 +726,59 @@ class Backfill:
             if found is not None and extract.overlaps(lo, hi):
                 sources.append(found["detections"])
             if sources:
-                context = (tuple(sources) | "Context" >> beam.Flatten()
-                           | "InContext" >> beam.Filter(_in_range, lo, hi))
-                matches = (context | "Match" >> matcher
-                           | "Owned" >> beam.Filter(_owned, match.start_ms, match.end_ms))
-                outputs.write(matches, tmp, "matches", self.shards)
+                matches = (tuple(sources) | "Context" >> beam.Flatten()
+                           | "InContext" >> beam.Filter(_in_range, lo, hi)
+                           | "Match" >> matcher)
+                for i, target in enumerate(match):
+                    tmp = self.store.tmp(target)
+                    outputs.prepare(tmp, MATCH_TABLES)
+                    owned = matches | "Owned_%d" % i >> beam.Filter(
+                        _owned, target.start_ms, target.end_ms)
+                    # One composite per target keeps the table writers' labels unique.
+                    owned | "Matches_%s" % target.name >> _WriteTable(tmp, "matches",
+                                                                       self.shards)
                 work = True
         return pipeline if work else None
+
+    def _commit_extract(self, extract: Partition, counters: dict, seconds: float) -> str:
+        files = self.store.commit(extract, EXTRACT_TABLES)
+        commit_id = uuid.uuid4().hex
+        marker = {"partition": extract.label, "commit_id": commit_id, "files": files,
+                  "counters": counters, "seconds": round(seconds, 3)}
+        self.store.write_json(self.store.marker(extract, EXTRACTED), marker)
+        self.extracted[extract.name] = commit_id
+        self.extract_markers[extract.name] = marker
+        return "%s: frames=%d detections=%d dead_letters=%d" % (
+            extract.label, counters.get("frames_listed", 0),
+            counters.get("detections_rows_written", 0),
+            counters.get("dead_letter_rows_written", 0))
+
+    def _commit_match(self, target: Partition, seconds: float) -> str:
+        import pyarrow.parquet as pq
+
+        files = self.store.commit(target, MATCH_TABLES)
+        rows = 0
+        for path in files:  # counted per target (one job may match several)
+            with self.store.fs.open(path) as handle:
+                rows += pq.ParquetFile(handle).metadata.num_rows
+        lo, hi = self.context(target)
+        marker = {"partition": target.label, "context_ms": [lo, hi],
+                  "match_settings": self.match_settings,
+                  "extracts": {q.name: self.extracted[q.name] for q in self.deps(target)},
+                  "files": files, "matches": rows, "seconds": round(seconds, 3)}
+        self.store.write_json(self.store.marker(target, SUCCESS), marker)
+        self.done[target.name] = marker
+        return "%s done: matches=%d" % (target.label, rows)
 
     def run_job(self, extract, match, index: int, total: int) -> None:
         if extract is not None:
             self.store.clear(extract, EXTRACT_TABLES, EXTRACTED)
             self.store.delete([self.store.marker(extract, SUCCESS)])
-        if match is not None:
-            self.store.clear(match, MATCH_TABLES, SUCCESS)
+        for target in match:
+            self.store.clear(target, MATCH_TABLES, SUCCESS)
         started = time.time()
         pipeline = self.build(extract, match, index)
-        # No pipeline: a partition to match whose context holds no detections at all.
+        # No pipeline: partitions to match whose contexts hold no detections at all.
         counters = run_and_watch(pipeline, self.config.progress_every, self.say) \
             if pipeline is not None else {}
         seconds = time.time() - started
@@ -688,36 +786,17 @@ class Backfill:
             self.totals[name] = self.totals.get(name, 0) + value
         parts = []
         if extract is not None:
-            files = self.store.commit(extract, EXTRACT_TABLES)
-            commit_id = uuid.uuid4().hex
-            self.store.write_json(self.store.marker(extract, EXTRACTED), {
-                "partition": extract.label, "commit_id": commit_id, "files": files,
-                "counters": counters, "seconds": round(seconds, 3)})
-            self.store.delete([self.store.tmp(extract) + "/"])
-            self.extracted[extract.name] = commit_id
-            frames = counters.get("frames_listed", 0)
-            parts.append("%s: frames=%d detections=%d dead_letters=%d" % (
-                extract.label, frames, counters.get("detections_rows_written", 0),
-                counters.get("dead_letter_rows_written", 0)))
-        if match is not None:
-            files = self.store.commit(match, MATCH_TABLES)
-            lo, hi = self.context(match)
-            marker = {"partition": match.label, "context_ms": [lo, hi],
-                      "match_settings": self.match_settings,
-                      "extracts": {q.name: self.extracted[q.name] for q in self.deps(match)},
-                      "files": files, "matches": counters.get("matches_rows_written", 0),
-                      "seconds": round(seconds, 3)}
-            self.store.write_json(self.store.marker(match, SUCCESS), marker)
-            self.store.delete([self.store.tmp(match) + "/"])
-            self.done[match.name] = marker
-            parts.append("%s done: matches=%d" % (match.label, marker["matches"]))
+            parts.append(self._commit_extract(extract, counters, seconds))
+        parts += [self._commit_match(target, seconds) for target in match]
+        for p in {p for p in [extract] + list(match) if p is not None}:
+            self.store.delete_tree(self.store.tmp(p))
         self.job_seconds.append(seconds)
-        left = self.jobs_left()
-        eta = sum(self.job_seconds) / len(self.job_seconds) * left
-        frames = counters.get("frames_listed", 0)
-        self.say("[%d/%d] %s | %.1f s, %.1f frames/s, ETA %s" % (
-            index, total, " | ".join(parts), seconds, frames / max(seconds, 1e-9),
-            dt.timedelta(seconds=round(eta))))
+        eta = sum(self.job_seconds) / len(self.job_seconds) * self.jobs_left()
+        speed = ""
+        if extract is not None:
+            speed = ", %.1f frames/s" % (counters.get("frames_listed", 0) / max(seconds, 1e-9))
+        self.say("[%d/%d] %s | %.1f s%s, ETA %s" % (
+            index, total, " | ".join(parts), seconds, speed, dt.timedelta(seconds=round(eta))))
 
     def run(self) -> int:
         self.check_output()
@@ -746,7 +825,7 @@ class Backfill:
         started, index = time.time(), 0
         while True:
             extract, match = self.next_job()
-            if extract is None and match is None:
+            if extract is None and not match:
                 break
             index += 1
             try:
@@ -755,11 +834,13 @@ class Backfill:
                 raise
             except Exception as exc:
                 traceback.print_exc()
-                what = " and ".join(p.label for p in (extract, match) if p)
+                what = ", ".join(p.label for p in [extract] + list(match) if p)
                 raise JobFailed("job for %s failed (%s: %s); run the same command again "
                                 "to resume" % (what, type(exc).__name__,
                                                str(exc).splitlines()[0] if str(exc) else ""))
         self._ensure_tables()
+        if not self.store.list(self.store.join(TMP_DIR, "**")):
+            self.store.delete_tree(self.store.join(TMP_DIR))
         self._summary(time.time() - started, index)
         return 0
 
@@ -768,11 +849,9 @@ class Backfill:
         from transforms import parquet_io
 
         for table in EXTRACT_TABLES + MATCH_TABLES:
-            marker_kind = EXTRACTED if table in EXTRACT_TABLES else SUCCESS
-            any_file = any(self.store.read_json(self.store.marker(p, marker_kind)) and
-                           self.store.read_json(self.store.marker(p, marker_kind)).get("files")
-                           for p in self.plan)
-            if not any_file:
+            markers = self.extract_markers if table in EXTRACT_TABLES else self.done
+            if not any("/%s/" % table in path for marker in markers.values()
+                       for path in marker.get("files", ())):
                 parquet_io.ensure_table(outputs.table_dir(self.config.output, table),
                                         outputs.TABLES[table][0])
 

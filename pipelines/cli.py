@@ -15,6 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentP
 
 from pipelines import commands, demo, report, synth
 from pipelines.errors import UsageError
+from runners.presets import expand_preset
 from pipelines.options import (
     CalibrateOptions,
     CandidateOptions,
@@ -117,7 +118,8 @@ def _command_parser(name: str, command: Command) -> _OneLineParser:
         description=command.summary,
         epilog="Standard Beam pipeline options (--runner, --direct_num_workers, "
                "--direct_running_mode, --project, --region, --temp_location, --dry_run, "
-               "--dataflow_service_options, --sdk_container_image, ...) may follow.",
+               "--dataflow_service_options, --sdk_container_image, ...) may follow, and "
+               "--runner_preset direct|dataflow (runners/README.md).",
     )
     for group in command.option_groups:
         group._add_argparse_args(parser)
@@ -129,6 +131,8 @@ def _command_parser(name: str, command: Command) -> _OneLineParser:
 
 def _top_parser() -> argparse.ArgumentParser:
     lines = ["  %-15s %s" % (name, c.summary) for name, c in COMMANDS.items()]
+    lines.append("  %-15s %s" % ("backfill", "resumable, partition-by-partition run over a "
+                                             "time range (--chunk 1h)"))
     return argparse.ArgumentParser(
         prog="cctview",
         usage="cctview COMMAND [flags] [Beam pipeline options]",
@@ -144,9 +148,12 @@ def parse(argv: List[str]):
     if not argv or argv[0] in ("-h", "--help"):
         _top_parser().print_help()
         raise SystemExit(0 if argv else 2)
-    name, rest = argv[0], argv[1:]
+    name = argv[0]
     if name not in COMMANDS:
         raise UsageError("unknown command %r (one of: %s)" % (name, ", ".join(COMMANDS)))
+    if not COMMANDS[name].add_arguments:
+        argv = expand_preset(argv)  # --runner_preset NAME -> that preset's Beam flags
+    rest = argv[1:]
     parser = _command_parser(name, COMMANDS[name])
     if COMMANDS[name].add_arguments:
         return name, parser.parse_args(rest)
@@ -161,6 +168,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     name = argv[0] if argv else "cctview"
+    if name == "backfill":  # its own flags, then run's; it runs one job per partition
+        from pipelines import backfill
+
+        return backfill.main(argv[1:])
     try:
         name, options = parse(argv)
         return COMMANDS[name].run(options)

@@ -1,0 +1,259 @@
+"""Runner presets, and proof offline that the pipelines build as Dataflow GPU jobs.
+
+The Dataflow tests run the real commands with ``--runner_preset dataflow --dry_run``
+against a GCS emulator on loopback (outputs are probed, nothing else is contacted):
+the DataflowRunner builds the whole job, and the test reads what would be submitted.
+The tests call ``runners.presets.expand_preset`` themselves before ``pipelines.cli.main``
+(expansion is idempotent), so they do not depend on where the CLI wires it.
+"""
+import re
+
+import pytest
+from apache_beam.options.pipeline_options import (DebugOptions, GoogleCloudOptions,
+                                                  PipelineOptions, StandardOptions,
+                                                  WorkerOptions)
+
+from conftest import REPO, upload_tree
+from pipelines import backfill, cli
+from pipelines.errors import UsageError
+from pipelines.options import ModelOptions
+from runners.presets import PRESETS, T4_ACCELERATOR, describe, expand_preset
+
+IMAGE = "gcr.io/cctview-test/cctview:1"
+PROJECT = "cctview-test"
+
+
+def _dataflow_flags(bucket: str):
+    return ["--runner_preset", "dataflow", "--sdk_container_image", IMAGE,
+            "--project", PROJECT, "--region", "us-central1",
+            "--temp_location", "gs://%s/tmp" % bucket, "--dry_run"]
+
+
+# ------------------------------------------------------------------ expansion
+def test_direct_preset_expands_to_every_core_in_worker_processes():
+    argv = expand_preset(["run", "--input", "x", "--runner_preset", "direct"])
+    assert argv == ["run", "--input", "x", "--runner=DirectRunner",
+                    "--direct_running_mode=multi_processing", "--direct_num_workers=0"]
+    assert expand_preset(["run", "--runner_preset=direct"]) == argv[:1] + argv[3:]
+    _, options = cli.parse(argv + ["--output", "o"])
+    assert options.get_all_options()["direct_num_workers"] == 0
+    assert options.get_all_options()["direct_running_mode"] == "multi_processing"
+
+
+def test_without_a_preset_argv_is_unchanged_but_a_bare_dry_run_gets_its_value():
+    argv = ["match", "--detections", "d", "--output", "o", "--runner", "DirectRunner"]
+    assert expand_preset(argv) == argv
+    assert expand_preset(["run", "--dry_run", "--output", "o"]) == [
+        "run", "--dry_run=True", "--output", "o"]
+    assert expand_preset(["run", "--dry_run"]) == ["run", "--dry_run=True"]
+    assert expand_preset(["run", "--dry_run", "True"]) == ["run", "--dry_run", "True"]
+
+
+def test_user_flags_win_aliases_included_and_lists_merge_by_key():
+    argv = expand_preset(
+        ["run", "--input", "x", "--direct_num_workers", "2", "--runner_preset", "direct"])
+    assert "--direct_num_workers=0" not in argv and argv.count("--direct_num_workers") == 1
+
+    l4 = "worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver"
+    argv = expand_preset(["run", "--input", "x", "--runner_preset", "dataflow",
+                          "--sdk_container_image", IMAGE, "--project", PROJECT,
+                          "--region", "europe-west4", "--temp_location", "gs://bkt-x/t",
+                          "--worker_machine_type", "g2-standard-8",
+                          "--dataflow_service_options", l4,
+                          "--experiments", "foo", "--device", "cpu", "--max_num_workers=5"])
+    options = PipelineOptions(argv[1:])
+    assert options.view_as(WorkerOptions).machine_type == "g2-standard-8"
+    assert options.view_as(WorkerOptions).max_num_workers == 5
+    assert options.view_as(WorkerOptions).disk_size_gb == 100
+    assert options.view_as(GoogleCloudOptions).dataflow_service_options == [l4]
+    assert sorted(options.view_as(DebugOptions).experiments) == ["foo", "use_runner_v2"]
+    assert options.view_as(ModelOptions).device == "cpu"
+    assert options.view_as(StandardOptions).runner == "DataflowRunner"
+    assert options.view_as(GoogleCloudOptions).region == "europe-west4"
+
+
+def test_model_flags_only_for_commands_that_run_models():
+    base = ["--runner_preset", "dataflow", "--sdk_container_image", IMAGE, "--project",
+            PROJECT, "--region", "r", "--temp_location", "gs://bkt-x/t"]
+    assert "--device=cuda" in expand_preset(["run"] + base)
+    assert "--device=cuda" in expand_preset(["extract"] + base)
+    assert "--device=cuda" in expand_preset(base)  # backfill passes flags only
+    matched = expand_preset(["match", "--detections", "d", "--output", "o"] + base)
+    assert not any(t.startswith("--device") for t in matched)
+    cli.parse(matched)  # 'match' takes every flag the preset added
+
+
+def test_dataflow_preset_without_container_image_fails_with_one_line(world, capsys):
+    with pytest.raises(UsageError) as info:
+        expand_preset(["run", "--input", "gs://bkt-x/f/**", "--runner_preset", "dataflow",
+                       "--project", PROJECT, "--region", "r", "--temp_location", "gs://bkt-x/t"])
+    message = str(info.value)
+    assert "--sdk_container_image" in message and "\n" not in message
+    assert "--project" not in message  # only what is missing is named
+    # The same through a command: one line on stderr, exit status 2.
+    code = backfill.main(["--input", str(world), "--start", "2024-05-01T12:00:00",
+                          "--end", "2024-05-01T12:01:00", "--output", "unused",
+                          "--runner_preset", "dataflow"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err.startswith("cctview backfill: error: --runner_preset dataflow needs "
+                          "--sdk_container_image")
+
+
+def test_unknown_or_empty_preset_is_refused():
+    with pytest.raises(UsageError, match="one of: direct, dataflow"):
+        expand_preset(["run", "--runner_preset", "flink"])
+    with pytest.raises(UsageError, match="needs a name"):
+        expand_preset(["run", "--runner_preset"])
+
+
+def test_presets_are_documented():
+    text = describe()
+    readme = (REPO / "runners" / "README.md").read_text()
+    for preset in PRESETS.values():
+        assert preset.name in text and preset.name in readme
+        for flag, value in preset.beam_flags + preset.model_flags:
+            assert "%s=%s" % (flag, value) in readme
+    assert "--dataflow_service_options=" + T4_ACCELERATOR in PRESETS["dataflow"].argv()
+
+
+# ------------------------------------------------------------------ the container
+def test_dockerfile_matches_the_sdk_it_will_run_with():
+    import sys
+
+    import apache_beam
+
+    text = (REPO / "runners" / "Dockerfile").read_text()
+    beam_version = re.search(r"ARG BEAM_VERSION=(\S+)", text).group(1)
+    assert beam_version == apache_beam.__version__
+    assert "FROM apache/beam_python%d.%d_sdk:${BEAM_VERSION}" % sys.version_info[:2] in text
+    assert 'ENTRYPOINT ["/opt/apache/beam/boot"]' in text
+    setup = (REPO / "setup.py").read_text()
+    packages = re.search(r"packages=\[([^\]]*)\]", setup).group(1)
+    for package in re.findall(r'"(\w+)"', packages):
+        assert "COPY %s ./%s" % (package, package) in text
+    build = (REPO / "runners" / "cloudbuild.yaml").read_text()
+    assert '"-f", "runners/Dockerfile"' in build
+
+
+# ------------------------------------------------------------------ Dataflow dry runs
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    assert cli.main(["synth", "--output", str(root), "--cameras", "2", "--minutes", "1",
+                     "--fps", "0.2"]) == 0
+    return root / "frames"
+
+
+@pytest.fixture
+def dataflow_jobs(monkeypatch, gcs_server):
+    """Captures the jobs the DataflowRunner builds; GCS credentials = anonymous at once.
+
+    Beam looks for Google credentials with retries (~20 s) before it connects
+    anonymously, which is what the emulator wants; the lookup is skipped here.
+    """
+    from apache_beam.internal.gcp import auth
+    from apache_beam.runners.dataflow import dataflow_runner
+
+    monkeypatch.setattr(auth._Credentials, "_get_service_credentials",
+                        staticmethod(lambda options: None))
+    jobs = []
+    original = dataflow_runner.DataflowRunner.run_pipeline
+
+    def run_pipeline(self, pipeline, options):
+        result = original(self, pipeline, options)
+        jobs.append(result.job)
+        return result
+
+    monkeypatch.setattr(dataflow_runner.DataflowRunner, "run_pipeline", run_pipeline)
+    return jobs
+
+
+def _environment(job):
+    """The Environment Dataflow would receive, made by Beam's own code, offline."""
+    from apache_beam.runners.dataflow.internal import apiclient
+
+    return apiclient.Environment(
+        packages=[], options=job.options,
+        environment_version=apiclient._FNAPI_ENVIRONMENT_MAJOR_VERSION,
+        proto_pipeline_staged_url="gs://staging/pipeline.pb",
+        proto_pipeline=job.proto_pipeline).proto
+
+
+def _inference_handlers(job):
+    """The ModelHandlers inside the job's RunInference steps, unpickled from the proto."""
+    from apache_beam.internal import pickler
+    from apache_beam.portability import common_urns
+    from apache_beam.portability.api import beam_runner_api_pb2
+
+    handlers = []
+    for transform in job.proto_pipeline.components.transforms.values():
+        if (transform.spec.urn == common_urns.primitives.PAR_DO.urn
+                and transform.unique_name.endswith("ParDo(_RunInferenceDoFn)")):
+            payload = beam_runner_api_pb2.ParDoPayload.FromString(transform.spec.payload)
+            fn = pickler.loads(payload.do_fn.payload)[0]
+            handlers.append(getattr(fn, "_fn", fn)._model_handler)
+    return handlers
+
+
+def test_run_builds_a_complete_dataflow_gpu_job_offline(gcs_server, dataflow_jobs, capsys):
+    bucket = gcs_server()
+    argv = expand_preset(
+        ["run", "--input", "gs://%s/frames/**" % bucket, "--output", "gs://%s/out" % bucket,
+         "--detector", "background", "--embedder", "color_histogram"]
+        + _dataflow_flags(bucket))
+    assert cli.main(argv) == 0
+    assert "dry run: job built" in capsys.readouterr().out
+    (job,) = dataflow_jobs
+    names = {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
+    for stage in ("ReadFrames", "ReadFrames/List", "ReadFrames/ParseAndDecode",
+                  "DetectFrames", "DetectFrames/Backgrounds",
+                  "DetectFrames/Detect/BeamML_RunInference", "Match", "Match/GroupBlocks",
+                  "Write_detections/WriteFile", "Write_matches/WriteFile",
+                  "Write_dead_letter/WriteFile"):
+        assert stage in names, stage
+    # Every step runs in the project's container.
+    for env in job.proto_pipeline.components.environments.values():
+        assert env.urn == "beam:env:docker:v1"
+        assert IMAGE.encode() in env.payload
+    environment = _environment(job)
+    assert list(environment.service_options) == [T4_ACCELERATOR]
+    assert "use_runner_v2" in environment.experiments
+    (pool,) = environment.worker_pools
+    assert pool.machine_type == "n1-standard-8" and pool.disk_size_gb == 100
+    assert pool.autoscaling_settings.max_num_workers == 20
+    assert pool.worker_harness_container_image == IMAGE
+    assert [c.container_image for c in pool.sdk_harness_container_images] == [IMAGE]
+    sdk_options = dict(environment.sdk_pipeline_options["options"])
+    assert sdk_options["device"] == "cuda" and sdk_options["project"] == PROJECT
+    # One model copy per GPU: the handler runs on cuda and is shared across processes.
+    (handler,) = _inference_handlers(job)
+    assert handler.share_model_across_processes()
+    assert handler._unkeyed._device == "cuda"
+
+
+def test_backfill_builds_its_first_job_on_dataflow_offline(gcs_server, dataflow_jobs, world,
+                                                          capsys):
+    """gs:// frames in the CCTView layout: the driver lists camera folders, then builds
+    the first partition's job; nothing is executed or committed."""
+    bucket = gcs_server()
+    client_bucket = gcs_server.client.bucket(bucket)
+    uploaded = upload_tree(world, lambda path, data: client_bucket.blob(
+        "frames/" + path).upload_from_string(data))
+    assert uploaded >= 20
+    code = backfill.main(
+        ["--input", "gs://%s/frames" % bucket, "--start", "2024-05-01T12:00:00",
+         "--end", "2024-05-01T12:01:00", "--chunk", "15m", "--output",
+         "gs://%s/backfill" % bucket, "--detector", "background", "--embedder",
+         "color_histogram"] + _dataflow_flags(bucket))
+    assert code == 0
+    assert "dry run: job 1 of 1 built" in capsys.readouterr().out
+    (job,) = dataflow_jobs
+    names = {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
+    for stage in ("ReadFrames/Patterns", "DetectFrames", "OneDeadLetterPerFile", "Match",
+                  "Owned_0", "Write_detections", "Write_dead_letter"):
+        assert any(n == stage or n.startswith(stage + "/") for n in names), stage
+    assert any(n.startswith("Matches_20240501T120000Z-20240501T120100Z/Write_matches")
+               for n in names)
+    assert list(_environment(job).service_options) == [T4_ACCELERATOR]
+    assert not list(gcs_server.client.list_blobs(bucket, prefix="backfill/_backfill/"))
