@@ -54,6 +54,12 @@ def gcs_server():
     process = subprocess.Popen(
         [str(exe), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "-q"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from apache_beam.internal.gcp import auth
+
+    # Beam looks for Google credentials with retries (~20 s) before it connects
+    # anonymously, which is what the emulator wants: skip the lookup.
+    lookup = auth._Credentials._get_service_credentials
+    auth._Credentials._get_service_credentials = staticmethod(lambda options: None)
     try:
         _wait_for_port(port, process)
         previous = os.environ.get("STORAGE_EMULATOR_HOST")
@@ -75,6 +81,7 @@ def gcs_server():
         else:
             os.environ["STORAGE_EMULATOR_HOST"] = previous
     finally:
+        auth._Credentials._get_service_credentials = lookup
         process.terminate()
         process.wait(timeout=10)
 

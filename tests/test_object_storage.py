@@ -75,3 +75,27 @@ def test_s3_reads_exactly_the_local_frames(tmp_path, s3_server):
     start, end = _ms(13, 10, 0), _ms(13, 10, 20)
     ranged, _, _ = _frames(["s3://frames-bucket/frames/"], options, start_ms=start, end_ms=end)
     assert ranged == [f for f in local if start <= f[2] < end]
+
+
+def test_weights_from_gcs_with_sha256_pin(gcs_server):
+    import hashlib
+
+    import numpy as np
+    import pytest
+
+    from conftest import MODELS
+    from models.registry import build_embedder
+    from models.weights import WeightsError
+
+    data = require_shared(MODELS / "osnet_x0_25.onnx").read_bytes()
+    bucket_name = gcs_server()
+    gcs_server.client.bucket(bucket_name).blob("models/osnet.onnx").upload_from_string(data)
+    uri = "gs://%s/models/osnet.onnx" % bucket_name
+    embedder = build_embedder("onnx", uri, sha256=hashlib.sha256(data).hexdigest())
+    image = np.zeros((240, 352, 3), np.uint8)
+    assert embedder.embed_crops([image], [np.array([[10, 10, 60, 40]], np.float32)])[0].shape \
+        == (1, 512)
+    with pytest.raises(WeightsError, match="weights not found: gs://"):
+        build_embedder("onnx", "gs://%s/models/missing.onnx" % bucket_name)
+    with pytest.raises(WeightsError, match="sha256"):
+        build_embedder("onnx", uri, sha256="0" * 64)
