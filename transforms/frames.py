@@ -164,6 +164,10 @@ class DecodeFrameFn(beam.DoFn):
             self.out_of_range.inc()
             return
         self.listed.inc()
+        if "://" not in uri and not os.path.isfile(uri):
+            # A FIFO or device named like a frame would block the read forever.
+            yield self._dead(uri, "read", "not_a_regular_file", "")
+            return
         if size is not None and size > self._max_bytes:
             yield self._dead(uri, "read", "too_large", "%d bytes > %d" % (size, self._max_bytes))
             return
@@ -184,19 +188,41 @@ class DecodeFrameFn(beam.DoFn):
 
 
 class _CountListed(beam.DoFn):
+    """Counts listed objects; a name that is not valid UTF-8 (which no output can hold)
+    becomes a dead letter here, with its bytes escaped."""
+
     def __init__(self):
         self.objects = Metrics.counter(NAMESPACE, "objects_listed")
+        self.listed = Metrics.counter(NAMESPACE, "frames_listed")
+        self.dead = Metrics.counter(NAMESPACE, "frames_dead_lettered")
 
     def process(self, metadata):
         self.objects.inc()
-        yield metadata.path, metadata.size_in_bytes
+        path = metadata.path
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            self.listed.inc()
+            self.dead.inc()
+            escaped = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(
+                escaped, "parse", "unparseable_path", "file name is not valid UTF-8"))
+            return
+        yield path, metadata.size_in_bytes
+
+
+class ReadFramesOutput(dict):
+    """``{"frames": ..., "dead_letter": ...}``, with ``.frames`` for the main output."""
+
+    @property
+    def frames(self):
+        return self["frames"]
 
 
 class ReadFrames(beam.PTransform):
     """Lists, parses and decodes frame files into timestamped frame dicts.
 
-    Returns a ``DoOutputsTuple`` with the frames as the main output and the
-    ``dead_letter`` tagged output. Each frame is
+    Returns a :class:`ReadFramesOutput`: ``.frames`` and ``["dead_letter"]``. Each frame is
     ``{"uri", "camera_id", "frame_ts_ms", "image"}`` with the capture time as its Beam
     event timestamp. Listing is planned when the pipeline is built (see
     :func:`listing_patterns`); the same file matched by two patterns is read once.
@@ -218,14 +244,19 @@ class ReadFrames(beam.PTransform):
 
     def expand(self, pbegin):
         max_pixels, max_bytes, min_side = self._limits
-        return (
+        listed = (
             pbegin
             | "Patterns" >> beam.Create(self.patterns)
             | "List" >> fileio.MatchAll(fileio.EmptyMatchTreatment.ALLOW)
-            | "CountListed" >> beam.ParDo(_CountListed())
+            | "CountListed" >> beam.ParDo(_CountListed()).with_outputs(
+                DEAD_LETTER, main="paths"))
+        decoded = (
+            listed.paths
             | "ReadEachOnce" >> beam.Distinct()
             | "ParseAndDecode" >> beam.ParDo(
                 DecodeFrameFn(self._layout, self._start_ms, self._end_ms,
                               max_pixels, max_bytes, min_side)
-            ).with_outputs(DEAD_LETTER, main="frames")
-        )
+            ).with_outputs(DEAD_LETTER, main="frames"))
+        dead = ((listed[DEAD_LETTER], decoded[DEAD_LETTER])
+                | "AllFrameDeadLetters" >> beam.Flatten())
+        return ReadFramesOutput(frames=decoded.frames, dead_letter=dead)

@@ -20,13 +20,17 @@ CCTVIEW_LAYOUT = "cctview"
 _CCTVIEW_RE = re.compile(
     r"(?:^|/)(?P<camera>[^/]+)/(?P<Y>\d{4})/(?P<m>\d{2})/(?P<d>\d{2})/"
     r"(?P<H>\d{2})/(?P<M>\d{2})/(?P<S>\d{2})/"
-    r"(?P=camera)--(?P=Y)-(?P=m)-(?P=d)--(?P=H)\.(?P=M)\.(?P=S)--original\.(?:jpe?g|png)$",
-    re.IGNORECASE,
+    r"(?P=camera)--(?P=Y)-(?P=m)-(?P=d)--(?P=H)\.(?P=M)\.(?P=S)--original\.(?:jpe?g|png)\Z",
+    re.IGNORECASE | re.ASCII,  # \Z: no trailing newline; ASCII: no other scripts' digits
 )
 
 # A camera id becomes part of row values and may be shown in reports; it must never
 # be able to smuggle path syntax or control characters anywhere.
-_CAMERA_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_CAMERA_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Capture times that every output can hold: a UTC datetime (years 1-9999).
+_EARLIEST_MS = int(dt.datetime(1, 1, 1, tzinfo=dt.timezone.utc).timestamp() * 1000)
+_LATEST_MS = int(dt.datetime(9999, 12, 31, 23, 59, 59, 999000,
+                             tzinfo=dt.timezone.utc).timestamp() * 1000)
 
 
 class PathParseError(ValueError):
@@ -103,7 +107,7 @@ class FrameLayout:
             raise PathParseError("path does not match the %s layout" % self._describe())
         groups = match.groupdict()
         camera = groups["camera"]
-        if not _CAMERA_ID_RE.match(camera) or ".." in camera:
+        if not _CAMERA_ID_RE.fullmatch(camera) or ".." in camera:
             raise PathParseError("unsafe camera id %r" % camera[:80])
         try:
             if self.is_cctview:
@@ -113,9 +117,13 @@ class FrameLayout:
                 )
             else:
                 local = _datetime_from_groups(groups)
+            ts_ms = _to_utc_ms(local, self._tz)
         except (ValueError, OverflowError) as exc:
             raise PathParseError("invalid capture time: %s" % exc) from exc
-        return ParsedPath(camera, _to_utc_ms(local, self._tz))
+        if not _EARLIEST_MS <= ts_ms <= _LATEST_MS:
+            raise PathParseError("capture time %s is outside years 1-9999 in UTC"
+                                 % local.isoformat())
+        return ParsedPath(camera, ts_ms)
 
     def _describe(self) -> str:
         return "CCTView" if self.is_cctview else "--layout regex"
