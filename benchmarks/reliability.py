@@ -361,13 +361,12 @@ def run_oddities(jpeg, tmp, world):
     good.write_bytes(jpeg)
     with open(os.path.join(os.fsencode(good.parent), b"bad-\xff\xfe.jpeg"), "wb") as handle:
         handle.write(jpeg)
-    cases.append(("ReadFrames: a file name that is not UTF-8 (BUG)", root, "UTC"))
+    cases.append(("ReadFrames: a file name that is not UTF-8", root, "UTC"))
     root = base / "fifo"
     fifo = Path(_layout_path(str(root), "cam-1", dt.datetime(2021, 3, 4), "jpeg"))
     fifo.parent.mkdir(parents=True)
     os.mkfifo(fifo)
-    cases.append(("ReadFrames: a FIFO named like a frame, local disks only (BUG)", root,
-                  "UTC"))
+    cases.append(("ReadFrames: a FIFO named like a frame (local disks only)", root, "UTC"))
     for title, root, tz in cases:
         code = _ODDITY % {"repo": str(REPO), "root": str(root), "tz": tz}
         started = time.time()
@@ -381,7 +380,8 @@ def run_oddities(jpeg, tmp, world):
             crashed = int(done.returncode != 0)
         except subprocess.TimeoutExpired:
             outcome, crashed = "HUNG (killed after 15 s)", 1
-        rows.append({"kind": title, "tried": 1, "crashed": crashed, "dead": 0,
+        rows.append({"kind": title + (" (BUG)" if crashed else ""), "tried": 1,
+                     "crashed": crashed, "dead": 1 - crashed,
                      "reasons": "%s; %.0f s" % (outcome, time.time() - started)})
     # A capture time valid in the path's time zone but outside datetime's range in UTC.
     root = base / "year9999"
@@ -395,10 +395,19 @@ def run_oddities(jpeg, tmp, world):
     done = subprocess.run([CLI, "extract", "--input", str(root), "--output",
                            str(base / "year9999-out"), "--timezone", "America/New_York",
                            *MODELS], capture_output=True, text=True, timeout=120)
-    rows.append({"kind": "cctview extract: capture time 9999-12-31 23:00 America/New_York "
-                         "(BUG)", "tried": 1, "crashed": int(done.returncode != 0),
-                 "dead": 0, "reasons": "exit %d: %s; %.0f s" % (
-                     done.returncode, _last_error(done.stderr) or "ok",
+    crashed = int(done.returncode != 0)
+    dead = 0
+    if not crashed:
+        import pyarrow.dataset as ds
+
+        dead = ds.dataset(str(base / "year9999-out" / "dead_letter"), format="parquet",
+                          partitioning="hive").count_rows()
+    rows.append({"kind": "cctview extract: 12 frames at 9999-12-31 23:00, --timezone "
+                         "America/New_York" + (" (BUG)" if crashed else ""),
+                 "tried": 12, "crashed": crashed, "dead": dead,
+                 "reasons": "%s; %.0f s" % (
+                     "exit %d: %s" % (done.returncode, _last_error(done.stderr)) if crashed
+                     else "exit 0, %d of 12 frames dead-lettered" % dead,
                      time.time() - started)})
     return rows
 
@@ -613,8 +622,7 @@ camera id holds control characters or path syntax, or whose time cannot be writt
 for a pipeline, a job that fails or hangs, a listed file that is neither a frame nor a
 dead letter, or counters that do not reconcile; for a fault, final outputs that differ
 from a clean run's (detection rows, match pairs, dead letters, file names) or hold
-duplicates. Rows marked BUG are production bugs, kept in the table until fixed; each has
-a strict-xfail test in `tests/test_hostile_input.py`.
+duplicates. A row is marked BUG when it has crashes: a production bug.
 
 ## What the local runners do with a failure (Beam %(beam)s)
 
@@ -640,24 +648,30 @@ a strict-xfail test in `tests/test_hostile_input.py`.
   (e.g. `timeout`) and re-run on failure or expiry: the re-run's outputs equal a clean
   run's. Dataflow replaces dead workers and retries their bundles itself.
 
-## Known bugs found by these runs (fixes described in the xfail reasons)
+## Bugs found by this script and its tests
 
-1. `transforms/layout.py`: `_CAMERA_ID_RE` ends in `$`, which matches before a trailing
-   newline: camera id `"cam\\n"` is accepted. Fix: `_CAMERA_ID_RE.fullmatch(camera)`.
-2. `transforms/layout.py`: `_CCTVIEW_RE` ends in `$` (a path ending in `\\n` parses) and
-   its `\\d` matches non-ASCII digits (`٢٠٢٤` parses as 2024). Fix: end with `\\Z`, compile
+All five were reproduced (the job failed or hung, or an unsafe camera id was accepted),
+then fixed in the code measured above; regression tests in `tests/test_hostile_input.py`
+guard each (`test_camera_id_never_ends_with_a_newline`,
+`test_layout_path_with_trailing_newline_is_rejected`, `test_layout_digits_are_ascii_only`,
+`test_parsed_capture_time_is_representable_in_outputs`,
+`test_read_frames_with_non_utf8_file_name`, `test_read_frames_does_not_hang_on_a_fifo`).
+
+1. `transforms/layout.py`: `_CAMERA_ID_RE` ended in `$`, which matches before a trailing
+   newline: camera id `"cam\\n"` was accepted. Fix: `_CAMERA_ID_RE.fullmatch(camera)`.
+2. `transforms/layout.py`: `_CCTVIEW_RE` ended in `$` (a path ending in `\\n` parsed) and
+   its `\\d` matched non-ASCII digits (`٢٠٢٤` parsed as 2024). Fix: end with `\\Z`, compile
    with `re.IGNORECASE | re.ASCII`.
 3. `transforms/layout.py` `FrameLayout.parse`: a capture time that exists locally but not
-   in UTC's datetime range (9999-12-31 23:00 in America/New_York) parses, and the
-   detections writer then fails the whole job with "year 10000 is out of range". Fix:
-   compute and range-check the UTC time inside the `try` and raise `PathParseError`.
-4. `transforms/frames.py` `_CountListed.process`: a file name that is not UTF-8 fails the
-   whole job with `UnicodeEncodeError`. Fix: turn it into an encodable string
-   (`surrogateescape` -> `backslashreplace`) so it is dead-lettered.
-5. `transforms/frames.py` `DecodeFrameFn.process`: a FIFO named like a frame blocks
-   `FileSystems.open` forever (local disks only), so the job hangs. Fix: before opening,
-   `if "://" not in uri and os.path.exists(uri) and not os.path.isfile(uri):` dead-letter
-   it as `read_error` ("not a regular file").
+   in UTC's datetime range (9999-12-31 23:00 in America/New_York) parsed, and the
+   detections writer then failed the whole job with "year 10000 is out of range". Fix:
+   range-check the UTC time (years 1-9999) and raise `PathParseError`.
+4. `transforms/frames.py` `_CountListed.process`: a file name that is not UTF-8 failed
+   the whole job with `UnicodeEncodeError`. Fix: dead-letter it there, its name escaped
+   (`surrogateescape` -> `backslashreplace`), as `unparseable_path`.
+5. `transforms/frames.py` `DecodeFrameFn.process`: a FIFO named like a frame blocked
+   `FileSystems.open` forever (local disks only), so the job hung. Fix: a local path
+   that is not a regular file is dead-lettered as `not_a_regular_file` before opening.
 
 Not covered: progressive JPEGs with thousands of scans (decode time grows with the scan
 count; libjpeg-turbo's scan limit is only in its TurboJPEG API), and object-store
