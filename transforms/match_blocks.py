@@ -221,6 +221,14 @@ class CandidateBands:
             return self._empty
         return np.ascontiguousarray(-iv[::-1, ::-1])
 
+    def max_width_ms(self) -> int:
+        """The widest span ``hi - lo`` of the candidate ``dt`` of any camera pair (ms):
+        how far past a window of queries its references can reach in all."""
+        if self._pairs is None:
+            return 2 * self.max_gap_ms
+        return max((int(iv[:, 1].max() - iv[:, 0].min()) for iv in self._pairs.values()),
+                   default=0)
+
     def partners(self, cam: str, cameras: Iterable[str] = ()) -> list:
         """The cameras ``cam`` can have candidates in (sorted)."""
         if self._pairs is None:
@@ -291,21 +299,89 @@ def prepare_embeddings(emb, metric: str) -> np.ndarray:
     return e
 
 
+def row_norms(e: np.ndarray) -> np.ndarray:
+    """Squared L2 norm of each row, float32 (the ``|q|^2`` of the l2 distance)."""
+    return np.einsum("ij,ij->i", e, e, dtype=np.float32)
+
+
+class Prepared(NamedTuple):
+    """A block side ready for :func:`raw_distances`: the embeddings (for the query side
+    of l2, times 2: exact in float32, so ``(2q) @ r.T == 2 (q @ r.T)`` bit for bit) and,
+    for l2, the rows' :func:`row_norms` of the unscaled embeddings."""
+    emb: np.ndarray
+    norms: Optional[np.ndarray]
+
+    def rows(self, i0: int, i1: int) -> "Prepared":
+        return Prepared(self.emb[i0:i1], None if self.norms is None else self.norms[i0:i1])
+
+
+def prepare_side(emb: np.ndarray, metric: str, role: str) -> Prepared:
+    """``role`` ``"q"`` (query) or ``"r"`` (reference) rows for :func:`raw_distances`."""
+    if metric != "l2":
+        return Prepared(emb, None)
+    norms = row_norms(emb)
+    if role == "q":
+        emb = np.multiply(emb, np.float32(2.0), dtype=np.float32)
+    return Prepared(emb, norms)
+
+
+def finite_block(q: Prepared, r: Prepared, metric: str) -> bool:
+    """True when every :func:`raw_distances` value of the two sides is finite (finite
+    embeddings and norms small enough that no sum or product can overflow), so tiles
+    need no NaN/inf check."""
+    if metric == "l2":
+        if not (len(q.norms) and len(r.norms)):
+            return True
+        bound = float(q.norms.max()) + float(r.norms.max())
+        return bool(np.isfinite(q.norms).all() and np.isfinite(r.norms).all()
+                    and bound < 1e37)
+    return bool(np.isfinite(q.emb).all() and np.isfinite(r.emb).all())
+
+
+def _tile_buffer(buf: Optional[np.ndarray], n: int, m: int, dtype=np.float32) -> np.ndarray:
+    """An (n, m) C-contiguous view of the flat ``buf`` when it is large enough, else new."""
+    if buf is None or buf.size < n * m:
+        return np.empty((n, m), dtype=dtype)
+    return buf[:n * m].reshape(n, m)
+
+
+def raw_distances(q: Prepared, r: Prepared, metric: str, out: Optional[np.ndarray] = None,
+                  work: Optional[np.ndarray] = None) -> np.ndarray:
+    """(n, m) float32 between :func:`prepare_side` rows: l2: ``(|q|^2 + |r|^2) - 2 q.r``,
+    the squared distance before the clamp at 0 (finish with :func:`finish_distances`);
+    cosine: the distance ``1 - q.r`` clipped to [0, 2]. ``out``/``work``: flat float32
+    buffers to reuse from tile to tile (the result is a view of ``out``)."""
+    if q.emb.shape[1] != r.emb.shape[1]:
+        raise ValueError("embedding dimensions differ: %d vs %d"
+                         % (q.emb.shape[1], r.emb.shape[1]))
+    n, m = q.emb.shape[0], r.emb.shape[0]
+    x = _tile_buffer(out, n, m)
+    if metric == "cosine":
+        np.matmul(q.emb, r.emb.T, out=x)
+        np.subtract(np.float32(1.0), x, out=x)
+        np.clip(x, np.float32(0.0), np.float32(2.0), out=x)
+        return x
+    prod2 = _tile_buffer(work, n, m)
+    np.matmul(q.emb, r.emb.T, out=prod2)
+    np.add(q.norms[:, None], r.norms[None, :], out=x)
+    x -= prod2
+    return x
+
+
+def finish_distances(x: np.ndarray, metric: str) -> np.ndarray:
+    """:func:`raw_distances` values -> distances, in place (l2: ``sqrt(max(x, 0))``)."""
+    if metric == "l2":
+        np.maximum(x, np.float32(0.0), out=x)
+        np.sqrt(x, out=x)
+    return x
+
+
 def pair_distances(q: np.ndarray, r: np.ndarray, metric: str) -> np.ndarray:
     """(n, m) float32 distances between prepared embeddings (see prepare_embeddings)."""
     if q.shape[1] != r.shape[1]:
         raise ValueError("embedding dimensions differ: %d vs %d" % (q.shape[1], r.shape[1]))
-    prod = q @ r.T
-    if metric == "cosine":
-        d = np.float32(1.0) - prod
-        np.clip(d, np.float32(0.0), np.float32(2.0), out=d)
-        return d
-    qn = np.einsum("ij,ij->i", q, q, dtype=np.float32)
-    rn = np.einsum("ij,ij->i", r, r, dtype=np.float32)
-    d2 = qn[:, None] + rn[None, :]
-    d2 -= np.float32(2.0) * prod
-    np.maximum(d2, np.float32(0.0), out=d2)
-    return np.sqrt(d2, out=d2)
+    return finish_distances(raw_distances(prepare_side(q, metric, "q"),
+                                          prepare_side(r, metric, "r"), metric), metric)
 
 
 # ---------------------------------------------------------------------- block sides
@@ -371,16 +447,40 @@ def make_batches(window_start_ms: int, records: Iterable[tuple], max_size: int) 
 
 def side_from_batches(camera_id: str, batches: Sequence[Batch], metric: str,
                       keep: Optional[Sequence[np.ndarray]] = None) -> Side:
-    """Concatenates batches (optionally only the ``keep`` masks' rows) into a Side."""
+    """Concatenates batches (optionally only the ``keep`` masks' rows) into a Side.
+
+    The embeddings are converted to float32 once, straight into the Side's array (a
+    float16 batch is never copied as float32 first), and reordered only when the
+    batches are not already in (ts, id) order.
+    """
     if keep is not None:
         batches = [Batch(b.window_start_ms, b.ids[k], b.ts[k], b.emb[k])
                    for b, k in zip(batches, keep)]
     batches = [b for b in batches if len(b)]
     if not batches:
         return make_side(camera_id, [], [], np.zeros((0, 0), np.float32), metric)
-    return make_side(camera_id, np.concatenate([b.ids for b in batches]),
-                     np.concatenate([b.ts for b in batches]),
-                     np.concatenate([np.asarray(b.emb, np.float32) for b in batches]), metric)
+    if len(batches) > 1:
+        batches = sorted(batches, key=lambda b: (int(b.ts[0]), str(b.ids[0])))
+    ids = np.concatenate([np.asarray(b.ids, dtype=str) for b in batches])
+    ts = np.concatenate([np.asarray(b.ts, dtype=np.int64) for b in batches])
+    embs = [np.asarray(b.emb).reshape(len(b), -1) for b in batches]
+    if len({e.shape[1] for e in embs}) > 1:
+        raise ValueError("embedding dimensions differ within camera %s" % (camera_id,))
+    emb = np.empty((len(ids), embs[0].shape[1]), dtype=np.float32)
+    np.concatenate(embs, out=emb, casting="same_kind")
+    if len(ids) > 1 and not _sorted_by_ts_id(ts, ids):
+        order = np.lexsort((ids, ts))
+        ids, ts, emb = ids[order], ts[order], emb[order]
+    return Side(str(camera_id), ids, ts, prepare_embeddings(emb, metric))
+
+
+def _sorted_by_ts_id(ts: np.ndarray, ids: np.ndarray) -> bool:
+    """Whether rows are in (ts, id) order (ids unique)."""
+    dts = np.diff(ts)
+    if np.any(dts < 0):
+        return False
+    same = np.nonzero(dts == 0)[0]
+    return not len(same) or bool(np.all(ids[same] < ids[same + 1]))
 
 
 def _id_ranks(ids: np.ndarray) -> np.ndarray:
@@ -422,6 +522,9 @@ def scan_block(q: Side, r: Side, intervals: np.ndarray, metric: str, threshold=N
     thr = None if threshold is None else np.float32(threshold)
     lo_all, hi_all = int(intervals[:, 0].min()), int(intervals[:, 1].max())
     r_rank = _id_ranks(r.ids)
+    qp, rp = prepare_side(q.emb, metric, "q"), prepare_side(r.emb, metric, "r")
+    size = min(q_tile, nq) * min(r_tile, nr)
+    buf, work = np.empty(size, np.float32), np.empty(size, np.float32)
     for i0 in range(0, nq, q_tile):
         i1 = min(nq, i0 + q_tile)
         j0 = int(np.searchsorted(r.ts, q.ts[i0] + lo_all, side="left"))
@@ -436,7 +539,8 @@ def scan_block(q: Side, r: Side, intervals: np.ndarray, metric: str, threshold=N
                 continue
             n_cand += c
             n_cells += mask.size
-            d = pair_distances(q.emb[i0:i1], r.emb[jj0:jj1], metric)
+            d = finish_distances(raw_distances(qp.rows(i0, i1), rp.rows(jj0, jj1), metric,
+                                               buf, work), metric)
             keep = mask & (np.isfinite(d) if thr is None else (d <= thr))
             if keep_k is not None and keep.shape[1] > keep_k:
                 dm = np.where(keep, d, np.float32(np.inf))
@@ -499,6 +603,287 @@ def split_block(q: Side, r: Side, intervals: np.ndarray, max_cells: int) -> list
     return out
 
 
+# ------------------------------------------------------------ nearest neighbours
+def dt_intervals(intervals: np.ndarray) -> np.ndarray:
+    """The candidate ``dt`` set of ``intervals`` (inclusive, ms) without ``dt == 0``, as
+    sorted, disjoint, non-adjacent inclusive intervals ((m, 2) int64)."""
+    parts = []
+    for lo, hi in np.asarray(intervals, dtype=np.int64).reshape(-1, 2).tolist():
+        if lo <= -1:
+            parts.append((lo, min(hi, -1)))
+        if hi >= 1:
+            parts.append((max(lo, 1), hi))
+    merged: list = []
+    for lo, hi in sorted(parts):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return np.asarray(merged, dtype=np.int64).reshape(-1, 2)
+
+
+def _mask_outside(d: np.ndarray, starts: list, ends: list) -> None:
+    """Sets ``d[i, j] = inf`` for every column ``j`` outside row ``i``'s candidate ranges
+    ``[starts[i][k], ends[i][k])`` (tile columns, sorted, disjoint)."""
+    inf = np.float32(np.inf)
+    width = d.shape[1]
+    for i, (row_s, row_e) in enumerate(zip(starts, ends)):
+        prev = 0
+        row = None
+        for a, b in zip(row_s, row_e):
+            if a >= b:
+                continue
+            if a > prev:
+                if row is None:
+                    row = d[i]
+                row[prev:a] = inf
+            prev = b
+        if prev < width:
+            d[i, prev:] = inf
+
+
+_F32_MAX = np.float32(np.finfo(np.float32).max)
+# Relative margin on squared l2 distances: every x whose float32 sqrt equals sqrt(m) is
+# <= m * (1 + 2.4e-7) (correctly rounded sqrt), so this keeps a superset of the ties.
+_SQ_MARGIN = np.float32(1e-5)
+
+
+def _near_cells(x: np.ndarray, k: int, axis: int, metric: str,
+                mask_buf: Optional[np.ndarray] = None):
+    """(rows, cols) of cells of the :func:`raw_distances` tile ``x`` that can be among
+    their row's (axis=1) or column's (axis=0) first ``k`` finite cells in (distance, id)
+    order: every finite cell whose distance is <= the k-th smallest of its line, ties
+    included (for l2, a small margin on the squared value keeps every cell whose rounded
+    distance may equal it). Masked cells are +inf and never returned."""
+    if x.size == 0:
+        return np.zeros(0, np.intp), np.zeros(0, np.intp)
+    if k == 1:
+        bound = x.min(axis=axis)
+    elif x.shape[axis] <= k:
+        bound = np.full(x.shape[1 - axis], np.inf, dtype=np.float32)
+    else:
+        bound = np.partition(x, k - 1, axis=axis).take(k - 1, axis=axis)
+    if metric == "l2":
+        np.maximum(bound, np.float32(0.0), out=bound)
+        bound *= np.float32(1.0) + _SQ_MARGIN
+    np.minimum(bound, _F32_MAX, out=bound)  # lines of inf only: nothing
+    sel = _tile_buffer(mask_buf, x.shape[0], x.shape[1], bool)
+    np.less_equal(x, bound[:, None] if axis == 1 else bound[None, :], out=sel)
+    return np.divmod(np.flatnonzero(sel), x.shape[1])
+
+
+def _first_k(groups: np.ndarray, others: np.ndarray, dist: np.ndarray, other_rank: np.ndarray,
+             k: int):
+    """Sorts cells by (group, distance, other id) and keeps each group's first k.
+
+    Returns (positions into the inputs, 1-based ranks)."""
+    order = np.lexsort((other_rank[others], dist, groups))
+    rank = _ranks_within_groups(groups[order])
+    keep = rank <= k
+    return order[keep], rank[keep]
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray, queries: np.ndarray) -> tuple:
+    """(found, value) of each query key in ``keys`` (unique int64); value 0 where absent."""
+    if len(keys) == 0 or len(queries) == 0:
+        return np.zeros(len(queries), bool), np.zeros(len(queries), np.int64)
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    pos = np.minimum(np.searchsorted(sk, queries), len(sk) - 1)
+    found = sk[pos] == queries
+    return found, np.where(found, values[order][pos], 0)
+
+
+class Neighbours(NamedTuple):
+    """The nearest-neighbour cells of one block (indices into its query/reference Sides).
+
+    Eligible cells: candidates with a finite distance <= threshold. ``row_*``: each
+    query's first ``k`` eligible cells in (distance, reference id) order, sorted by
+    (qi, distance, id); ``row_rank``: their 1-based ranks, which are the ranks among all
+    of the query's candidates in the reference camera (a block holds all of them: the
+    references are every detection in its queries' reach). ``col_*``: each reference's
+    first ``k`` eligible cells *within this block* in (distance, query id) order, sorted
+    by (rj, distance, id), partial over the query camera (other blocks hold the
+    reference's other candidates); ``col_rank_q``: the query's ``row_rank`` of the cell
+    where the query selected it, else 0. ``row_in_cols``: whether each row cell is one of
+    the col cells. ``n_candidates``: candidate cells; ``n_cells``: distances computed.
+    """
+    row_q: np.ndarray
+    row_r: np.ndarray
+    row_dist: np.ndarray
+    row_rank: np.ndarray
+    row_in_cols: np.ndarray
+    col_q: np.ndarray
+    col_r: np.ndarray
+    col_dist: np.ndarray
+    col_rank_q: np.ndarray
+    n_candidates: int
+    n_cells: int
+
+
+def _empty_neighbours(n_candidates: int = 0, n_cells: int = 0) -> Neighbours:
+    i = np.zeros(0, np.int64)
+    return Neighbours(i, i, np.zeros(0, np.float32), i, np.zeros(0, bool), i, i,
+                      np.zeros(0, np.float32), i, n_candidates, n_cells)
+
+
+def neighbour_block(q: Side, r: Side, intervals: np.ndarray, metric: str, threshold=None,
+                    k: int = 1, q_tile: int = DEFAULT_Q_TILE,
+                    r_tile: int = DEFAULT_R_TILE) -> Neighbours:
+    """Both directions of nearest neighbours from one pass over a block's distances.
+
+    Each candidate cell is computed once (tile by tile, at most ``q_tile x r_tile``
+    cells at a time, buffers reused). Rows give each query's first ``k`` (final: the
+    block holds all its candidates); columns give each reference's first ``k`` among
+    this block's queries (partial: merge them over the blocks with
+    :func:`merge_partials`). The first ``k`` of a reference over all blocks are among
+    the union of its per-block first ``k``, with the same order, so the merge gives its
+    exact ranks. Only the candidate columns of each query tile are scanned (both sides
+    are sorted by time).
+    """
+    nq, nr = len(q), len(r)
+    iv = dt_intervals(intervals)
+    if nq == 0 or nr == 0 or len(iv) == 0:
+        return _empty_neighbours()
+    thr = None if threshold is None else np.float32(threshold)
+    inf = np.float32(np.inf)
+    q_rank, r_rank = _id_ranks(q.ids), _id_ranks(r.ids)
+    qp, rp = prepare_side(q.emb, metric, "q"), prepare_side(r.emb, metric, "r")
+    size = min(q_tile, nq) * min(r_tile, nr)
+    buf, work = np.empty(size, np.float32), np.empty(size, np.float32)
+    mask_buf = np.empty(size, bool)
+    finite = finite_block(qp, rp, metric)
+    rows_q, rows_r, rows_d, rows_rank = [], [], [], []
+    cols_q, cols_r, cols_d = [], [], []
+    n_cand = n_cells = 0
+    for i0 in range(0, nq, q_tile):
+        i1 = min(nq, i0 + q_tile)
+        qt = q.ts[i0:i1]
+        starts = np.stack([np.searchsorted(r.ts, qt + lo, side="left") for lo in iv[:, 0]])
+        ends = np.stack([np.searchsorted(r.ts, qt + hi, side="right") for hi in iv[:, 1]])
+        c = int((ends - starts).sum())
+        if c == 0:
+            continue
+        n_cand += c
+        nonempty = ends > starts
+        j0, j1 = int(starts[nonempty].min()), int(ends[nonempty].max())
+        tq, tr, td = [], [], []
+        for jj0 in range(j0, j1, r_tile):
+            jj1 = min(j1, jj0 + r_tile)
+            s_t = np.clip(starts, jj0, jj1) - jj0
+            e_t = np.clip(ends, jj0, jj1) - jj0
+            if not (e_t > s_t).any():
+                continue
+            x = raw_distances(qp.rows(i0, i1), rp.rows(jj0, jj1), metric, buf, work)
+            n_cells += x.size
+            if not finite and not np.isfinite(x.max()):  # NaN/inf: never a match
+                x[~np.isfinite(x)] = inf
+            _mask_outside(x, s_t.T.tolist(), e_t.T.tolist())
+            for axis, (aq, ar, ad) in ((1, (tq, tr, td)), (0, (cols_q, cols_r, cols_d))):
+                ri, cj = _near_cells(x, k, axis, metric, mask_buf)
+                dv = finish_distances(x[ri, cj], metric)
+                if thr is not None:  # eligible cells are a prefix of each line's order
+                    ok = dv <= thr
+                    ri, cj, dv = ri[ok], cj[ok], dv[ok]
+                aq.append(ri + i0)
+                ar.append(cj + jj0)
+                ad.append(dv)
+        if tq:
+            qi, rj, dv = np.concatenate(tq), np.concatenate(tr), np.concatenate(td)
+            pos, rank = _first_k(qi, rj, dv, r_rank, k)
+            rows_q.append(qi[pos])
+            rows_r.append(rj[pos])
+            rows_d.append(dv[pos])
+            rows_rank.append(rank)
+    if not rows_q:
+        return _empty_neighbours(n_cand, n_cells)
+    row_q, row_r = np.concatenate(rows_q).astype(np.int64), np.concatenate(rows_r).astype(np.int64)
+    row_d, row_rank = np.concatenate(rows_d), np.concatenate(rows_rank).astype(np.int64)
+    cq, cr, cd = np.concatenate(cols_q), np.concatenate(cols_r), np.concatenate(cols_d)
+    pos, _ = _first_k(cr, cq, cd, q_rank, k)
+    col_q, col_r, col_d = cq[pos].astype(np.int64), cr[pos].astype(np.int64), cd[pos]
+    row_keys, col_keys = row_q * nr + row_r, col_q * nr + col_r
+    _, col_rank_q = _lookup(row_keys, row_rank, col_keys)
+    row_in_cols, _ = _lookup(col_keys, np.zeros(len(col_keys), np.int64), row_keys)
+    return Neighbours(row_q, row_r, row_d, row_rank, row_in_cols, col_q, col_r, col_d,
+                      col_rank_q, n_cand, n_cells)
+
+
+class Partial(NamedTuple):
+    """Candidates of camera-B detections found in one block (see :func:`merge_partials`).
+
+    Parallel arrays, one entry per (B detection, A detection) cell: ``rank_a`` is the
+    A detection's rank of the cell where it selected the B detection, else 0.
+    """
+    ids_b: np.ndarray
+    ts_b: np.ndarray
+    ids_a: np.ndarray
+    ts_a: np.ndarray
+    dist: np.ndarray
+    rank_a: np.ndarray
+
+    def __len__(self):
+        return len(self.ids_b)
+
+    def take(self, sel) -> "Partial":
+        return Partial(*(a[sel] for a in self))
+
+
+def neighbour_outputs(q: Side, r: Side, nb: Neighbours, policy: str, window_ms: int):
+    """A block's :class:`Neighbours` (``q`` = camera A, ``r`` = camera B, A < B) ->
+    ``(matches, partial)``.
+
+    ``matches``: Match dicts that are final here: for ``topk``, the cells an A detection
+    selected that are not among their B detection's first ``top_k`` in this block (so
+    not in its first ``top_k`` over all blocks: ``rank_b`` None); none for ``mutual``.
+    ``partial``: the B detections' per-block first cells, for :func:`merge_partials`.
+    """
+    matches = []
+    if policy == "topk":
+        sel = np.nonzero(~nb.row_in_cols)[0]
+        for i, j, d, k in zip(nb.row_q[sel].tolist(), nb.row_r[sel].tolist(),
+                              nb.row_dist[sel].tolist(), nb.row_rank[sel].tolist()):
+            matches.append(make_match(q.ids[i], r.ids[j], q.camera_id, r.camera_id, q.ts[i],
+                                      r.ts[j], d, policy, k, None, window_ms))
+    partial = Partial(r.ids[nb.col_r], r.ts[nb.col_r], q.ids[nb.col_q], q.ts[nb.col_q],
+                      nb.col_dist.astype(np.float32, copy=False), nb.col_rank_q)
+    return matches, partial
+
+
+def merge_partials(cam_a: str, cam_b: str, partials: Sequence[Partial], policy: str,
+                   top_k: int, window_ms: int) -> list:
+    """Merges the per-block partials of camera-B detections (each B detection's cells
+    from every block that holds it) into Match dicts.
+
+    Each B detection's first ``k`` (``k = 1`` for ``mutual``) over the union, in
+    (distance, detection_id_a) order, are its selections with their exact ranks.
+    ``topk``: a cell is output if B selected it or A did (``rank_a > 0``); ``mutual``:
+    if both did.
+    """
+    partials = [p for p in partials if len(p)]
+    if not partials:
+        return []
+    p = partials[0] if len(partials) == 1 else Partial(
+        *(np.concatenate(cols) for cols in zip(*partials)))
+    k = 1 if policy == "mutual" else int(top_k)
+    order = np.lexsort((p.ids_a, p.dist, p.ids_b))
+    p = p.take(order)
+    rank_b = _ranks_within_groups(p.ids_b)
+    chosen_b = rank_b <= k
+    if policy == "mutual":
+        out = chosen_b & (p.rank_a == 1)
+    else:
+        out = chosen_b | (p.rank_a > 0)
+    sel = np.nonzero(out)[0]
+    matches = []
+    for i, ra, rb, cb in zip(sel.tolist(), p.rank_a[sel].tolist(), rank_b[sel].tolist(),
+                             chosen_b[sel].tolist()):
+        matches.append(make_match(p.ids_a[i], p.ids_b[i], cam_a, cam_b, p.ts_a[i], p.ts_b[i],
+                                  p.dist[i], policy, ra if ra > 0 else None,
+                                  rb if cb else None, window_ms))
+    return matches
+
+
 # ------------------------------------------------------------------ policy blocks
 def assign_cells(q: Side, r: Side, qi: np.ndarray, rj: np.ndarray, dist: np.ndarray):
     """One-to-one assignment over the allowed cells ``(qi, rj, dist)``.
@@ -553,17 +938,13 @@ def assign_cells(q: Side, r: Side, qi: np.ndarray, rj: np.ndarray, dist: np.ndar
 def block_matches(q: Side, r: Side, intervals: np.ndarray, policy: str, metric: str,
                   threshold=None, top_k: int = 1, q_tile: int = DEFAULT_Q_TILE,
                   r_tile: int = DEFAULT_R_TILE):
-    """Runs one block (queries of camera Q vs references of camera R) for a policy.
+    """Runs one ``all`` or ``assignment`` block (queries of camera Q < references of R).
 
     Yields ``(qi, rj, dist, rank, n_candidates, n_cells)`` chunks (numpy arrays):
-    ``all``: every kept cell; ``topk``/``mutual``: each query's first ``top_k`` / 1
-    cells (directed neighbour records); ``assignment``: the assigned cells (one chunk).
+    ``all``: every kept cell; ``assignment``: the assigned cells (one chunk).
+    ``topk``/``mutual`` blocks go through :func:`neighbour_block` instead.
     """
-    if policy in ("topk", "mutual"):
-        k = top_k if policy == "topk" else 1
-        yield from scan_block(q, r, intervals, metric, threshold, keep_k=k,
-                              q_tile=q_tile, r_tile=r_tile)
-    elif policy == "all":
+    if policy == "all":
         yield from scan_block(q, r, intervals, metric, threshold, q_tile=q_tile, r_tile=r_tile)
     elif policy == "assignment":
         chunks = list(scan_block(q, r, intervals, metric, threshold, q_tile=q_tile,
@@ -578,7 +959,7 @@ def block_matches(q: Side, r: Side, intervals: np.ndarray, policy: str, metric: 
         yield ChunkResult(qi[pick], rj[pick], dist[pick], rank[pick],
                           sum(c.n_candidates for c in chunks), sum(c.n_cells for c in chunks))
     else:
-        raise ValueError("unknown policy %r" % (policy,))
+        raise ValueError("block_matches runs all/assignment blocks, not %r" % (policy,))
 
 
 # ------------------------------------------------------------------------- records
@@ -605,48 +986,12 @@ def make_match(id_a, id_b, cam_a, cam_b, ts_a, ts_b, distance, policy, rank_a, r
 
 
 def block_outputs(q: Side, r: Side, chunk: ChunkResult, policy: str, window_ms: int):
-    """Turns a block chunk into output records.
-
-    ``all``/``assignment`` (blocks with ``q.camera_id < r.camera_id`` only): Match
-    dicts. ``topk``/``mutual``: directed neighbour records
-    ``((id_a, id_b), (q_is_a, rank, distance, cam_a, cam_b, ts_a, ts_b))`` to be merged
-    by :func:`merge_directed`.
-    """
-    qa = q.camera_id < r.camera_id
+    """Turns an ``all``/``assignment`` block chunk (``q.camera_id < r.camera_id``) into
+    Match dicts."""
     for i, j, d, k in zip(chunk.qi.tolist(), chunk.rj.tolist(), chunk.dist.tolist(),
                           chunk.rank.tolist()):
-        if policy in ("all", "assignment"):
-            yield make_match(q.ids[i], r.ids[j], q.camera_id, r.camera_id, q.ts[i], r.ts[j],
-                             d, policy, k, None, window_ms)
-        elif qa:
-            yield ((str(q.ids[i]), str(r.ids[j])),
-                   (True, k, d, q.camera_id, r.camera_id, int(q.ts[i]), int(r.ts[j])))
-        else:
-            yield ((str(r.ids[j]), str(q.ids[i])),
-                   (False, k, d, r.camera_id, q.camera_id, int(r.ts[j]), int(q.ts[i])))
-
-
-def merge_directed(key, values, policy: str, window_ms: int) -> Optional[dict]:
-    """Merges the directed records of one unordered pair into a Match (or None).
-
-    ``topk``: output if either side selected the other; ``mutual``: only if both did.
-    The distance is taken from the a->b record when present.
-    """
-    fwd = bwd = None
-    for v in values:
-        if v[0]:
-            fwd = v
-        else:
-            bwd = v
-    if policy == "mutual" and (fwd is None or bwd is None):
-        return None
-    src = fwd if fwd is not None else bwd
-    if src is None:
-        return None
-    _, _, d, cam_a, cam_b, ts_a, ts_b = src
-    return make_match(key[0], key[1], cam_a, cam_b, ts_a, ts_b, d, policy,
-                      None if fwd is None else fwd[1], None if bwd is None else bwd[1],
-                      window_ms)
+        yield make_match(q.ids[i], r.ids[j], q.camera_id, r.camera_id, q.ts[i], r.ts[j],
+                         d, policy, k, None, window_ms)
 
 
 def assignment_key(m: dict) -> tuple:
@@ -699,11 +1044,11 @@ def match_arrays(cam, ts_ms, emb, ids, policy: str = "mutual", metric: str = "l2
         sides[c] = make_side(c, [ids[i] for i in sel], ts_ms[sel], emb[sel], metric)
     cameras = sorted(sides)
     out: list = []
-    directed: dict = {}
     assigned: dict = {}
+    k = 1 if policy == "mutual" else top_k
     for qc in cameras:
         for rc in bands.partners(qc, cameras):
-            if rc not in sides or (policy in ("all", "assignment") and not qc < rc):
+            if rc not in sides or not qc < rc:
                 continue
             iv = bands.intervals(qc, rc)
             q, r = sides[qc], sides[rc]
@@ -716,23 +1061,20 @@ def match_arrays(cam, ts_ms, emb, ids, policy: str = "mutual", metric: str = "l2
                         for ch in block_matches(qs, rs, iv, policy, metric, threshold, top_k,
                                                 q_tile, r_tile):
                             for m in block_outputs(qs, rs, ch, policy, window_ms):
-                                k = assignment_key(m)
-                                if k not in assigned or assignment_order(m) < assignment_order(
-                                        assigned[k]):
-                                    assigned[k] = m
-                continue
-            for ch in block_matches(q, r, iv, policy, metric, threshold, top_k, q_tile, r_tile):
-                for rec in block_outputs(q, r, ch, policy, window_ms):
-                    if policy == "all":
-                        out.append(rec)
-                    else:
-                        directed.setdefault(rec[0], []).append(rec[1])
+                                key = assignment_key(m)
+                                if key not in assigned or assignment_order(m) < assignment_order(
+                                        assigned[key]):
+                                    assigned[key] = m
+            elif policy == "all":
+                for ch in block_matches(q, r, iv, policy, metric, threshold, top_k, q_tile,
+                                        r_tile):
+                    out.extend(block_outputs(q, r, ch, policy, window_ms))
+            else:
+                nb = neighbour_block(q, r, iv, metric, threshold, k, q_tile, r_tile)
+                matches, partial = neighbour_outputs(q, r, nb, policy, window_ms)
+                out.extend(matches)
+                out.extend(merge_partials(qc, rc, [partial], policy, top_k, window_ms))
     if policy == "assignment":
         out = list(assigned.values())
-    elif policy in ("topk", "mutual"):
-        for key, vals in directed.items():
-            m = merge_directed(key, vals, policy, window_ms)
-            if m is not None:
-                out.append(m)
     out.sort(key=match_sort_key)
     return out

@@ -1,86 +1,102 @@
 """Cross-camera matching as a Beam transform: Detections -> Matches.
 
-Public API: :class:`MatchDetections` (and :class:`MatchBlockWindows`, the WindowFn it
-uses). The semantics (candidates, metrics, policies, ties, ranks, output fields) are
-specified in :mod:`transforms.match_blocks`, whose pure numpy functions do the work;
-:func:`transforms.match_blocks.match_arrays` gives the same results for in-memory
-arrays.
+Public API: :class:`MatchDetections` (and :class:`MatchBlockWindows`, the same block
+assignment as a Beam WindowFn). The semantics (candidates, metrics, policies, ties,
+ranks, output fields) are specified in :mod:`transforms.match_blocks`, whose pure numpy
+functions do the work; :func:`transforms.match_blocks.match_arrays` gives the same
+results for in-memory arrays.
 
 Pipeline shape
 ==============
-1. Detections are re-windowed into the GlobalWindow and re-timestamped from
-   ``frame_ts_ms`` (event time), reduced to ``(detection_id, frame_ts_ms, embedding)``,
-   windowed into ``FixedWindows(window_s)`` and grouped per camera: one
-   :class:`~transforms.match_blocks.Batch` per (camera, window) (at most
-   ``DEFAULT_MAX_BATCH`` detections each), so that what is shuffled and replicated
-   below are a few large elements rather than one small element per detection.
-2. Fan-out by camera pair: every batch of camera C becomes a *query* of the block key
-   ``(C, R)`` and a *reference* of the block key ``(Q, C)`` for every partner camera
-   (R, Q): all other cameras (a side input of distinct camera ids) or, with links,
-   the linked ones. ``all``/``assignment`` only need blocks with ``Q < R``;
-   ``topk``/``mutual`` need both directions.
-3. :class:`MatchBlockWindows` windows both roles in one step: a query batch stays in its
-   fixed window ``[kW, (k+1)W)``, a reference batch goes to every fixed window whose
-   *reach* contains one of its detections (``[kW+lo, (k+1)W+hi)`` for each candidate
-   interval ``[lo, hi]`` of the pair). One WindowFn for both roles keeps one windowing
-   strategy (no Flatten of differently windowed inputs, which Beam only warns about).
-4. ``GroupByKey``: one group per (window, query camera, reference camera) = a block;
-   references outside the window's reach are dropped there. A busy window is thus
-   split by camera pair, never held by one worker as a whole. A block above
-   ``max_candidates_per_block`` query x reference cells is split into query chunks
-   that go through a ``Reshuffle`` so that they spread over workers.
-5. The block is computed with numpy (tiled matrix products, memory bounded by the
-   tile). ``all`` emits its pairs directly (``Q < R`` blocks: each pair once);
-   ``topk``/``mutual`` emit directed neighbour records that are merged per unordered
-   pair by a ``GroupByKey`` in the GlobalWindow; ``assignment`` runs the Hungarian
-   algorithm per block and a per-key combine keeps, for each camera-B detection, its
-   lowest (distance, detection_id_a) assignment.
+Work is cut into *blocks*: (camera A, camera B, A < B, block of event time
+``[kS, (k+1)S)`` of the camera-A detections). ``S`` is ``window_s`` for ``assignment``
+(its semantics are per window) and, for ``all``/``topk``/``mutual`` (whose results do
+not depend on ``window_s``), the smallest multiple of ``window_s`` that covers the
+widest candidate band (``2 * max_gap_s`` without links): each reference detection then
+travels to at most ~2 blocks instead of ``1 + band / window_s`` windows. Each candidate
+cell (a, b) is computed exactly once, in the block of a.
 
-Cost: every reference is shuffled into ``1 + (hi - lo) / window_s`` windows on average
-(``hi - lo = 2 * max_gap_s`` without links, the band width with links). For
-all/topk/mutual, whose results do not depend on ``window_s``, a window of about
-``max_gap_s`` or more keeps that factor small (60 s with the default 300 s gap: ~11x;
-600 s: 2x); blocks are computed tile by tile, so larger windows cost no more compute.
+1. ``BatchDetections``: detections are buffered per (camera, block) over a bundle and
+   leave as a few :class:`~transforms.match_blocks.Batch` elements (at most
+   ``DEFAULT_MAX_BATCH`` detections each, sorted by (ts, id)); float32 embeddings that
+   float16 holds exactly (e.g. CCTView's float16 Parquet read as float32) travel as
+   float16, which halves the bytes shuffled below and loses nothing.
+2. ``KeyByBlock``: every batch of camera C becomes the *query* part of the blocks
+   ``(C, R, k)`` for every partner R > C and, sliced to exactly the detections in each
+   block's reach, a *reference* part of every block ``(Q, C, j)`` (Q < C) whose reach
+   contains some of them (the reach of block j is ``[jS + lo, (j+1)S + hi)`` for each
+   candidate interval ``[lo, hi]`` of ``t_ref - t_query``: see
+   :func:`~transforms.match_blocks.reach_window_starts`). Partners: every other camera
+   (a side input of distinct camera ids) or, with links, the linked ones.
+3. ``GroupBlocks`` (``GroupByKey`` in the GlobalWindow, keys carry the block): one
+   group per block. A block above ``max_candidates_per_block`` query x reference cells
+   is split into query chunks that go through a ``Reshuffle`` so that they spread over
+   workers.
+4. The block is computed with numpy (tiled matrix products, memory bounded by the
+   tile). ``all`` emits its pairs; ``assignment`` runs the Hungarian algorithm per block
+   and a per-key combine keeps, for each camera-B detection, its lowest
+   (distance, detection_id_a) assignment. ``topk``/``mutual``: one pass over the block's
+   distances gives each A detection its final nearest B candidates (the block holds all
+   of them) and each B detection its nearest A candidates *within the block*; the latter
+   (small arrays, grouped by the B detection's block) are merged per B detection by a
+   ``GroupByKey`` (``MergeNeighbours``): the merged order is exact, so ranks are exact,
+   and a pair is output when the policy's sides selected it.
 
 Metrics (namespace ``cctview.matching``): counters ``candidate_pairs`` (each unordered
 candidate pair counted once, before threshold), ``distance_cells`` (cells computed),
 ``blocks``, ``blocks_split``, ``matches_emitted``; distribution ``block_cells``
 (query x reference cells per block).
 
-Streaming note: a reference is assigned to windows that end before its own timestamp
-(the reach extends past the window end), which is fine in batch (all inputs are bounded
-here); an unbounded source would need allowed lateness of ``hi`` or windows extended by
-the reach.
+Streaming note: blocks are keyed explicitly in the GlobalWindow and a block needs
+references up to ``hi`` after its end, which is fine in batch (all inputs are bounded
+here); an unbounded source would need event-time windows extended by the reach.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.coders import coders
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import (FixedWindows, GlobalWindows, IntervalWindow,
+from apache_beam.transforms.window import (GlobalWindows, IntervalWindow,
                                            NonMergingWindowFn, TimestampedValue)
-from apache_beam.utils.timestamp import Duration, Timestamp
+from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import match_blocks as mb
 
 NAMESPACE = "cctview.matching"
-# Detections of one camera and window travel together, up to this many per element.
+# Detections of one camera and block travel together, up to this many per element.
 DEFAULT_MAX_BATCH = 2048
 QUERY, REF = 0, 1
+
+
+def block_ms_of(policy: str, window_ms: int, bands: mb.CandidateBands,
+                block_s: Optional[float] = None) -> int:
+    """The event-time span of a block (ms): ``window_ms`` for ``assignment``; else
+    ``block_s`` if given, or the smallest multiple of ``window_ms`` that is at least
+    twice the widest candidate band (each reference then travels to 1.5 blocks on
+    average: ``1 + band / S``)."""
+    if policy == "assignment":
+        return window_ms
+    if block_s is not None:
+        return mb.window_ms_of(block_s)
+    return window_ms * max(1, math.ceil(2 * bands.max_width_ms() / window_ms))
 
 
 class MatchBlockWindows(NonMergingWindowFn):
     """Fixed windows of ``window_ms`` for block elements ``((q_cam, r_cam), (role, batch))``.
 
-    ``batch`` is a :class:`transforms.match_blocks.Batch`: detections of one camera in
-    one fixed window. ``role == QUERY``: the batch's own fixed window ``[kW, (k+1)W)``
-    (what ``FixedWindows(window_s)`` gives its detections). ``role == REF``: every
-    fixed window whose reach contains one of the batch's detections, the reach of
-    window k for the pair being ``[kW + lo, (k+1)W + hi)`` for each interval ``[lo, hi]``
-    of ``t_ref - t_query`` allowed by ``bands.intervals(q_cam, r_cam)`` (see
+    The WindowFn form of the blocks :class:`MatchDetections` keys explicitly (same
+    reach): ``batch`` is a :class:`transforms.match_blocks.Batch`: detections of one
+    camera in one fixed window. ``role == QUERY``: the batch's own fixed window
+    ``[kW, (k+1)W)`` (what ``FixedWindows(window_s)`` gives its detections).
+    ``role == REF``: every fixed window whose reach contains one of the batch's
+    detections, the reach of window k for the pair being ``[kW + lo, (k+1)W + hi)`` for
+    each interval ``[lo, hi]`` of ``t_ref - t_query`` allowed by
+    ``bands.intervals(q_cam, r_cam)`` (see
     :func:`transforms.match_blocks.reach_window_starts`): each reference detection is in
     exactly the windows whose reach covers it, and its batch in their union.
     """
@@ -115,83 +131,118 @@ class MatchBlockWindows(NonMergingWindowFn):
         return "MatchBlockWindows(%d ms, %r)" % (self.window_ms, self.bands)
 
 
-def _payload(det: dict):
-    """Timestamped (camera_id, (detection_id, frame_ts_ms, embedding)).
+def compact_embeddings(emb: np.ndarray) -> np.ndarray:
+    """float32 embeddings as float16 when float16 holds every value exactly (a lossless
+    halving of what is shuffled; the blocks compute in float32 either way)."""
+    import os  # TEMP-EXPERIMENT
+    if os.environ.get("CCTV_COMPACT") == "0":  # TEMP-EXPERIMENT
+        return emb
+    if emb.dtype != np.float32 or not emb.size:
+        return emb
+    half = emb.astype(np.float16)
+    return half if np.array_equal(half, emb) else emb
 
-    The embedding travels as float16 when it comes as float16 (Parquet halffloat: half
-    the shuffle bytes, nothing lost), else as float32; blocks compute in float32.
+
+class _BatchDetections(beam.DoFn):
+    """Detections -> (camera, Batch) per (camera, block), buffered over a bundle.
+
+    Batches leave in their detections' window (re-windowed into the GlobalWindow right
+    after, a few elements instead of every detection); a (camera, block) may leave as
+    several batches (full buffers, several bundles or input windows): blocks
+    concatenate them.
     """
-    emb = np.asarray(det["embedding"])
-    emb = emb.astype(np.float16 if emb.dtype == np.float16 else np.float32, copy=False).reshape(-1)
-    ts = int(det["frame_ts_ms"])
-    return TimestampedValue((str(det["camera_id"]), (str(det["detection_id"]), ts, emb)),
-                            Timestamp(micros=ts * 1000))
+
+    def __init__(self, block_ms: int, max_size: int):
+        self.block_ms = int(block_ms)
+        self.max_size = int(max_size)
+        self._buffers: dict = {}
+
+    def start_bundle(self):
+        self._buffers = {}
+
+    def process(self, det, window=beam.DoFn.WindowParam):
+        emb = np.asarray(det["embedding"])
+        ts = int(det["frame_ts_ms"])
+        key = (window, str(det["camera_id"]), ts // self.block_ms)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = []
+        buf.append((str(det["detection_id"]), ts, emb.reshape(-1)))
+        if len(buf) >= self.max_size:
+            del self._buffers[key]
+            yield from self._emit(key, buf)
+
+    def finish_bundle(self):
+        buffers, self._buffers = self._buffers, {}
+        for key, buf in buffers.items():
+            yield from self._emit(key, buf)
+
+    def _emit(self, key, records):
+        window, cam, k = key
+        for batch in mb.make_batches(k * self.block_ms, records, self.max_size):
+            batch = mb.Batch(batch.window_start_ms, batch.ids, batch.ts,
+                             compact_embeddings(batch.emb))
+            yield WindowedValue((cam, batch), Timestamp(micros=int(batch.ts[0]) * 1000),
+                                (window,))
 
 
-class _MakeBatches(beam.DoFn):
-    """(camera, detections of one fixed window) -> (camera, Batch) of <= max_size."""
+class _KeyByBlock(beam.DoFn):
+    """(camera, Batch) -> ((q_cam, r_cam, block_start_ms), (role, Batch)) per block fed.
 
-    def __init__(self, max_size: int):
-        self.max_size = max_size
+    A reference part holds exactly the batch's detections in that block's reach.
+    """
 
-    def process(self, element, window=beam.DoFn.WindowParam):
-        cam, records = element
-        start_ms = window.start.micros // 1000
-        for batch in mb.make_batches(start_ms, records, self.max_size):
-            yield cam, batch
-
-
-class _FanOut(beam.DoFn):
-    """(camera, Batch) -> ((q_cam, r_cam), (role, Batch)) for every block it feeds."""
-
-    def __init__(self, bands: mb.CandidateBands, both_directions: bool):
+    def __init__(self, bands: mb.CandidateBands, block_ms: int):
         self.bands = bands
-        self.both = both_directions
+        self.block_ms = int(block_ms)
 
     def process(self, cam_batch, cameras=()):
         cam, batch = cam_batch
         for other in self.bands.partners(cam, cameras):
-            if self.both or cam < other:
-                yield (cam, other), (QUERY, batch)
-            if self.both or other < cam:
-                yield (other, cam), (REF, batch)
+            if cam < other:
+                yield (cam, other, batch.window_start_ms), (QUERY, batch)
+                continue
+            iv = self.bands.intervals(other, cam)
+            for start in mb.reach_window_starts(int(batch.ts[0]), self.block_ms, iv,
+                                                t_max_ms=int(batch.ts[-1])):
+                keep = mb.in_reach(batch.ts, start, self.block_ms, iv)
+                if keep.all():
+                    part = batch
+                else:
+                    if not keep.any():
+                        continue
+                    part = mb.Batch(batch.window_start_ms, batch.ids[keep], batch.ts[keep],
+                                    batch.emb[keep])
+                yield (other, cam, start), (REF, part)
 
 
 class _BuildBlocks(beam.DoFn):
-    """(q_cam, r_cam), [(role, Batch)] in a window -> (query Side, reference Side) block(s).
+    """(q_cam, r_cam, start), [(role, Batch)] -> (query Side, reference Side) block(s).
 
-    References outside the window's reach (batches are whole windows) are dropped here,
-    so a block holds exactly the detections the per-detection reach assigns to it.
     Main output: blocks within ``max_cells``; tagged output ``split``: the query chunks
     of larger blocks (to be reshuffled).
     """
 
-    def __init__(self, bands, metric, window_ms, max_cells):
-        self.bands = bands
+    def __init__(self, metric, max_cells, bands):
         self.metric = metric
-        self.window_ms = window_ms
         self.max_cells = max_cells
+        self.bands = bands
         self.blocks = Metrics.counter(NAMESPACE, "blocks")
         self.blocks_split = Metrics.counter(NAMESPACE, "blocks_split")
         self.block_cells = Metrics.distribution(NAMESPACE, "block_cells")
 
-    def process(self, element, window=beam.DoFn.WindowParam):
-        (q_cam, r_cam), values = element
+    def process(self, element):
+        (q_cam, r_cam, _), values = element
         qs, rs = [], []
         for role, batch in values:
             (qs if role == QUERY else rs).append(batch)
         if not qs or not rs:
             return
-        iv = self.bands.intervals(q_cam, r_cam)
-        start_ms = window.start.micros // 1000
-        keep = [mb.in_reach(b.ts, start_ms, self.window_ms, iv) for b in rs]
-        r = mb.side_from_batches(r_cam, rs, self.metric, keep)
-        if not len(r):
-            return
+        r = mb.side_from_batches(r_cam, rs, self.metric)
         q = mb.side_from_batches(q_cam, qs, self.metric)
         self.blocks.inc()
         self.block_cells.update(len(q) * len(r))
-        parts = mb.split_block(q, r, iv, self.max_cells)
+        parts = mb.split_block(q, r, self.bands.intervals(q_cam, r_cam), self.max_cells)
         if len(parts) == 1:
             yield parts[0]
             return
@@ -201,47 +252,63 @@ class _BuildBlocks(beam.DoFn):
 
 
 class _ComputeBlock(beam.DoFn):
-    """A (query Side, reference Side) block -> policy records (see match_blocks)."""
+    """A (query Side, reference Side) block -> Match dicts (main output) and, for
+    ``topk``/``mutual``, tagged ``partials``: ((cam_a, cam_b, block of the B
+    detections), :class:`~transforms.match_blocks.Partial`) for ``MergeNeighbours``."""
 
-    def __init__(self, bands, policy, metric, threshold, top_k, window_ms):
+    def __init__(self, bands, policy, metric, threshold, top_k, window_ms, block_ms):
         self.bands = bands
         self.policy = policy
         self.metric = metric
         self.threshold = threshold
         self.top_k = top_k
         self.window_ms = window_ms
+        self.block_ms = block_ms
         self.candidate_pairs = Metrics.counter(NAMESPACE, "candidate_pairs")
         self.distance_cells = Metrics.counter(NAMESPACE, "distance_cells")
 
     def process(self, block):
         q, r = block
         iv = self.bands.intervals(q.camera_id, r.camera_id)
-        count = q.camera_id < r.camera_id  # each unordered pair counted once
-        for chunk in mb.block_matches(q, r, iv, self.policy, self.metric, self.threshold,
-                                      self.top_k):
-            self.distance_cells.inc(chunk.n_cells)
-            if count:
+        if self.policy in ("all", "assignment"):
+            for chunk in mb.block_matches(q, r, iv, self.policy, self.metric, self.threshold,
+                                          self.top_k):
+                self.distance_cells.inc(chunk.n_cells)
                 self.candidate_pairs.inc(chunk.n_candidates)
-            yield from mb.block_outputs(q, r, chunk, self.policy, self.window_ms)
+                yield from mb.block_outputs(q, r, chunk, self.policy, self.window_ms)
+            return
+        k = 1 if self.policy == "mutual" else self.top_k
+        import os  # TEMP-EXPERIMENT
+        tiles = dict(q_tile=int(os.environ.get("CCTV_QT", mb.DEFAULT_Q_TILE)), r_tile=int(os.environ.get("CCTV_RT", mb.DEFAULT_R_TILE)))  # TEMP-EXPERIMENT
+        nb = mb.neighbour_block(q, r, iv, self.metric, self.threshold, k, **tiles)
+        self.distance_cells.inc(nb.n_cells)
+        self.candidate_pairs.inc(nb.n_candidates)
+        matches, partial = mb.neighbour_outputs(q, r, nb, self.policy, self.window_ms)
+        yield from matches
+        if not len(partial):
+            return
+        groups = partial.ts_b // self.block_ms
+        for g in np.unique(groups).tolist():
+            part = partial if groups[0] == groups[-1] == g else partial.take(groups == g)
+            yield beam.pvalue.TaggedOutput(
+                "partials", ((q.camera_id, r.camera_id, g * self.block_ms), part))
+
+
+class _MergeNeighbours(beam.DoFn):
+    def __init__(self, policy, top_k, window_ms):
+        self.policy = policy
+        self.top_k = top_k
+        self.window_ms = window_ms
+
+    def process(self, element):
+        (cam_a, cam_b, _), partials = element
+        yield from mb.merge_partials(cam_a, cam_b, list(partials), self.policy, self.top_k,
+                                     self.window_ms)
 
 
 def _stamped(m: dict):
     """A Match with the event timestamp of its camera-A detection."""
     return TimestampedValue(m, Timestamp(micros=m["frame_ts_a_ms"] * 1000))
-
-
-class _MergeDirected(beam.DoFn):
-    def __init__(self, policy, window_ms):
-        self.policy = policy
-        self.window_ms = window_ms
-        self.matches = Metrics.counter(NAMESPACE, "matches_emitted")
-
-    def process(self, element):
-        key, values = element
-        m = mb.merge_directed(key, values, self.policy, self.window_ms)
-        if m is not None:
-            self.matches.inc()
-            yield _stamped(m)
 
 
 class _LowestAssignment(beam.CombineFn):
@@ -283,10 +350,11 @@ class MatchDetections(beam.PTransform):
       policy: ``all``, ``topk``, ``mutual`` (default) or ``assignment``.
       metric: ``l2`` (default) or ``cosine``.
       max_gap_s: candidates have ``0 < |dt| <= max_gap_s`` (ignored with ``links``).
-      window_s: size of the fixed event-time windows that partition the work; results of
+      window_s: size of the fixed event-time windows; results of
         ``all``/``topk``/``mutual`` do not depend on it (only ``window_start_ms`` /
         ``window_end_ms``, the window of the camera-A detection, do); ``assignment`` is
-        solved per window of the camera-A detections, so it does.
+        solved per window of the camera-A detections, so it does (and its blocks are
+        these windows).
       threshold: keep pairs with ``distance <= threshold``; None = no threshold.
       top_k: neighbours per detection and other camera for ``topk``.
       links: None, a list of links.json objects, or a path/URI of a links.json file:
@@ -294,6 +362,9 @@ class MatchDetections(beam.PTransform):
       max_candidates_per_block: blocks with more query x reference cells are split into
         query chunks that are reshuffled across workers (see ``assignment`` for its
         effect there; none on the other policies).
+      block_s: span of the blocks of ``all``/``topk``/``mutual`` (a performance knob
+        with no effect on results); None: the smallest multiple of ``window_s`` that
+        covers the widest candidate band.
 
     Output elements are in the GlobalWindow, timestamped with ``frame_ts_a_ms``.
 
@@ -308,7 +379,7 @@ class MatchDetections(beam.PTransform):
                  max_gap_s: float = mb.DEFAULT_MAX_GAP_S, window_s: float = mb.DEFAULT_WINDOW_S,
                  threshold: Optional[float] = None, top_k: int = 1, links=None,
                  max_candidates_per_block: int = mb.DEFAULT_MAX_CANDIDATES_PER_BLOCK,
-                 label: Optional[str] = None):
+                 label: Optional[str] = None, block_s: Optional[float] = None):
         super().__init__(label)
         mb.check_params(policy, metric, top_k, threshold)
         if isinstance(links, str) or hasattr(links, "__fspath__"):
@@ -322,52 +393,53 @@ class MatchDetections(beam.PTransform):
         self.top_k = int(top_k)
         self.window_ms = mb.window_ms_of(window_s)
         self.bands = mb.CandidateBands(max_gap_s, links)
+        import os  # TEMP-EXPERIMENT
+        block_s = float(os.environ["CCTV_BLOCK_S"]) if os.environ.get("CCTV_BLOCK_S") else block_s  # TEMP-EXPERIMENT
+        self.block_ms = block_ms_of(policy, self.window_ms, self.bands, block_s)
         self.max_cells = int(max_candidates_per_block)
         self.max_batch = DEFAULT_MAX_BATCH
 
     def expand(self, detections):
         p = self.policy
         batches = (detections
-                   | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
-                   | "Timestamp" >> beam.Map(_payload)
-                   | "FixedWindows" >> beam.WindowInto(
-                       FixedWindows(Duration(micros=self.window_ms * 1000)))
-                   | "GroupCameraWindows" >> beam.GroupByKey()
-                   | "Batches" >> beam.ParDo(_MakeBatches(self.max_batch)))
-        both = p in ("topk", "mutual")
+                   | "BatchDetections" >> beam.ParDo(
+                       _BatchDetections(self.block_ms, self.max_batch))
+                   | "InGlobalWindow" >> beam.WindowInto(GlobalWindows()))
         if self.bands.linked:
-            keyed = batches | "KeyByCameraPair" >> beam.ParDo(_FanOut(self.bands, both))
+            keyed = batches | "KeyByBlock" >> beam.ParDo(_KeyByBlock(self.bands, self.block_ms))
         else:
             cameras = (batches
                        | "CameraIds" >> beam.Keys()
-                       | "CamerasInGlobalWindow" >> beam.WindowInto(GlobalWindows())
                        | "DistinctCameras" >> beam.Distinct())
-            keyed = batches | "KeyByCameraPair" >> beam.ParDo(
-                _FanOut(self.bands, both), cameras=beam.pvalue.AsList(cameras))
+            keyed = batches | "KeyByBlock" >> beam.ParDo(
+                _KeyByBlock(self.bands, self.block_ms), cameras=beam.pvalue.AsList(cameras))
         built = (keyed
-                 | "BlockWindows" >> beam.WindowInto(MatchBlockWindows(self.window_ms, self.bands))
                  | "GroupBlocks" >> beam.GroupByKey()
                  | "BuildBlocks" >> beam.ParDo(
-                     _BuildBlocks(self.bands, self.metric, self.window_ms,
-                                  self.max_cells)).with_outputs(
+                     _BuildBlocks(self.metric, self.max_cells, self.bands)).with_outputs(
                          "split", main="whole"))
         compute = lambda: _ComputeBlock(self.bands, p, self.metric, self.threshold,  # noqa: E731
-                                        self.top_k, self.window_ms)
-        whole = built.whole | "ComputeBlocks" >> beam.ParDo(compute())
+                                        self.top_k, self.window_ms, self.block_ms)
+        whole = built.whole | "ComputeBlocks" >> beam.ParDo(compute()).with_outputs(
+            "partials", main="matches")
         split = (built.split
                  | "SpreadSplitBlocks" >> beam.Reshuffle()
-                 | "ComputeSplitBlocks" >> beam.ParDo(compute()))
-        records = ((whole, split)
-                   | "FlattenBlocks" >> beam.Flatten()
-                   | "ToGlobalWindow" >> beam.WindowInto(GlobalWindows()))
-        if p == "all":
-            return records | "CountMatches" >> beam.ParDo(_CountMatches())
+                 | "ComputeSplitBlocks" >> beam.ParDo(compute()).with_outputs(
+                     "partials", main="matches"))
+        matches = (whole.matches, split.matches) | "FlattenBlocks" >> beam.Flatten()
         if p == "assignment":
-            return (records
+            return (matches
                     | "KeyByDetectionB" >> beam.WithKeys(mb.assignment_key)
                     | "LowestPerDetectionB" >> beam.CombinePerKey(_LowestAssignment())
                     | "DropKeys" >> beam.Values()
                     | "CountMatches" >> beam.ParDo(_CountMatches()))
-        return (records
-                | "GroupPairs" >> beam.GroupByKey()
-                | "MergeDirections" >> beam.ParDo(_MergeDirected(p, self.window_ms)))
+        if p == "all":
+            return matches | "CountMatches" >> beam.ParDo(_CountMatches())
+        merged = ((whole.partials, split.partials)
+                  | "FlattenPartials" >> beam.Flatten()
+                  | "GroupNeighbours" >> beam.GroupByKey()
+                  | "MergeNeighbours" >> beam.ParDo(
+                      _MergeNeighbours(p, self.top_k, self.window_ms)))
+        return ((matches, merged)
+                | "FlattenMatches" >> beam.Flatten()
+                | "CountMatches" >> beam.ParDo(_CountMatches()))
