@@ -68,7 +68,7 @@ def frozen_audit(links_path, min_precision=0.7):
                     "control": control, "excess": len(matches) - control,
                     "precision": (len(matches) - control) / len(matches) if matches else 0.0,
                     "config": "calibrated links, defaults: frozen-scorer audit (honest "
-                              "control, see below)"})
+                              "control, see above)"})
     return out
 
 
