@@ -15,7 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentP
 
 from pipelines import commands, demo, report, synth
 from pipelines.errors import UsageError
-from runners.presets import expand_preset
+from runners.presets import all_option_classes, expand_preset
 from pipelines.options import (
     CalibrateOptions,
     CandidateOptions,
@@ -97,13 +97,7 @@ class _OneLineParser(argparse.ArgumentParser):
 def _beam_parser() -> argparse.ArgumentParser:
     """A parser of every standard Beam option (ours excluded), to spot unknown flags."""
     parser = _BeamArgumentParser(allow_abbrev=False, add_help=False)
-    seen, stack = set(), list(PipelineOptions.__subclasses__())
-    while stack:
-        cls = stack.pop()
-        if cls in seen:
-            continue
-        seen.add(cls)
-        stack.extend(cls.__subclasses__())
+    for cls in all_option_classes():
         if cls not in _OWN_OPTIONS:
             try:
                 cls._add_argparse_args(parser)

@@ -112,7 +112,8 @@ PRESETS: Dict[str, Preset] = {
 }
 
 
-def _all_option_classes():
+def all_option_classes():
+    """Every PipelineOptions subclass, Beam's and the project's, each once."""
     seen, stack = [], list(PipelineOptions.__subclasses__())
     while stack:
         cls = stack.pop()
@@ -130,7 +131,7 @@ def _option_actions() -> Dict[str, argparse.Action]:
     added by Beam or by the project is known without a list kept here.
     """
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for cls in _all_option_classes():
+    for cls in all_option_classes():
         try:
             cls._add_argparse_args(parser)
         except argparse.ArgumentError:
