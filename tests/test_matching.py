@@ -519,6 +519,110 @@ def test_split_block_keeps_every_candidate():
     assert sum(len(qs) for qs, _ in parts) == len(q)
 
 
+def _camera_sides(dets, metric):
+    """{camera: Side} of a case's detections."""
+    out = {}
+    for cam in sorted({d["camera_id"] for d in dets}):
+        mine = [d for d in dets if d["camera_id"] == cam]
+        out[cam] = mb.make_side(cam, [d["detection_id"] for d in mine],
+                                [d["frame_ts_ms"] for d in mine],
+                                np.stack([d["embedding"] for d in mine]), metric)
+    return out
+
+
+def _scan_firsts(q, r, iv, metric, threshold, k):
+    """{(q id, r id): (distance, rank)} of each query's first k cells, by scan_block."""
+    out = {}
+    for ch in mb.scan_block(q, r, iv, metric, threshold, keep_k=k):
+        for i, j, d, rank in zip(ch.qi, ch.rj, ch.dist, ch.rank):
+            out[(q.ids[i], r.ids[j])] = (float(d), int(rank))
+    return out
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(), k=st.integers(1, 3),
+       tiles=st.sampled_from([(mb.DEFAULT_Q_TILE, mb.DEFAULT_R_TILE), (3, 5), (1, 1), (2, 64)]),
+       shared_workspace=st.booleans())
+def test_neighbour_block_both_directions_in_one_pass(case, k, tiles, shared_workspace):
+    """Rows = each query's first k (as scan_block finds them); columns of one block that
+    holds every candidate = each reference's first k, found by scanning the block the
+    other way; flags and ranks agree. Exact data: distances compare exactly."""
+    sides = _camera_sides(case["dets"], case["metric"]) if case["dets"] else {}
+    bands = mb.CandidateBands(case["max_gap_s"], case["links"])
+    workspace = mb.Workspace() if shared_workspace else None
+    for qc, rc in itertools.combinations(sorted(sides), 2):
+        q, r = sides[qc], sides[rc]
+        iv = bands.intervals(qc, rc)
+        nb = mb.neighbour_block(q, r, iv, case["metric"], case["threshold"], k, *tiles,
+                                workspace=workspace)
+        n_cand = int(mb.candidate_mask(q.ts, r.ts, iv).sum()) if len(iv) else 0
+        assert nb.n_candidates == n_cand
+        rows = {(q.ids[i], r.ids[j]): (float(d), int(rank)) for i, j, d, rank in
+                zip(nb.row_q, nb.row_r, nb.row_dist, nb.row_rank)}
+        assert rows == _scan_firsts(q, r, iv, case["metric"], case["threshold"], k)
+        back = _scan_firsts(r, q, bands.intervals(rc, qc), case["metric"],
+                            case["threshold"], k)
+        cols = {(q.ids[i], r.ids[j]): float(d) for i, j, d in
+                zip(nb.col_q, nb.col_r, nb.col_dist)}
+        assert cols == {(a, b): d for (b, a), (d, _) in back.items()}
+        for i, j, ra in zip(nb.col_q, nb.col_r, nb.col_rank_q):
+            assert ra == rows.get((q.ids[i], r.ids[j]), (None, 0))[1]
+        col_keys = set(cols)
+        assert [(q.ids[i], r.ids[j]) in col_keys for i, j in zip(nb.row_q, nb.row_r)] == \
+            nb.row_in_cols.tolist()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(), policy=st.sampled_from(["topk", "mutual"]), data=st.data())
+def test_merge_partials_any_split_of_the_references_candidates(case, policy, data):
+    """Merging a reference's candidates from any number of partials (any grouping, any
+    order, as blocks deliver them) gives what one partial with all of them gives."""
+    sides = _camera_sides(case["dets"], case["metric"]) if case["dets"] else {}
+    bands = mb.CandidateBands(case["max_gap_s"], case["links"])
+    k = 1 if policy == "mutual" else case["top_k"]
+    for qc, rc in itertools.combinations(sorted(sides), 2):
+        q, r = sides[qc], sides[rc]
+        nb = mb.neighbour_block(q, r, bands.intervals(qc, rc), case["metric"],
+                                case["threshold"], k)
+        _, partial = mb.neighbour_outputs(q, r, nb, policy, 60_000)
+        whole = mb.merge_partials(qc, rc, [partial], policy, case["top_k"], 60_000)
+        labels = np.asarray(data.draw(st.lists(st.integers(0, 3), min_size=len(partial),
+                                               max_size=len(partial))), dtype=np.int64)
+        pieces = [partial.take(labels == g) for g in data.draw(st.permutations(range(4)))]
+        merged = mb.merge_partials(qc, rc, pieces, policy, case["top_k"], 60_000)
+        assert sorted(merged, key=mb.match_sort_key) == sorted(whole, key=mb.match_sort_key)
+
+
+def test_batch_wire_format_round_trip():
+    rng = np.random.default_rng(5)
+    ids = np.asarray(["d\n%d\u00e9" % i for i in range(5)] + ["x" * 90], dtype=str)
+    ts = np.arange(6, dtype=np.int64) * 7 - 3
+    for dtype in (np.float16, np.float32, np.float64):
+        batch = mb.Batch(-120_000, ids, ts, rng.normal(size=(6, 5)).astype(dtype))
+        got = mb.decode_batch(mb.encode_batch(batch))
+        assert got.window_start_ms == -120_000
+        assert got.ids.tolist() == ids.tolist() and got.ts.tolist() == ts.tolist()
+        want = np.float16 if dtype == np.float16 else np.float32
+        assert got.emb.dtype == want and np.array_equal(got.emb, batch.emb.astype(want))
+    empty = mb.decode_batch(mb.encode_batch(mb.Batch(0, np.asarray([], dtype=str),
+                                                     np.zeros(0, np.int64),
+                                                     np.zeros((0, 4), np.float16))))
+    assert len(empty) == 0 and empty.emb.shape == (0, 4)
+    with pytest.raises(ValueError):
+        mb.decode_batch(b"\0" * 64)
+
+
+def test_compact_embeddings_only_when_lossless():
+    from transforms.matching import compact_embeddings
+
+    exact = np.asarray([[0.5, -2.0, 0.0, 6.1035156e-05, 65504.0]], np.float16).astype(np.float32)
+    assert compact_embeddings(exact).dtype == np.float16
+    assert np.array_equal(compact_embeddings(exact).astype(np.float32), exact)
+    for value in (0.1, 1e-9, 70000.0, np.nan):
+        inexact = exact.copy()
+        inexact[0, 0] = value
+        assert compact_embeddings(inexact).dtype == np.float32
+
 def _brute_assignment_value(cost):
     """(max pairs, min total) over every partial one-to-one matching of allowed cells."""
     n, m = cost.shape
@@ -638,6 +742,26 @@ def test_beam_input_shapes_windowing_and_links_file(tmp_path):
     check_against_reference(got, plain, "topk", "l2", 7, max_gap_s=None, top_k=2, links=loaded)
 
 
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=cases(max_bursts=2), block_s=st.sampled_from([0.25, 3.7, 45.0, 10_000.0]))
+def test_beam_block_span_changes_nothing(case, block_s):
+    """all/topk/mutual give the same matches and counters whatever the block span
+    (how many blocks a reference travels to, how partials are merged)."""
+    configs = {}
+    for policy in ("all", "topk", "mutual"):
+        params = _params(case, policy, case["windows"][0])
+        configs[policy + "_auto"] = params
+        configs[policy + "_span"] = dict(params, block_s=block_s)
+    outputs, counters = run_matchers(case["dets"], configs)
+    for policy in ("all", "topk", "mutual"):
+        assert outputs[policy + "_span"] == outputs[policy + "_auto"]
+        for counter in ("candidate_pairs", "matches_emitted"):
+            assert counters.get((policy + "_span", counter), 0) == \
+                counters.get((policy + "_auto", counter), 0)
+    check_against_reference(outputs["mutual_span"], case["dets"], "mutual", case["metric"],
+                            case["windows"][0], **_ref_kw(case))
+
 def test_beam_empty_input():
     outputs, _ = run_matchers([], {p: {"policy": p} for p in mb.POLICIES})
     assert all(v == [] for v in outputs.values())
@@ -654,6 +778,8 @@ def test_constructor_validation():
         MatchDetections(window_s=0)
     with pytest.raises(ValueError):
         MatchDetections(max_gap_s=0)
+    with pytest.raises(ValueError):
+        MatchDetections(block_s=0)
     with pytest.raises(ValueError):
         MatchDetections(links=[{"camera_a": "a"}])
     json.dumps(mb.normalize_links([{"camera_a": "b", "camera_b": "a", "offset_s": 1,

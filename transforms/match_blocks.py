@@ -79,6 +79,7 @@ Output (``Match`` of ``transforms/records.py``), one per unordered pair:
 from __future__ import annotations
 
 import math
+import struct
 from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -315,13 +316,15 @@ class Prepared(NamedTuple):
         return Prepared(self.emb[i0:i1], None if self.norms is None else self.norms[i0:i1])
 
 
-def prepare_side(emb: np.ndarray, metric: str, role: str) -> Prepared:
+def prepare_side(emb: np.ndarray, metric: str, role: str,
+                 workspace: Optional["Workspace"] = None) -> Prepared:
     """``role`` ``"q"`` (query) or ``"r"`` (reference) rows for :func:`raw_distances`."""
     if metric != "l2":
         return Prepared(emb, None)
     norms = row_norms(emb)
     if role == "q":
-        emb = np.multiply(emb, np.float32(2.0), dtype=np.float32)
+        out = None if workspace is None else workspace.get("q2", emb.shape)
+        emb = np.multiply(emb, np.float32(2.0), out=out, dtype=np.float32)
     return Prepared(emb, norms)
 
 
@@ -343,6 +346,26 @@ def _tile_buffer(buf: Optional[np.ndarray], n: int, m: int, dtype=np.float32) ->
     if buf is None or buf.size < n * m:
         return np.empty((n, m), dtype=dtype)
     return buf[:n * m].reshape(n, m)
+
+
+class Workspace:
+    """Scratch arrays reused from block to block (by name), so that every block after the
+    first writes into memory already mapped instead of faulting in fresh pages (blocks
+    are tens of MB). An array from :meth:`get` is valid until the next :meth:`get` of
+    the same name; nothing that outlives a block may point into one."""
+
+    def __init__(self):
+        self._buffers: dict = {}
+
+    def get(self, name: str, shape: tuple, dtype=np.float32) -> np.ndarray:
+        n = 1
+        for s in shape:
+            n *= int(s)
+        buf = self._buffers.get(name)
+        if buf is None or buf.dtype != np.dtype(dtype) or buf.size < n:
+            grown = n if buf is None or buf.dtype != np.dtype(dtype) else max(n, buf.size * 5 // 4)
+            buf = self._buffers[name] = np.empty(grown, dtype=dtype)
+        return buf[:n].reshape(shape)
 
 
 def raw_distances(q: Prepared, r: Prepared, metric: str, out: Optional[np.ndarray] = None,
@@ -430,6 +453,58 @@ class Batch(NamedTuple):
         return len(self.ids)
 
 
+# Wire format of a Batch between Beam stages (``encode_batch``/``decode_batch``): plain
+# bytes, which Beam's coders copy as they are (no pickling of numpy arrays), ids as UTF-8
+# (not 4 bytes a character), and arrays that decode as views of the received bytes.
+_BATCH_HEADER = struct.Struct("<4sqqqq")  # magic, window start, rows, dim, dtype code
+_BATCH_MAGIC = b"CVB1"
+_BATCH_DTYPES = {1: np.dtype("<f2"), 2: np.dtype("<f4")}
+
+
+def _pad8(n: int) -> int:
+    return -n % 8
+
+
+def encode_batch(batch: Batch) -> bytes:
+    """A :class:`Batch` as bytes (float16/float32 embeddings kept as they are, any other
+    dtype as float32); :func:`decode_batch` inverts it."""
+    emb = np.asarray(batch.emb)
+    n = len(batch.ids)
+    emb = emb.reshape(n, -1) if n else emb.reshape(0, emb.shape[-1] if emb.ndim == 2 else 0)
+    code = 1 if emb.dtype == np.float16 else 2
+    emb = np.ascontiguousarray(emb, dtype=_BATCH_DTYPES[code])
+    ids = [str(i).encode("utf-8") for i in np.asarray(batch.ids).tolist()]
+    lens = np.fromiter((len(i) for i in ids), dtype="<i8", count=n)
+    blob = b"".join(ids)
+    ts = np.ascontiguousarray(batch.ts, dtype="<i8")
+    header = _BATCH_HEADER.pack(_BATCH_MAGIC, int(batch.window_start_ms), n, emb.shape[1], code)
+    return b"".join((header, lens.data, ts.data, blob, b"\0" * _pad8(len(blob)), emb.data))
+
+
+def decode_batch(data: bytes) -> Batch:
+    """:func:`encode_batch`'s bytes -> a :class:`Batch` whose ``ts`` and ``emb`` are
+    read-only views of ``data``."""
+    magic, start, n, dim, code = _BATCH_HEADER.unpack_from(data, 0)
+    if magic != _BATCH_MAGIC:
+        raise ValueError("not an encoded Batch")
+    off = _BATCH_HEADER.size
+    lens = np.frombuffer(data, dtype="<i8", count=n, offset=off)
+    off += 8 * n
+    ts = np.frombuffer(data, dtype="<i8", count=n, offset=off)
+    off += 8 * n
+    ends = np.cumsum(lens).tolist()
+    view = memoryview(data)
+    ids, prev = [], off
+    for end in ends:
+        ids.append(str(view[prev:off + end], "utf-8"))
+        prev = off + end
+    blob_len = ends[-1] if ends else 0
+    off += blob_len + _pad8(blob_len)
+    emb = np.frombuffer(data, dtype=_BATCH_DTYPES[code], count=n * dim, offset=off)
+    return Batch(int(start), np.asarray(ids, dtype=str), ts.astype(np.int64, copy=False),
+                 emb.reshape(n, dim))
+
+
 def make_batches(window_start_ms: int, records: Iterable[tuple], max_size: int) -> list:
     """``(detection_id, ts_ms, embedding)`` tuples of one window -> Batches of at most
     ``max_size`` detections each, in (ts, id) order."""
@@ -446,12 +521,14 @@ def make_batches(window_start_ms: int, records: Iterable[tuple], max_size: int) 
 
 
 def side_from_batches(camera_id: str, batches: Sequence[Batch], metric: str,
-                      keep: Optional[Sequence[np.ndarray]] = None) -> Side:
+                      keep: Optional[Sequence[np.ndarray]] = None,
+                      workspace: Optional["Workspace"] = None, name: str = "side") -> Side:
     """Concatenates batches (optionally only the ``keep`` masks' rows) into a Side.
 
     The embeddings are converted to float32 once, straight into the Side's array (a
-    float16 batch is never copied as float32 first), and reordered only when the
-    batches are not already in (ts, id) order.
+    float16 batch is never copied as float32 first; with a ``workspace``, into its
+    array ``name``, reused by the next block), and reordered only when the batches are
+    not already in (ts, id) order.
     """
     if keep is not None:
         batches = [Batch(b.window_start_ms, b.ids[k], b.ts[k], b.emb[k])
@@ -466,7 +543,8 @@ def side_from_batches(camera_id: str, batches: Sequence[Batch], metric: str,
     embs = [np.asarray(b.emb).reshape(len(b), -1) for b in batches]
     if len({e.shape[1] for e in embs}) > 1:
         raise ValueError("embedding dimensions differ within camera %s" % (camera_id,))
-    emb = np.empty((len(ids), embs[0].shape[1]), dtype=np.float32)
+    shape = (len(ids), embs[0].shape[1])
+    emb = np.empty(shape, np.float32) if workspace is None else workspace.get(name, shape)
     np.concatenate(embs, out=emb, casting="same_kind")
     if len(ids) > 1 and not _sorted_by_ts_id(ts, ids):
         order = np.lexsort((ids, ts))
@@ -728,12 +806,12 @@ def _empty_neighbours(n_candidates: int = 0, n_cells: int = 0) -> Neighbours:
 
 
 def neighbour_block(q: Side, r: Side, intervals: np.ndarray, metric: str, threshold=None,
-                    k: int = 1, q_tile: int = DEFAULT_Q_TILE,
-                    r_tile: int = DEFAULT_R_TILE) -> Neighbours:
+                    k: int = 1, q_tile: int = DEFAULT_Q_TILE, r_tile: int = DEFAULT_R_TILE,
+                    workspace: Optional[Workspace] = None) -> Neighbours:
     """Both directions of nearest neighbours from one pass over a block's distances.
 
     Each candidate cell is computed once (tile by tile, at most ``q_tile x r_tile``
-    cells at a time, buffers reused). Rows give each query's first ``k`` (final: the
+    cells at a time, in buffers of ``workspace`` when given). Rows give each query's first ``k`` (final: the
     block holds all its candidates); columns give each reference's first ``k`` among
     this block's queries (partial: merge them over the blocks with
     :func:`merge_partials`). The first ``k`` of a reference over all blocks are among
@@ -748,10 +826,11 @@ def neighbour_block(q: Side, r: Side, intervals: np.ndarray, metric: str, thresh
     thr = None if threshold is None else np.float32(threshold)
     inf = np.float32(np.inf)
     q_rank, r_rank = _id_ranks(q.ids), _id_ranks(r.ids)
-    qp, rp = prepare_side(q.emb, metric, "q"), prepare_side(r.emb, metric, "r")
+    ws = Workspace() if workspace is None else workspace
+    qp, rp = prepare_side(q.emb, metric, "q", ws), prepare_side(r.emb, metric, "r", ws)
     size = min(q_tile, nq) * min(r_tile, nr)
-    buf, work = np.empty(size, np.float32), np.empty(size, np.float32)
-    mask_buf = np.empty(size, bool)
+    buf, work = ws.get("tile", (size,)), ws.get("tile_work", (size,))
+    mask_buf = ws.get("tile_mask", (size,), bool)
     finite = finite_block(qp, rp, metric)
     rows_q, rows_r, rows_d, rows_rank = [], [], [], []
     cols_q, cols_r, cols_d = [], [], []

@@ -11,16 +11,20 @@ Pipeline shape
 Work is cut into *blocks*: (camera A, camera B, A < B, block of event time
 ``[kS, (k+1)S)`` of the camera-A detections). ``S`` is ``window_s`` for ``assignment``
 (its semantics are per window) and, for ``all``/``topk``/``mutual`` (whose results do
-not depend on ``window_s``), the smallest multiple of ``window_s`` that covers the
-widest candidate band (``2 * max_gap_s`` without links): each reference detection then
-travels to at most ~2 blocks instead of ``1 + band / window_s`` windows. Each candidate
-cell (a, b) is computed exactly once, in the block of a.
+not depend on ``window_s``), ``block_s`` or by default the smallest multiple of
+``window_s`` that is at least twice the widest candidate band (``2 * max_gap_s``
+without links): each reference detection then travels to ``1 + band / S`` = 1.5 blocks
+on average instead of ``1 + band / window_s`` windows (11 with the defaults). Each
+candidate cell (a, b) is computed exactly once, in the block of a (for ``topk`` and
+``mutual`` too: both directions come out of the same distances).
 
 1. ``BatchDetections``: detections are buffered per (camera, block) over a bundle and
    leave as a few :class:`~transforms.match_blocks.Batch` elements (at most
-   ``DEFAULT_MAX_BATCH`` detections each, sorted by (ts, id)); float32 embeddings that
-   float16 holds exactly (e.g. CCTView's float16 Parquet read as float32) travel as
-   float16, which halves the bytes shuffled below and loses nothing.
+   ``DEFAULT_MAX_BATCH`` detections each, sorted by (ts, id)), in a plain-bytes wire
+   format (:func:`~transforms.match_blocks.encode_batch`: no pickled arrays, UTF-8 ids,
+   arrays that decode as views). float32 embeddings that float16 holds exactly (e.g.
+   CCTView's float16 Parquet read as float32) travel as float16, which halves the bytes
+   shuffled below and loses nothing.
 2. ``KeyByBlock``: every batch of camera C becomes the *query* part of the blocks
    ``(C, R, k)`` for every partner R > C and, sliced to exactly the detections in each
    block's reach, a *reference* part of every block ``(Q, C, j)`` (Q < C) whose reach
@@ -29,18 +33,21 @@ cell (a, b) is computed exactly once, in the block of a.
    :func:`~transforms.match_blocks.reach_window_starts`). Partners: every other camera
    (a side input of distinct camera ids) or, with links, the linked ones.
 3. ``GroupBlocks`` (``GroupByKey`` in the GlobalWindow, keys carry the block): one
-   group per block. A block above ``max_candidates_per_block`` query x reference cells
-   is split into query chunks that go through a ``Reshuffle`` so that they spread over
-   workers.
+   group per block, built and computed in the same step (``ComputeBlocks``), the Sides
+   in arrays the worker reuses from block to block. A block above
+   ``max_candidates_per_block`` query x reference cells is split into query chunks
+   that go through a ``Reshuffle`` so that they spread over workers.
 4. The block is computed with numpy (tiled matrix products, memory bounded by the
    tile). ``all`` emits its pairs; ``assignment`` runs the Hungarian algorithm per block
    and a per-key combine keeps, for each camera-B detection, its lowest
    (distance, detection_id_a) assignment. ``topk``/``mutual``: one pass over the block's
-   distances gives each A detection its final nearest B candidates (the block holds all
-   of them) and each B detection its nearest A candidates *within the block*; the latter
-   (small arrays, grouped by the B detection's block) are merged per B detection by a
-   ``GroupByKey`` (``MergeNeighbours``): the merged order is exact, so ranks are exact,
-   and a pair is output when the policy's sides selected it.
+   distances (:func:`~transforms.match_blocks.neighbour_block`) gives each A detection
+   its final nearest B candidates (the block holds all of them) and each B detection
+   its nearest A candidates *within the block*; the latter (small arrays, grouped by the
+   B detection's block) are merged per B detection by a ``GroupByKey``
+   (``MergeNeighbours``, :func:`~transforms.match_blocks.merge_partials`): the merged
+   order is exact, so ranks are exact, and a pair is output when the policy's sides
+   selected it (``mutual``: both, ranks 1 and 1).
 
 Metrics (namespace ``cctview.matching``): counters ``candidate_pairs`` (each unordered
 candidate pair counted once, before threshold), ``distance_cells`` (cells computed),
@@ -134,17 +141,15 @@ class MatchBlockWindows(NonMergingWindowFn):
 def compact_embeddings(emb: np.ndarray) -> np.ndarray:
     """float32 embeddings as float16 when float16 holds every value exactly (a lossless
     halving of what is shuffled; the blocks compute in float32 either way)."""
-    import os  # TEMP-EXPERIMENT
-    if os.environ.get("CCTV_COMPACT") == "0":  # TEMP-EXPERIMENT
-        return emb
     if emb.dtype != np.float32 or not emb.size:
         return emb
-    half = emb.astype(np.float16)
+    with np.errstate(over="ignore", invalid="ignore"):  # out of range: not exact anyway
+        half = emb.astype(np.float16)
     return half if np.array_equal(half, emb) else emb
 
 
 class _BatchDetections(beam.DoFn):
-    """Detections -> (camera, Batch) per (camera, block), buffered over a bundle.
+    """Detections -> (camera, encoded Batch) per (camera, block), buffered over a bundle.
 
     Batches leave in their detections' window (re-windowed into the GlobalWindow right
     after, a few elements instead of every detection); a (camera, block) may leave as
@@ -182,14 +187,14 @@ class _BatchDetections(beam.DoFn):
         for batch in mb.make_batches(k * self.block_ms, records, self.max_size):
             batch = mb.Batch(batch.window_start_ms, batch.ids, batch.ts,
                              compact_embeddings(batch.emb))
-            yield WindowedValue((cam, batch), Timestamp(micros=int(batch.ts[0]) * 1000),
-                                (window,))
+            yield WindowedValue((cam, mb.encode_batch(batch)),
+                                Timestamp(micros=int(batch.ts[0]) * 1000), (window,))
 
 
 class _KeyByBlock(beam.DoFn):
-    """(camera, Batch) -> ((q_cam, r_cam, block_start_ms), (role, Batch)) per block fed.
-
-    A reference part holds exactly the batch's detections in that block's reach.
+    """(camera, encoded Batch) -> ((q_cam, r_cam, block_start_ms), (role, encoded Batch))
+    per block fed (batches travel as :func:`~transforms.match_blocks.encode_batch`
+    bytes). A reference part holds exactly the batch's detections in that block's reach.
     """
 
     def __init__(self, bands: mb.CandidateBands, block_ms: int):
@@ -197,58 +202,24 @@ class _KeyByBlock(beam.DoFn):
         self.block_ms = int(block_ms)
 
     def process(self, cam_batch, cameras=()):
-        cam, batch = cam_batch
+        cam, data = cam_batch
+        batch = mb.decode_batch(data)
         for other in self.bands.partners(cam, cameras):
             if cam < other:
-                yield (cam, other, batch.window_start_ms), (QUERY, batch)
+                yield (cam, other, batch.window_start_ms), (QUERY, data)
                 continue
             iv = self.bands.intervals(other, cam)
             for start in mb.reach_window_starts(int(batch.ts[0]), self.block_ms, iv,
                                                 t_max_ms=int(batch.ts[-1])):
                 keep = mb.in_reach(batch.ts, start, self.block_ms, iv)
                 if keep.all():
-                    part = batch
+                    part = data
                 else:
                     if not keep.any():
                         continue
-                    part = mb.Batch(batch.window_start_ms, batch.ids[keep], batch.ts[keep],
-                                    batch.emb[keep])
+                    part = mb.encode_batch(mb.Batch(batch.window_start_ms, batch.ids[keep],
+                                                    batch.ts[keep], batch.emb[keep]))
                 yield (other, cam, start), (REF, part)
-
-
-class _BuildBlocks(beam.DoFn):
-    """(q_cam, r_cam, start), [(role, Batch)] -> (query Side, reference Side) block(s).
-
-    Main output: blocks within ``max_cells``; tagged output ``split``: the query chunks
-    of larger blocks (to be reshuffled).
-    """
-
-    def __init__(self, metric, max_cells, bands):
-        self.metric = metric
-        self.max_cells = max_cells
-        self.bands = bands
-        self.blocks = Metrics.counter(NAMESPACE, "blocks")
-        self.blocks_split = Metrics.counter(NAMESPACE, "blocks_split")
-        self.block_cells = Metrics.distribution(NAMESPACE, "block_cells")
-
-    def process(self, element):
-        (q_cam, r_cam, _), values = element
-        qs, rs = [], []
-        for role, batch in values:
-            (qs if role == QUERY else rs).append(batch)
-        if not qs or not rs:
-            return
-        r = mb.side_from_batches(r_cam, rs, self.metric)
-        q = mb.side_from_batches(q_cam, qs, self.metric)
-        self.blocks.inc()
-        self.block_cells.update(len(q) * len(r))
-        parts = mb.split_block(q, r, self.bands.intervals(q_cam, r_cam), self.max_cells)
-        if len(parts) == 1:
-            yield parts[0]
-            return
-        self.blocks_split.inc()
-        for part in parts:
-            yield beam.pvalue.TaggedOutput("split", part)
 
 
 class _ComputeBlock(beam.DoFn):
@@ -266,9 +237,15 @@ class _ComputeBlock(beam.DoFn):
         self.block_ms = block_ms
         self.candidate_pairs = Metrics.counter(NAMESPACE, "candidate_pairs")
         self.distance_cells = Metrics.counter(NAMESPACE, "distance_cells")
+        self._workspace = None
+
+    def setup(self):
+        self._workspace = mb.Workspace()
 
     def process(self, block):
-        q, r = block
+        yield from self.compute(*block)
+
+    def compute(self, q, r):
         iv = self.bands.intervals(q.camera_id, r.camera_id)
         if self.policy in ("all", "assignment"):
             for chunk in mb.block_matches(q, r, iv, self.policy, self.metric, self.threshold,
@@ -278,9 +255,10 @@ class _ComputeBlock(beam.DoFn):
                 yield from mb.block_outputs(q, r, chunk, self.policy, self.window_ms)
             return
         k = 1 if self.policy == "mutual" else self.top_k
-        import os  # TEMP-EXPERIMENT
-        tiles = dict(q_tile=int(os.environ.get("CCTV_QT", mb.DEFAULT_Q_TILE)), r_tile=int(os.environ.get("CCTV_RT", mb.DEFAULT_R_TILE)))  # TEMP-EXPERIMENT
-        nb = mb.neighbour_block(q, r, iv, self.metric, self.threshold, k, **tiles)
+        if self._workspace is None:
+            self._workspace = mb.Workspace()
+        nb = mb.neighbour_block(q, r, iv, self.metric, self.threshold, k,
+                                workspace=self._workspace)
         self.distance_cells.inc(nb.n_cells)
         self.candidate_pairs.inc(nb.n_candidates)
         matches, partial = mb.neighbour_outputs(q, r, nb, self.policy, self.window_ms)
@@ -292,6 +270,50 @@ class _ComputeBlock(beam.DoFn):
             part = partial if groups[0] == groups[-1] == g else partial.take(groups == g)
             yield beam.pvalue.TaggedOutput(
                 "partials", ((q.camera_id, r.camera_id, g * self.block_ms), part))
+
+
+class _BuildAndComputeBlocks(_ComputeBlock):
+    """(q_cam, r_cam, start), [(role, encoded Batch)] -> the block's results (as
+    :class:`_ComputeBlock`), its Sides built in this worker's reused workspace.
+
+    A block above ``max_cells`` query x reference cells is split into query chunks
+    instead, emitted (on fresh arrays) to the tagged output ``split`` to be reshuffled.
+    """
+
+    def __init__(self, bands, policy, metric, threshold, top_k, window_ms, block_ms,
+                 max_cells):
+        super().__init__(bands, policy, metric, threshold, top_k, window_ms, block_ms)
+        self.max_cells = max_cells
+        self.blocks = Metrics.counter(NAMESPACE, "blocks")
+        self.blocks_split = Metrics.counter(NAMESPACE, "blocks_split")
+        self.block_cells = Metrics.distribution(NAMESPACE, "block_cells")
+
+    def process(self, element):
+        (q_cam, r_cam, _), values = element
+        qs, rs = [], []
+        for role, data in values:
+            (qs if role == QUERY else rs).append(mb.decode_batch(data))
+        nq, nr = sum(len(b) for b in qs), sum(len(b) for b in rs)
+        if not nq or not nr:
+            return
+        self.blocks.inc()
+        self.block_cells.update(nq * nr)
+        if nq * nr > self.max_cells:
+            q = mb.side_from_batches(q_cam, qs, self.metric)
+            r = mb.side_from_batches(r_cam, rs, self.metric)
+            parts = mb.split_block(q, r, self.bands.intervals(q_cam, r_cam), self.max_cells)
+            if len(parts) > 1:
+                self.blocks_split.inc()
+                for part in parts:
+                    yield beam.pvalue.TaggedOutput("split", part)
+                return
+        else:
+            if self._workspace is None:
+                self._workspace = mb.Workspace()
+            ws = self._workspace
+            q = mb.side_from_batches(q_cam, qs, self.metric, workspace=ws, name="q")
+            r = mb.side_from_batches(r_cam, rs, self.metric, workspace=ws, name="r")
+        yield from self.compute(q, r)
 
 
 class _MergeNeighbours(beam.DoFn):
@@ -393,8 +415,6 @@ class MatchDetections(beam.PTransform):
         self.top_k = int(top_k)
         self.window_ms = mb.window_ms_of(window_s)
         self.bands = mb.CandidateBands(max_gap_s, links)
-        import os  # TEMP-EXPERIMENT
-        block_s = float(os.environ["CCTV_BLOCK_S"]) if os.environ.get("CCTV_BLOCK_S") else block_s  # TEMP-EXPERIMENT
         self.block_ms = block_ms_of(policy, self.window_ms, self.bands, block_s)
         self.max_cells = int(max_candidates_per_block)
         self.max_batch = DEFAULT_MAX_BATCH
@@ -413,18 +433,17 @@ class MatchDetections(beam.PTransform):
                        | "DistinctCameras" >> beam.Distinct())
             keyed = batches | "KeyByBlock" >> beam.ParDo(
                 _KeyByBlock(self.bands, self.block_ms), cameras=beam.pvalue.AsList(cameras))
-        built = (keyed
+        compute = dict(bands=self.bands, policy=p, metric=self.metric,
+                       threshold=self.threshold, top_k=self.top_k, window_ms=self.window_ms,
+                       block_ms=self.block_ms)
+        whole = (keyed
                  | "GroupBlocks" >> beam.GroupByKey()
-                 | "BuildBlocks" >> beam.ParDo(
-                     _BuildBlocks(self.metric, self.max_cells, self.bands)).with_outputs(
-                         "split", main="whole"))
-        compute = lambda: _ComputeBlock(self.bands, p, self.metric, self.threshold,  # noqa: E731
-                                        self.top_k, self.window_ms, self.block_ms)
-        whole = built.whole | "ComputeBlocks" >> beam.ParDo(compute()).with_outputs(
-            "partials", main="matches")
-        split = (built.split
+                 | "ComputeBlocks" >> beam.ParDo(
+                     _BuildAndComputeBlocks(max_cells=self.max_cells, **compute)).with_outputs(
+                         "split", "partials", main="matches"))
+        split = (whole.split
                  | "SpreadSplitBlocks" >> beam.Reshuffle()
-                 | "ComputeSplitBlocks" >> beam.ParDo(compute()).with_outputs(
+                 | "ComputeSplitBlocks" >> beam.ParDo(_ComputeBlock(**compute)).with_outputs(
                      "partials", main="matches"))
         matches = (whole.matches, split.matches) | "FlattenBlocks" >> beam.Flatten()
         if p == "assignment":
