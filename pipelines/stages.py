@@ -8,7 +8,6 @@ from typing import List, Optional
 
 from pipelines.errors import UsageError
 from pipelines.options import CandidateOptions, MatchOptions, ModelOptions
-from transforms.inference import DetectFrames
 
 
 def _classes(text: str) -> tuple:
@@ -48,8 +47,13 @@ def check_models(opts: ModelOptions) -> None:
     del detector, embedder
 
 
-def detect_stage(opts: ModelOptions) -> DetectFrames:
-    """DetectFrames with the handlers the flags ask for (fused unless --separate-stages)."""
+def detect_stage(opts: ModelOptions):
+    """DetectFrames with the handlers the flags ask for (fused unless --separate-stages).
+
+    Imported here, not at module level: Beam's RunInference package takes ~3 s to
+    import, which `match` and `calibrate` (no models) should not pay."""
+    from transforms.inference import DetectFrames
+
     from models.handlers import DetectEmbedModelHandler, DetectModelHandler, EmbedModelHandler
 
     check_models(opts)

@@ -49,15 +49,21 @@ def _epoch_ms(column: pa.ChunkedArray, timezone: str) -> np.ndarray:
     return column.cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64()).to_numpy()
 
 
+def _flat_values(column) -> np.ndarray:
+    """The list column's values as float16 when stored so (CCTView's reference files:
+    matching converts once, block by block, and ships float16 between stages, so a
+    float32 copy here would only be converted back), else float32."""
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    return flat if flat.dtype == np.float16 else flat.astype(np.float32)
+
+
 def _embeddings(column: pa.ChunkedArray) -> List[np.ndarray]:
     column = column.combine_chunks()
     if pa.types.is_fixed_size_list(column.type):
-        width = column.type.list_size
-        flat = column.flatten().to_numpy(zero_copy_only=False)
-        return list(flat.astype(np.float32).reshape(-1, width))
+        return list(_flat_values(column).reshape(-1, column.type.list_size))
     if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
         offsets = column.offsets.to_numpy()
-        flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        flat = _flat_values(column)
         return [flat[offsets[i]:offsets[i + 1]] for i in range(len(column))]
     raise DetectionsSchemaError("embedding must be a list column, not %s" % column.type)
 
