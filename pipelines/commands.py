@@ -68,10 +68,10 @@ def _model_stage(options: PipelineOptions):
     return detect_stage(options.view_as(ModelOptions))
 
 
-def _match_stage(options: PipelineOptions):
+def _match_stage(options: PipelineOptions, cameras=None):
     from pipelines.stages import match_stage
 
-    return match_stage(options)
+    return match_stage(options, cameras)
 
 
 def _run(pipeline: beam.Pipeline) -> Dict[str, int]:
@@ -173,8 +173,9 @@ def _detection_source(options: PipelineOptions, files=None) -> ReadDetections:
 def match(options: PipelineOptions) -> int:
     """Stored detections -> cross-camera match pairs; no model runs."""
     out = options.view_as(OutputOptions)
-    source = _detection_source(options)
-    matcher = _match_stage(options)
+    files = _detection_files(options)
+    source = _detection_source(options, files)
+    matcher = _match_stage(options, camera_ids(files))
     tables = ["matches"]
     outputs.prepare(_require(out.output, "--output"), tables)
     pipeline = beam.Pipeline(options=options)

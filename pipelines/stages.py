@@ -113,17 +113,19 @@ def matcher_factory(options):
             raise UsageError("--policy learned needs --links (run 'cctview calibrate' first)")
         from transforms.learned_matching import LearnedLinkMatch
 
-        return lambda links: LearnedLinkMatch(links, min_precision=policy.min_precision)
+        return lambda links, cameras=None: LearnedLinkMatch(
+            links, min_precision=policy.min_precision)
 
-    def make(links):
+    def make(links, cameras=None):
         return MatchDetections(
             policy=name, metric=candidates.metric, max_gap_s=candidates.max_gap,
             window_s=candidates.window, threshold=policy.threshold, top_k=policy.top_k,
-            links=links)
+            links=links, cameras=cameras)
 
     return make
 
 
-def match_stage(options):
-    """The matching PTransform the flags ask for, with the --links file read."""
-    return matcher_factory(options)(read_links(options.view_as(MatchOptions).links))
+def match_stage(options, cameras=None):
+    """The matching PTransform the flags ask for, with the --links file read; ``cameras``:
+    the input's camera ids when known before the job (see MatchDetections)."""
+    return matcher_factory(options)(read_links(options.view_as(MatchOptions).links), cameras)

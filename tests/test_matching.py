@@ -747,20 +747,31 @@ def test_beam_input_shapes_windowing_and_links_file(tmp_path):
 @given(case=cases(max_bursts=2), block_s=st.sampled_from([0.25, 3.7, 45.0, 10_000.0]))
 def test_beam_block_span_changes_nothing(case, block_s):
     """all/topk/mutual give the same matches and counters whatever the block span
-    (how many blocks a reference travels to, how partials are merged)."""
+    (how many blocks a reference travels to, how partials are merged), and with the
+    camera ids given up front (a superset is fine) instead of found from the data."""
     configs = {}
+    cameras = sorted({d["camera_id"] for d in case["dets"]} | {"idle-camera"})
     for policy in ("all", "topk", "mutual"):
         params = _params(case, policy, case["windows"][0])
         configs[policy + "_auto"] = params
         configs[policy + "_span"] = dict(params, block_s=block_s)
+        configs[policy + "_cams"] = dict(params, block_s=block_s, cameras=cameras)
     outputs, counters = run_matchers(case["dets"], configs)
     for policy in ("all", "topk", "mutual"):
-        assert outputs[policy + "_span"] == outputs[policy + "_auto"]
-        for counter in ("candidate_pairs", "matches_emitted"):
-            assert counters.get((policy + "_span", counter), 0) == \
-                counters.get((policy + "_auto", counter), 0)
+        for variant in ("_span", "_cams"):
+            assert outputs[policy + variant] == outputs[policy + "_auto"]
+            for counter in ("candidate_pairs", "matches_emitted"):
+                assert counters.get((policy + variant, counter), 0) == \
+                    counters.get((policy + "_auto", counter), 0)
     check_against_reference(outputs["mutual_span"], case["dets"], "mutual", case["metric"],
                             case["windows"][0], **_ref_kw(case))
+
+def test_beam_camera_missing_from_given_cameras_fails():
+    dets = [{"camera_id": c, "frame_ts_ms": 1000 * i, "detection_id": "%s%d" % (c, i),
+             "embedding": np.ones(4, np.float32) * i} for i, c in enumerate("aab")]
+    with pytest.raises(Exception, match="not among the cameras"):
+        run_matchers(dets, {"m": {"policy": "mutual", "cameras": ["a"]}})
+
 
 def test_beam_empty_input():
     outputs, _ = run_matchers([], {p: {"policy": p} for p in mb.POLICIES})

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -200,12 +200,18 @@ class _KeyByBlock(beam.DoFn):
     bytes). A reference part holds exactly the batch's detections in that block's reach.
     """
 
-    def __init__(self, bands: mb.CandidateBands, block_ms: int):
+    def __init__(self, bands: mb.CandidateBands, block_ms: int, cameras=None):
         self.bands = bands
         self.block_ms = int(block_ms)
+        self.cameras = None if cameras is None else frozenset(cameras)
 
     def process(self, cam_batch, cameras=()):
         cam, data = cam_batch
+        if self.cameras is not None:
+            if cam not in self.cameras:
+                raise ValueError("camera %r is not among the cameras MatchDetections was "
+                                 "given" % (cam,))
+            cameras = self.cameras
         batch = mb.decode_batch(data)
         for other in self.bands.partners(cam, cameras):
             if cam < other:
@@ -399,6 +405,12 @@ class MatchDetections(beam.PTransform):
       block_s: span of the blocks of ``all``/``topk``/``mutual`` (a performance knob
         with no effect on results); None: the smallest multiple of ``window_s`` that
         covers the widest candidate band.
+      cameras: every camera id of the input, when known before the job runs (e.g.
+        from the files' ``camera_id`` columns); None: found from the data. Without
+        links, batches are paired with every other camera, and finding the cameras from
+        the data makes the runner hold every batch until all are known (one more full
+        copy of the embeddings between stages). A detection of a camera not listed
+        fails the job: its pairs would otherwise be lost silently.
 
     Output elements are in the GlobalWindow, timestamped with ``frame_ts_a_ms``.
 
@@ -413,7 +425,8 @@ class MatchDetections(beam.PTransform):
                  max_gap_s: float = mb.DEFAULT_MAX_GAP_S, window_s: float = mb.DEFAULT_WINDOW_S,
                  threshold: Optional[float] = None, top_k: int = 1, links=None,
                  max_candidates_per_block: int = mb.DEFAULT_MAX_CANDIDATES_PER_BLOCK,
-                 label: Optional[str] = None, block_s: Optional[float] = None):
+                 label: Optional[str] = None, block_s: Optional[float] = None,
+                 cameras: Optional[Sequence[str]] = None):
         super().__init__(label)
         mb.check_params(policy, metric, top_k, threshold)
         if isinstance(links, str) or hasattr(links, "__fspath__"):
@@ -430,6 +443,7 @@ class MatchDetections(beam.PTransform):
         self.block_ms = block_ms_of(policy, self.window_ms, self.bands, block_s)
         self.max_cells = int(max_candidates_per_block)
         self.max_batch = DEFAULT_MAX_BATCH
+        self.cameras = None if cameras is None else sorted({str(c) for c in cameras})
 
     def expand(self, detections):
         p = self.policy
@@ -437,8 +451,9 @@ class MatchDetections(beam.PTransform):
                    | "BatchDetections" >> beam.ParDo(
                        _BatchDetections(self.block_ms, self.max_batch))
                    | "InGlobalWindow" >> beam.WindowInto(GlobalWindows()))
-        if self.bands.linked:
-            keyed = batches | "KeyByBlock" >> beam.ParDo(_KeyByBlock(self.bands, self.block_ms))
+        if self.bands.linked or self.cameras is not None:
+            keyed = batches | "KeyByBlock" >> beam.ParDo(
+                _KeyByBlock(self.bands, self.block_ms, self.cameras))
         else:
             cameras = (batches
                        | "CameraIds" >> beam.Keys()
