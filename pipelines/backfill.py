@@ -707,7 +707,7 @@ class Backfill:
                 self.config.roots, FrameLayout(self.layout, self.timezone),
                 extract.start_ms, extract.end_ms, max_pixels=self.max_pixels,
                 pipeline_options=self.options)
-            found = read.frames | "DetectFrames" >> detect
+            found = {"frames": read.frames, "index": read.index} | "DetectFrames" >> detect
             dead = ((read[DEAD_LETTER], found[DEAD_LETTER]) | "AllDeadLetters" >> beam.Flatten()
                     | "OneDeadLetterPerFile" >> beam.Filter(
                         _keep_dead_letter, extract, self.timezone, self.plan))

@@ -125,7 +125,7 @@ def _detect_and_write(pipeline, options: PipelineOptions, source, detect):
     out = options.view_as(OutputOptions)
     models = options.view_as(ModelOptions)
     read = pipeline | "ReadFrames" >> source
-    found = read.frames | "DetectFrames" >> detect
+    found = {"frames": read.frames, "index": read.index} | "DetectFrames" >> detect
     dead = (read[DEAD_LETTER], found[DEAD_LETTER]) | "AllDeadLetters" >> beam.Flatten()
     written = found["detections"]
     if models.no_embeddings_out:

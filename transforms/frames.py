@@ -211,12 +211,41 @@ class _CountListed(beam.DoFn):
         yield path, metadata.size_in_bytes
 
 
+class _IndexFn(beam.DoFn):
+    """(path, size) -> (camera_id, uri) for a parseable path inside the time range.
+
+    No file is read: this is the frame index from the listing alone (what the
+    ``background`` detector samples its backgrounds from)."""
+
+    def __init__(self, layout: FrameLayout, start_ms: Optional[int], end_ms: Optional[int]):
+        self._layout = layout
+        self._start_ms, self._end_ms = start_ms, end_ms
+
+    def process(self, element):
+        uri = element[0]
+        try:
+            parsed = self._layout.parse(uri)
+        except PathParseError:
+            return
+        ts = parsed.frame_ts_ms
+        if (self._start_ms is not None and ts < self._start_ms) or (
+                self._end_ms is not None and ts >= self._end_ms):
+            return
+        yield parsed.camera_id, uri
+
+
 class ReadFramesOutput(dict):
-    """``{"frames": ..., "dead_letter": ...}``, with ``.frames`` for the main output."""
+    """``{"frames": ..., "dead_letter": ..., "index": ...}``, with ``.frames`` for the
+    main output and ``.index`` for the ``(camera_id, uri)`` frame index (from the
+    listing alone, so it does not wait for decoding; a file listed twice appears twice)."""
 
     @property
     def frames(self):
         return self["frames"]
+
+    @property
+    def index(self):
+        return self["index"]
 
 
 class ReadFrames(beam.PTransform):
@@ -259,4 +288,6 @@ class ReadFrames(beam.PTransform):
             ).with_outputs(DEAD_LETTER, main="frames"))
         dead = ((listed[DEAD_LETTER], decoded[DEAD_LETTER])
                 | "AllFrameDeadLetters" >> beam.Flatten())
-        return ReadFramesOutput(frames=decoded.frames, dead_letter=dead)
+        index = listed.paths | "Index" >> beam.ParDo(
+            _IndexFn(self._layout, self._start_ms, self._end_ms))
+        return ReadFramesOutput(frames=decoded.frames, dead_letter=dead, index=index)

@@ -111,7 +111,9 @@ class DetectFrames(beam.PTransform):
     for an image is ``{boxes, scores, labels}``) and ``embed_handler`` embeds the
     ``(image, boxes)`` pairs. With ``needs_background`` (the ``background`` detector)
     each frame goes to the detector with its camera's background, estimated from the
-    camera's own frames (:class:`EstimateBackgrounds`, a side input). With
+    camera's own frames (:class:`EstimateBackgrounds`, a side input); pass
+    ``{"frames": read.frames, "index": read.index}`` of :class:`ReadFrames` so that the
+    sample comes from the listing and decoded frames are not held in memory. With
     ``write_crops`` each detection also comes out as ``(record, JPEG bytes)`` on the
     ``crops`` output (crops are personal data: only when the user asks). Returns
     ``{"detections": ..., "crops": ..., "dead_letter": ...}``.
@@ -129,12 +131,19 @@ class DetectFrames(beam.PTransform):
         self._write_crops = write_crops
 
     def expand(self, frames):
+        index = None
+        if isinstance(frames, dict):  # {"frames": ..., "index": ...} from ReadFrames
+            frames, index = frames["frames"], frames.get("index")
         keyed = frames | "KeyByFrame" >> beam.Map(lambda f: (_frame_key(f), f["image"]))
         to_detect = keyed
         if self._needs_background:
-            backgrounds = beam.pvalue.AsDict(frames | "Backgrounds" >> EstimateBackgrounds())
-            to_detect = keyed | "WithBackground" >> beam.Map(
-                lambda kv, bgs: (kv[0], (kv[1], bgs[kv[0][1]])), backgrounds)
+            # From the frame index when there is one: the backgrounds then depend on the
+            # listing only, and decoded frames stream through detection instead of all
+            # being held until every camera's background is known.
+            source = frames if index is None else index
+            backgrounds = beam.pvalue.AsDict(
+                source | "Backgrounds" >> EstimateBackgrounds(from_index=index is not None))
+            to_detect = keyed | "WithBackground" >> beam.Map(_with_background, backgrounds)
         predictions, failed = to_detect | "Detect" >> RunInference(
             KeyedModelHandler(self._handler)).with_exception_handling()
         dead = [failed.failed_inferences | "DetectFailed" >> beam.ParDo(_FailedBatchFn())]
@@ -156,6 +165,14 @@ class DetectFrames(beam.PTransform):
             CROPS: converted[CROPS],
             DEAD_LETTER: tuple(dead) | "FlattenDead" >> beam.Flatten(),
         }
+
+
+def _with_background(element, backgrounds):
+    """(key, image) -> (key, (image, its camera's background)); a camera none of whose
+    sampled files decoded has none, and its frame is its own one-frame background."""
+    key, image = element
+    background = backgrounds.get(key[1])
+    return key, (image, image if background is None else background)
 
 
 def _image_and_boxes(element):
