@@ -178,6 +178,12 @@ class MatchOptions(PipelineOptions):
                  "controls, that the chosen score threshold must reach; a camera pair "
                  "where no threshold does gets no matches (default 0.7).")
         parser.add_argument(
+            "--tracklets", dest="tracklets", choices=("on", "off"), default="on",
+            help="For --policy learned: link each camera's detections into short "
+                 "tracklets (consecutive frames, by box motion, size and appearance) and "
+                 "judge a pair of tracklets as a whole by its best-scoring detection pair; "
+                 "adds tracklet_id_a/tracklet_id_b to the matches (default on).")
+        parser.add_argument(
             "--threshold", dest="threshold", type=float, default=None,
             help="Largest distance that may match (default: none).")
         parser.add_argument(

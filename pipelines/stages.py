@@ -113,8 +113,9 @@ def matcher_factory(options):
             raise UsageError("--policy learned needs --links (run 'cctview calibrate' first)")
         from transforms.learned_matching import LearnedLinkMatch
 
+        tracklets = getattr(policy, "tracklets", "on") != "off"
         return lambda links, cameras=None: LearnedLinkMatch(
-            links, min_precision=policy.min_precision)
+            links, min_precision=policy.min_precision, tracklets=tracklets)
 
     def make(links, cameras=None):
         return MatchDetections(

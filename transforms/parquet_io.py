@@ -51,6 +51,8 @@ MATCHES_SCHEMA = pa.schema([
     ("rank_b", pa.int32()),
     ("window_start", _TS),
     ("window_end", _TS),
+    ("tracklet_id_a", pa.string()),
+    ("tracklet_id_b", pa.string()),
 ])
 
 DEAD_LETTER_SCHEMA = pa.schema([
@@ -102,6 +104,8 @@ def match_row(m):
         "rank_b": m.get("rank_b"),
         "window_start": None if m.get("window_start_ms") is None else _utc(m["window_start_ms"]),
         "window_end": None if m.get("window_end_ms") is None else _utc(m["window_end_ms"]),
+        "tracklet_id_a": m.get("tracklet_id_a"),
+        "tracklet_id_b": m.get("tracklet_id_b"),
     }
 
 

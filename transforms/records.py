@@ -12,7 +12,8 @@ Detection (detection -> matching, detections Parquet):
 Match (matching -> matches Parquet):
     detection_id_a, detection_id_b, camera_id_a, camera_id_b (camera_id_a < camera_id_b),
     frame_ts_a_ms, frame_ts_b_ms, dt_seconds (= b - a), distance, policy,
-    rank_a, rank_b, window_start_ms, window_end_ms
+    rank_a, rank_b, window_start_ms, window_end_ms; policy ``learned`` adds score and,
+    with tracklets, tracklet_id_a, tracklet_id_b (transforms/tracklets.py)
 DeadLetter (any stage -> dead_letter Parquet):
     uri, stage, reason, error, ts_ms
 """
