@@ -67,6 +67,16 @@ def _memory_kb(pid: int):
         return None
 
 
+def _cpu_s(pid: int):
+    """User + system CPU seconds of one process so far, or None if it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _role(pid: int, root: int, command: str) -> str:
     if pid == root:
         return "driver"
@@ -82,6 +92,7 @@ class TreeSampler:
         self.root = root
         self.peak_total_kb = 0
         self.peak_by_pid = {}  # pid -> (role, peak KiB)
+        self.cpu_by_pid = {}  # pid -> last seen user + system CPU seconds
         self.samples = 0
 
     def sample(self) -> None:
@@ -92,6 +103,9 @@ class TreeSampler:
                 continue
             rss, hwm = memory
             total += rss
+            cpu = _cpu_s(pid)
+            if cpu is not None:
+                self.cpu_by_pid[pid] = cpu
             role = _role(pid, self.root, command)
             previous = self.peak_by_pid.get(pid, (role, 0))[1]
             self.peak_by_pid[pid] = (role, max(previous, rss, hwm))
@@ -110,9 +124,13 @@ def run_measured(command, log_path: Path, limit_s: float, interval_s: float = 0.
         process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                    env=env, start_new_session=True)
         sampler = TreeSampler(process.pid)
-        timed_out = False
-        while process.poll() is None:
+        timed_out, usage = False, None
+        while True:
             sampler.sample()
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                process.returncode = os.waitstatus_to_exitcode(status)
+                break
             if time.perf_counter() - started > limit_s:
                 timed_out = True
                 os.killpg(process.pid, signal.SIGKILL)  # its own session only
@@ -120,8 +138,12 @@ def run_measured(command, log_path: Path, limit_s: float, interval_s: float = 0.
                 break
             time.sleep(interval_s)
         seconds = time.perf_counter() - started
+    # CPU: the kernel's count for the command and the children it reaped, or (if the
+    # workers were not reaped) the sum of the last samples of every process of the tree.
+    sampled_cpu = sum(sampler.cpu_by_pid.values())
+    cpu = max(usage.ru_utime + usage.ru_stime, sampled_cpu) if usage else sampled_cpu
     return {"returncode": process.returncode, "seconds": seconds, "timed_out": timed_out,
-            "sampler": sampler, "log": log_path.read_text(errors="replace")}
+            "sampler": sampler, "cpu_seconds": cpu, "log": log_path.read_text(errors="replace")}
 
 
 # ----------------------------------------------------------------------------- counts
@@ -222,6 +244,9 @@ def report(result: dict) -> str:
          "%.1f" % (numbers["frames_on_disk"] / result["seconds"])),
         ("frames/s per worker", "%.1f" % (
             numbers["frames_on_disk"] / result["seconds"] / result["workers"])),
+        ("CPU time of the process tree (s, user + system)", "%.0f" % result["cpu_seconds"]),
+        ("frames per CPU-second (per core, independent of other load)",
+         "%.1f" % (numbers["frames_on_disk"] / max(result["cpu_seconds"], 1e-9))),
         ("peak RSS, whole process tree", _mib(sampler.peak_total_kb)),
         ("peak RSS, driver (runner + buffers)", _mib(max(sampler.peaks("driver") or [0]))),
         ("peak RSS per SDK worker", ", ".join(_mib(kb) for kb in workers) or "none seen"),

@@ -62,9 +62,10 @@ def test_reconciliation_of_a_small_run_and_what_it_catches(world, tmp_path, caps
     assert not lost["frames on disk == frames_listed"] and lost["no duplicate detection_id"]
 
 
-def test_memory_of_a_process_tree_is_sampled(tmp_path):
+def test_memory_and_cpu_of_a_process_tree_are_measured(tmp_path):
     child = "import time; x = bytearray(300 * 2 ** 20); x[::4096] = b'1' * len(x[::4096]); " \
-            "time.sleep(1.5)"
+            "t = time.process_time() + 0.5\nwhile time.process_time() < t: pass\n" \
+            "time.sleep(1.0)"
     result = load.run_measured([sys.executable, "-c",
                                 "import subprocess, sys; subprocess.run([sys.executable, "
                                 "'-c', %r])" % child], tmp_path / "log", 60, 0.1)
@@ -73,6 +74,7 @@ def test_memory_of_a_process_tree_is_sampled(tmp_path):
     assert sampler.peak_total_kb > 300 * 1024
     assert max(kb for _, kb in sampler.peak_by_pid.values()) > 300 * 1024
     assert len(sampler.peak_by_pid) >= 2  # the driver and its child
+    assert result["cpu_seconds"] >= 0.5  # the grandchild's busy loop counts
 
 
 def test_backgrounds_from_the_index_equal_those_from_decoded_frames(world):
