@@ -6,8 +6,12 @@
    embedder: no weights) and matches by CCTView's idea (mutual nearest neighbours within
    ``--max-gap``);
 3. ``calibrate``: camera links from the stored detections (no model runs again);
-4. ``match --links``: matches re-computed from the stored embeddings with the links;
-5. ``report``: a static HTML page.
+4. ``match --links``: matches re-computed from the stored embeddings with the links,
+   once with mutual nearest neighbours inside the links' bands and once with the
+   default learned matcher (which abstains when the footage is too short for it to
+   reach its precision target: a few minutes usually are);
+5. ``report``: a static HTML page of the linked matches (the learned ones when it
+   matched, else the mutual ones).
 
 At the end it prints, per matching, pair precision and transit recall against the
 ground truth, next to the time-shift estimate of precision, and the links found next to
@@ -71,18 +75,29 @@ def run_from_args(args: argparse.Namespace) -> int:
     _step("calibrate: camera links from the stored detections",
           ["calibrate", "--detections", run_dir + "/detections",
            "--output", linked + "/links.json"] + gap)
-    _step("match --links: re-matched from stored embeddings",
+    linked_mutual = out + "/linked-mutual"
+    _step("match --links --policy mutual: re-matched from stored embeddings",
+          ["match", "--detections", run_dir + "/detections", "--links",
+           linked + "/links.json", "--policy", "mutual", "--output", linked_mutual])
+    _step("match --links: the learned default, from the same embeddings",
           ["match", "--detections", run_dir + "/detections", "--links",
            linked + "/links.json", "--output", linked])
-    with_links = ground_truth.score_matches(
+    with_mutual = ground_truth.score_matches(
+        ground_truth.read_table(linked_mutual + "/matches"), vehicles, transits)
+    learned = ground_truth.score_matches(
         ground_truth.read_table(linked + "/matches"), vehicles, transits)
-    _step("report", ["report", "--input", linked, "--detections", run_dir + "/detections",
+    shown = linked if learned["matches"] else linked_mutual
+    _step("report", ["report", "--input", shown, "--detections", run_dir + "/detections",
                      "--output", out + "/report"])
     print("\nAgainst the ground truth (pairs: precision; transits: recall):")
-    for name, s in (("mutual NN, no links", unlinked), ("calibrated links", with_links)):
+    for name, s in (("mutual NN, no links", unlinked), ("links + mutual NN", with_mutual),
+                    ("links + learned", learned)):
         print("  %-20s %5d matches, precision %.2f, recall %.2f (%d of %d transits)" % (
             name, s["matches"], s["precision"], s["recall"], s["transits_found"],
             s["transits"]))
+    if not learned["matches"]:
+        print("  (the learned matcher abstained: %g minutes are too few pairs for it to "
+              "reach its precision target; try --minutes 12)" % args.minutes)
     with open(world + "/ground_truth/links.json") as handle:
         true_links = json.load(handle)
     with open(linked + "/links.json") as handle:
