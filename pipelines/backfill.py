@@ -695,6 +695,7 @@ class Backfill:
         from pipelines import outputs
         from transforms.detections_io import ReadDetections
         from transforms.frames import DEAD_LETTER, ReadFrames
+        from transforms.inference import detect_read_frames
         from transforms.layout import FrameLayout
 
         detect, matcher = self._stages()
@@ -707,7 +708,7 @@ class Backfill:
                 self.config.roots, FrameLayout(self.layout, self.timezone),
                 extract.start_ms, extract.end_ms, max_pixels=self.max_pixels,
                 pipeline_options=self.options)
-            found = {"frames": read.frames, "index": read.index} | "DetectFrames" >> detect
+            found = detect_read_frames(read, detect)
             dead = ((read[DEAD_LETTER], found[DEAD_LETTER]) | "AllDeadLetters" >> beam.Flatten()
                     | "OneDeadLetterPerFile" >> beam.Filter(
                         _keep_dead_letter, extract, self.timezone, self.plan))

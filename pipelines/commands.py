@@ -125,7 +125,9 @@ def _detect_and_write(pipeline, options: PipelineOptions, source, detect):
     out = options.view_as(OutputOptions)
     models = options.view_as(ModelOptions)
     read = pipeline | "ReadFrames" >> source
-    found = {"frames": read.frames, "index": read.index} | "DetectFrames" >> detect
+    from transforms.inference import detect_read_frames  # with the models' imports
+
+    found = detect_read_frames(read, detect)
     dead = (read[DEAD_LETTER], found[DEAD_LETTER]) | "AllDeadLetters" >> beam.Flatten()
     written = found["detections"]
     if models.no_embeddings_out:

@@ -106,10 +106,9 @@ class _EstimateFromFilesFn(beam.DoFn):
                 images.append(decode_image(data))
             except Exception:  # unreadable or undecodable: ReadFrames dead-letters it
                 continue
-        if not images:
-            return  # detection falls back to the frame itself (see DetectFrames)
-        self.cameras.inc()
-        yield camera, estimate_background(images)
+        if images:  # none: detection falls back to the frame itself (see DetectFrames)
+            self.cameras.inc()
+            yield camera, estimate_background(images)
 
 
 class EstimateBackgrounds(beam.PTransform):

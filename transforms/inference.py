@@ -167,6 +167,15 @@ class DetectFrames(beam.PTransform):
         }
 
 
+def detect_read_frames(read, detect: "DetectFrames", label: str = "DetectFrames"):
+    """Applies ``detect`` to what :class:`transforms.frames.ReadFrames` returned: its
+    frames, with its frame index for the backgrounds. Through ``Pipeline.apply``, because
+    ``dict | transform`` ties a transform object to the first pipeline it was applied to,
+    and backfill applies the same DetectFrames to one pipeline per partition."""
+    inputs = {"frames": read.frames, "index": read.index}
+    return read.frames.pipeline.apply(detect, inputs, label)
+
+
 def _with_background(element, backgrounds):
     """(key, image) -> (key, (image, its camera's background)); a camera none of whose
     sampled files decoded has none, and its frame is its own one-frame background."""
