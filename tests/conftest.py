@@ -18,6 +18,20 @@ SEED = SHARED / "data" / "nyc-fdr" / "seed-format"
 MODELS = SHARED / "models"
 
 
+CLASSICAL = ["--detector", "background", "--embedder", "color_histogram"]
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """A 3-camera, 1.5-minute synthetic world (``cctview synth``), rendered once for every
+    test that only reads it."""
+    from pipelines.cli import main
+
+    root = tmp_path_factory.mktemp("small-world")
+    assert main(["synth", "--output", str(root), "--cameras", "3", "--minutes", "1.5"]) == 0
+    return root
+
+
 def require_shared(path: Path) -> Path:
     if not path.exists():
         pytest.skip("shared material not found: %s" % path)

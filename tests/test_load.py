@@ -6,10 +6,9 @@ import sys
 
 import apache_beam as beam
 import numpy as np
-import pytest
 from PIL import Image
 
-from conftest import REPO, collect
+from conftest import CLASSICAL, REPO, collect
 from pipelines.cli import main
 from transforms.backgrounds import EstimateBackgrounds, _EstimateFromFilesFn
 from transforms.frames import ReadFrames
@@ -19,27 +18,17 @@ from transforms.layout import FrameLayout
 sys.path.insert(0, str(REPO))
 from benchmarks import load  # noqa: E402
 
-CLASSICAL = ["--detector", "background", "--embedder", "color_histogram"]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("load-world")
-    assert main(["synth", "--output", str(root), "--cameras", "3", "--minutes", "1.5"]) == 0
-    return root
-
-
 def _checks(result):
     return {name: ok for name, ok in result["checks"]}
 
 
-def test_reconciliation_of_a_small_run_and_what_it_catches(world, tmp_path, capsys):
+def test_reconciliation_of_a_small_run_and_what_it_catches(small_world, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["run", "--input", str(world / "frames"), "--output", str(out),
+    assert main(["run", "--input", str(small_world / "frames"), "--output", str(out),
                  "--max-gap", "60"] + CLASSICAL) == 0
     counters = load.counters_from_stdout(capsys.readouterr().out)
-    truth = world / "ground_truth" / "boxes.parquet"
-    result = load.reconcile(world / "frames", out, counters, truth)
+    truth = small_world / "ground_truth" / "boxes.parquet"
+    result = load.reconcile(small_world / "frames", out, counters, truth)
     assert all(_checks(result).values()), result["checks"]
     numbers = result["numbers"]
     assert numbers["frames_on_disk"] == counters["frames_listed"] > 250
@@ -49,12 +38,12 @@ def test_reconciliation_of_a_small_run_and_what_it_catches(world, tmp_path, caps
     # A detections file written twice (a retried bundle that added a file): caught.
     first = sorted((out / "detections").rglob("*.parquet"))[0]
     shutil.copy(first, first.with_name("copy-" + first.name))
-    doubled = _checks(load.reconcile(world / "frames", out, counters, truth))
+    doubled = _checks(load.reconcile(small_world / "frames", out, counters, truth))
     assert not doubled["no duplicate detection_id"]
     assert not doubled["detections counter == rows written"]
     # A frame that was never listed: caught.
     frames = tmp_path / "frames"
-    shutil.copytree(world / "frames", frames)
+    shutil.copytree(small_world / "frames", frames)
     extra = sorted(frames.rglob("*.jpeg"))[0]
     shutil.copy(extra, extra.with_name("cam-01--2024-05-01--12.30.00--original.jpeg"))
     first.with_name("copy-" + first.name).unlink()
@@ -77,9 +66,9 @@ def test_memory_and_cpu_of_a_process_tree_are_measured(tmp_path):
     assert result["cpu_seconds"] >= 0.5  # the grandchild's busy loop counts
 
 
-def test_backgrounds_from_the_index_equal_those_from_decoded_frames(world):
+def test_backgrounds_from_the_index_equal_those_from_decoded_frames(small_world):
     with beam.Pipeline() as p:
-        read = p | ReadFrames([str(world / "frames")], FrameLayout())
+        read = p | ReadFrames([str(small_world / "frames")], FrameLayout())
         from_frames = collect(read.frames | "FromFrames" >> EstimateBackgrounds(), "frames")
         from_index = collect(read.index | "FromIndex" >> EstimateBackgrounds(
             from_index=True), "index")
@@ -89,11 +78,11 @@ def test_backgrounds_from_the_index_equal_those_from_decoded_frames(world):
         assert np.array_equal(background, dict(from_index)[camera])
 
 
-def test_undecodable_samples_are_skipped_and_a_camera_without_any_uses_the_frame(world,
+def test_undecodable_samples_are_skipped_and_a_camera_without_any_uses_the_frame(small_world,
                                                                                    tmp_path):
     from models.background import estimate_background
 
-    good = sorted(str(p) for p in (world / "frames" / "cam-01").rglob("*.jpeg"))[:3]
+    good = sorted(str(p) for p in (small_world / "frames" / "cam-01").rglob("*.jpeg"))[:3]
     bad = tmp_path / "bad.jpeg"
     bad.write_bytes(b"\xff\xd8 not a jpeg")
     fn = _EstimateFromFilesFn(sample=2)

@@ -9,19 +9,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REFERENCE, require_shared
+from conftest import CLASSICAL, REFERENCE, require_shared
 from pipelines.cli import main
 from transforms.match_blocks import match_arrays
-
-CLASSICAL = ["--detector", "background", "--embedder", "color_histogram"]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    assert main(["synth", "--output", str(root), "--cameras", "3", "--minutes", "1.5"]) == 0
-    return root
-
 
 def _table(folder):
     return ds.dataset(folder, partitioning="hive", format="parquet").to_table()
@@ -31,9 +21,9 @@ def _pairs(table):
     return sorted(zip(table["detection_id_a"].to_pylist(), table["detection_id_b"].to_pylist()))
 
 
-def test_run_writes_all_tables_and_match_replays_them(world, tmp_path):
+def test_run_writes_all_tables_and_match_replays_them(small_world, tmp_path):
     out = tmp_path / "run"
-    argv = ["run", "--input", str(world / "frames"), "--output", str(out), "--max-gap", "60"]
+    argv = ["run", "--input", str(small_world / "frames"), "--output", str(out), "--max-gap", "60"]
     assert main(argv + CLASSICAL) == 0
     detections, matches = _table(out / "detections"), _table(out / "matches")
     assert detections.num_rows > 100 and matches.num_rows > 10
@@ -62,9 +52,9 @@ def test_run_writes_all_tables_and_match_replays_them(world, tmp_path):
     assert _table(out / "detections").num_rows == detections.num_rows
 
 
-def test_privacy_flags_crops_and_no_embeddings(world, tmp_path):
+def test_privacy_flags_crops_and_no_embeddings(small_world, tmp_path):
     out = tmp_path / "private"
-    plain = ["run", "--input", str(world / "frames"), "--max-gap", "60"] + CLASSICAL
+    plain = ["run", "--input", str(small_world / "frames"), "--max-gap", "60"] + CLASSICAL
     assert main(plain + ["--output", str(out)]) == 0
     assert not (out / "crops").exists()
     assert _table(out / "detections")["embedding"].null_count == 0
