@@ -177,7 +177,10 @@ def match(options: PipelineOptions) -> int:
     out = options.view_as(OutputOptions)
     files = _detection_files(options)
     source = _detection_source(options, files)
-    matcher = _match_stage(options, camera_ids(files))
+    # Camera ids matter only without links (every camera is then a partner); with links
+    # the partners come from the links, so the files' camera column is not read.
+    linked = bool(options.view_as(MatchOptions).links)
+    matcher = _match_stage(options, None if linked else camera_ids(files))
     tables = ["matches"]
     outputs.prepare(_require(out.output, "--output"), tables)
     pipeline = beam.Pipeline(options=options)
