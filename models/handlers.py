@@ -9,15 +9,11 @@ which runs the GPU out of memory (apache/beam#22895).
 """
 from typing import Any, Optional
 
+import torch
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from models.fused import DetectAndEmbed, with_embeddings
 from models.registry import build_detector, build_embedder
-
-
-def _build(builder, model: tuple, device: str):
-    name, weights, options = model
-    return builder(name, weights, device, **options)
 
 
 def _nbytes(element) -> int:
@@ -27,11 +23,22 @@ def _nbytes(element) -> int:
 
 
 class _Handler(ModelHandler):
+    """``threads`` (0: torch's default) is the worker's torch thread count, set when
+    the model loads: the runner's own parallelism decides it (one bundle per core
+    wants one thread per model call); ONNX models get theirs through their options."""
+
     def __init__(self, *, device: str = "cpu", min_batch_size: int = 1, max_batch_size: int = 16,
-                 model_copies: Optional[int] = None):
+                 model_copies: Optional[int] = None, threads: int = 0):
         super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size,
                          large_model=device.startswith("cuda"), model_copies=model_copies)
         self._device = device
+        self._threads = threads
+
+    def _build(self, builder, model: tuple):
+        if self._threads:
+            torch.set_num_threads(self._threads)
+        name, weights, options = model
+        return builder(name, weights, self._device, **options)
 
     def get_num_bytes(self, batch) -> int:
         return sum(_nbytes(e) for e in batch)
@@ -60,8 +67,8 @@ class DetectEmbedModelHandler(_Handler):
         self._embedder = (embedder, embedder_weights, dict(embedder_options or {}))
 
     def load_model(self) -> DetectAndEmbed:
-        return DetectAndEmbed(_build(build_detector, self._detector, self._device),
-                              _build(build_embedder, self._embedder, self._device))
+        return DetectAndEmbed(self._build(build_detector, self._detector),
+                              self._build(build_embedder, self._embedder))
 
     def run_inference(self, batch, model, inference_args: Optional[dict[str, Any]] = None):
         frames, backgrounds = _split_backgrounds(batch)
@@ -78,7 +85,7 @@ class DetectModelHandler(_Handler):
         self._model = (detector, weights, dict(options or {}))
 
     def load_model(self):
-        return _build(build_detector, self._model, self._device)
+        return self._build(build_detector, self._model)
 
     def run_inference(self, batch, model, inference_args: Optional[dict[str, Any]] = None):
         frames, backgrounds = _split_backgrounds(batch)
@@ -102,7 +109,7 @@ class EmbedModelHandler(_Handler):
         self._model = (embedder, weights, dict(options or {}))
 
     def load_model(self):
-        return _build(build_embedder, self._model, self._device)
+        return self._build(build_embedder, self._model)
 
     def run_inference(self, batch, model, inference_args: Optional[dict[str, Any]] = None):
         images = [image for image, _ in batch]

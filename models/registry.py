@@ -15,6 +15,10 @@ DETECTORS = {
     "background": background.background,
 }
 
+# Models that run in onnxruntime: their builders take ``threads`` (intra-op threads
+# of one call). Torch models use the process's ``torch.set_num_threads``.
+ONNX_MODELS = frozenset({"yolox", "onnx"})
+
 EMBEDDERS = {
     "densenet201_veri": embedders.densenet201_veri,
     "resnet50": embedders.resnet50,

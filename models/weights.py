@@ -14,7 +14,7 @@ import hashlib
 import io
 import logging
 import os
-from typing import Optional
+from typing import Optional, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -142,22 +142,45 @@ def torchvision_state_dict(weights_enum, name: str, flag: str) -> dict:
             % (name, flag, weights_enum.url)) from None
 
 
-def onnx_session(uri: str, sha256: Optional[str], device: str):
+ONNX_OPTIMIZATION = ("all", "extended", "basic")
+
+
+def onnx_session(uri: str, sha256: Optional[str], device: str, *, threads: int = 0,
+                 optimization: Optional[str] = None, known: Sequence[WeightsSpec] = ()):
     """An onnxruntime session for the ONNX file at ``uri``.
 
     Uses the CUDA provider when ``device`` is cuda and this onnxruntime build
     has it; otherwise the CPU (with a warning, since the caller asked for a GPU).
+    ``threads`` is the session's intra-op thread count (0: onnxruntime's
+    default, one per physical core); 1 where the runner already runs one
+    bundle per core, else every bundle's session starts a thread per core.
+    ``optimization`` is the graph optimisation level. ``all`` adds the CPU
+    layout rewrite (NCHWc), which speeds up wide convolutions (YOLOX-Nano) but
+    slows narrow and depthwise ones (OSNet x0.25: ~1.3x slower per crop on this
+    project's CPU, BENCHMARKS.md). None: the ``onnx_optimization`` that the
+    spec in ``known`` with this file's sha256 records, else ``all``.
     """
     import onnxruntime as ort
 
+    if optimization not in (None,) + ONNX_OPTIMIZATION:
+        raise ValueError("ONNX optimization must be one of %s, got %r" % (", ".join(ONNX_OPTIMIZATION), optimization))
+    if int(threads) < 0:
+        raise ValueError("threads must be >= 0 (0: onnxruntime's default), got %r" % threads)
     data = load_bytes(uri, sha256)
+    if optimization is None:
+        digest = hashlib.sha256(data).hexdigest()
+        optimization = next((spec.meta.get("onnx_optimization", "all") for spec in known
+                             if spec.sha256 == digest), "all")
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda"):
         if "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
         else:
             _LOG.warning("onnxruntime has no CUDA provider here; running %s on the CPU", uri)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(threads)
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, "ORT_ENABLE_" + optimization.upper())
     try:
-        return ort.InferenceSession(data, providers=providers)
+        return ort.InferenceSession(data, options, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types for bad files
         raise WeightsError("not a loadable ONNX model: %s (%s)" % (uri, _first_line(e))) from None

@@ -24,7 +24,8 @@ YOLOX_NANO = WeightsSpec(
     categories=COCO_80,
     transforms="letterbox to 416x416 keeping the aspect ratio (top-left, pad 114), BGR, float 0..255, "
                "no normalisation",
-    meta={"params": 910_000, "input": "images [1,3,416,416]", "output": "output [1,3549,85]"},
+    meta={"params": 910_000, "input": "images [1,3,416,416]", "output": "output [1,3549,85]",
+          "onnx_optimization": "all"},
     file_format="onnx",
 )
 
@@ -113,8 +114,13 @@ class YoloxDetector(Detector):
 
 
 def yolox(*, weights: Optional[str] = None, sha256: Optional[str] = None, device: str = "cpu",
-          **options) -> YoloxDetector:
-    """YOLOX from an ONNX file at ``weights`` (e.g. YOLOX-Nano: ``../shared/models/yolox_nano.onnx``)."""
+          threads: int = 0, optimization: Optional[str] = None, **options) -> YoloxDetector:
+    """YOLOX from an ONNX file at ``weights`` (e.g. YOLOX-Nano: ``../shared/models/yolox_nano.onnx``).
+
+    ``threads`` and ``optimization`` go to :func:`models.weights.onnx_session`.
+    """
     if not weights:
         raise WeightsError("yolox needs an ONNX file: pass --detector-weights URI (YOLOX-Nano: %s)" % YOLOX_NANO.url)
-    return YoloxDetector(onnx_session(weights, sha256, device), device=device, **options)
+    session = onnx_session(weights, sha256, device, threads=threads, optimization=optimization,
+                           known=(YOLOX_NANO,))
+    return YoloxDetector(session, device=device, **options)

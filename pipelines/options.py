@@ -17,6 +17,13 @@ def _positive_int(text):
     return value
 
 
+def _count(text):
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 or a positive integer")
+    return value
+
+
 def _positive_float(text):
     value = float(text)
     if not value > 0:
@@ -32,6 +39,7 @@ def _unit_float(text):
 
 
 _positive_int.__name__ = "positive integer"
+_count.__name__ = "integer >= 0"
 _positive_float.__name__ = "positive number"
 _unit_float.__name__ = "number in [0, 1]"
 
@@ -110,6 +118,12 @@ class ModelOptions(PipelineOptions):
         parser.add_argument(
             "--batch-size", dest="batch_size", type=_positive_int, default=16,
             help="Most frames per model call; RunInference batches up to this (default 16).")
+        parser.add_argument(
+            "--model-threads", dest="model_threads", type=_count, default=0,
+            help="CPU threads per model call. 0 (default): decided from the runner: 1 where "
+                 "it runs one bundle per core (Dataflow's CPU workers, DirectRunner with "
+                 "--direct_num_workers=0), cores/workers with --direct_num_workers > 1, "
+                 "otherwise every core.")
         parser.add_argument(
             "--min-score", dest="min_score", type=_unit_float, default=0.25,
             help="Drop detections scored below this (default 0.25).")

@@ -4,6 +4,7 @@ The models are built once here, before the job starts, so that a missing or
 mismatching weight file, an ONNX file of the wrong shape or an unknown model name
 stops the command in seconds with one line, not on every worker an hour later.
 """
+import os
 from typing import List, Optional
 
 from pipelines.errors import UsageError
@@ -17,8 +18,38 @@ def _classes(text: str) -> tuple:
     return classes
 
 
-def detector_options(opts: ModelOptions) -> dict:
+def model_threads(opts: ModelOptions) -> int:
+    """CPU threads for one model call (0: the runtime's default, every core).
+
+    A runner that processes one bundle per core gives each model call one core;
+    a model that also starts a thread per core in every bundle oversubscribes
+    the CPU (measured in BENCHMARKS.md, Extraction). On a GPU the model's own
+    threads only feed the device: left at the default.
+    """
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    if opts.model_threads or opts.device != "cpu":
+        return opts.model_threads
+    runner = str(opts.view_as(StandardOptions).runner or "DirectRunner")
+    if "Dataflow" in runner:
+        return 1  # one SDK process per vCPU on Dataflow's CPU workers
+    workers = opts.view_as(DirectOptions).direct_num_workers
+    if workers == 0:
+        return 1  # the DirectRunner's "one worker per core"
+    if workers > 1:
+        return max(1, (os.cpu_count() or 1) // workers)
+    return 0
+
+
+def _threads(model: str, threads: int) -> dict:
+    from models.registry import ONNX_MODELS
+
+    return {"threads": threads} if threads and model in ONNX_MODELS else {}
+
+
+def detector_options(opts: ModelOptions, threads: int = 0) -> dict:
     return {
+        **_threads(opts.detector, threads),
         "sha256": opts.detector_sha256,
         "min_score": opts.min_score,
         "nms_iou": opts.nms_iou,
@@ -28,8 +59,8 @@ def detector_options(opts: ModelOptions) -> dict:
     }
 
 
-def embedder_options(opts: ModelOptions) -> dict:
-    return {"sha256": opts.embedder_sha256}
+def embedder_options(opts: ModelOptions, threads: int = 0) -> dict:
+    return {"sha256": opts.embedder_sha256, **_threads(opts.embedder, threads)}
 
 
 def check_models(opts: ModelOptions) -> None:
@@ -57,20 +88,21 @@ def detect_stage(opts: ModelOptions):
     from models.handlers import DetectEmbedModelHandler, DetectModelHandler, EmbedModelHandler
 
     check_models(opts)
+    threads = model_threads(opts)
     batching = {"device": opts.device, "max_batch_size": opts.batch_size,
-                "min_batch_size": 1}
+                "min_batch_size": 1, "threads": threads}
     if opts.separate_stages:
         detect = DetectModelHandler(opts.detector, weights=opts.detector_weights,
-                                    options=detector_options(opts), **batching)
+                                    options=detector_options(opts, threads), **batching)
         embed = EmbedModelHandler(opts.embedder, weights=opts.embedder_weights,
-                                  options=embedder_options(opts), **batching)
+                                  options=embedder_options(opts, threads), **batching)
         return DetectFrames(detect, opts.detector, opts.embedder, embed_handler=embed,
                             needs_background=opts.detector == "background",
                             max_detections=opts.max_detections, write_crops=opts.write_crops)
     handler = DetectEmbedModelHandler(
         opts.detector, opts.embedder, detector_weights=opts.detector_weights,
-        embedder_weights=opts.embedder_weights, detector_options=detector_options(opts),
-        embedder_options=embedder_options(opts), **batching)
+        embedder_weights=opts.embedder_weights, detector_options=detector_options(opts, threads),
+        embedder_options=embedder_options(opts, threads), **batching)
     return DetectFrames(handler, opts.detector, opts.embedder,
                         needs_background=opts.detector == "background",
                         max_detections=opts.max_detections, write_crops=opts.write_crops)

@@ -75,6 +75,48 @@ def test_extract_writes_detections_and_dead_letters(frames_dir, tmp_path, capsys
     assert ds.dataset(out / "detections", partitioning="hive").count_rows() == len(rows)
 
 
+def test_bundles_in_threads_give_the_same_detections(frames_dir, tmp_path):
+    """Two bundles at once, each model call on one core (--model-threads auto), write the
+    same detections as one bundle at a time on every core, up to float rounding: a
+    different thread count splits onnxruntime's sums differently (boxes move by ~1e-5 px,
+    which can move a box across the 0.1 px rounding of its id; so rows are paired by
+    frame, label and box, not by id)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _extract(frames_dir, one) == 0
+    assert _extract(frames_dir, two, "--direct_num_workers", "2",
+                    "--direct_running_mode", "multi_threading") == 0
+    rows, rows2 = [sorted(ds.dataset(out / "detections", partitioning="hive").to_table().to_pylist(),
+                          key=lambda r: (r["frame_uri"], r["label"], r["box_xyxy"]))
+                   for out in (one, two)]
+    assert rows and len(rows) == len(rows2)
+    for a, b in zip(rows, rows2):
+        assert (a["frame_uri"], a["label"]) == (b["frame_uri"], b["label"])
+        assert np.allclose(a["box_xyxy"], b["box_xyxy"], atol=1e-3)
+        assert np.abs(np.subtract(a["embedding"], b["embedding"])).max() < 1e-3
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], 0),
+    (["--model-threads", "3"], 3),
+    (["--direct_num_workers", "0"], 1),
+    (["--direct_num_workers", "2"], "half"),
+    (["--runner", "DataflowRunner"], 1),
+    (["--device", "cuda"], 0),
+    (["--device", "cuda", "--model-threads", "2"], 2),
+])
+def test_model_threads_follow_the_runner(flags, expected):
+    import os
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.options import ModelOptions
+    from pipelines.stages import model_threads
+
+    if expected == "half":
+        expected = max(1, (os.cpu_count() or 1) // 2)
+    assert model_threads(PipelineOptions(flags).view_as(ModelOptions)) == expected
+
+
 def test_people_only_when_asked(frames_dir, tmp_path):
     out = tmp_path / "people"
     assert _extract(frames_dir, out, "--classes", "person,car", "--min-score", "0.1") == 0

@@ -403,3 +403,64 @@ def test_handlers_run_inference_in_a_pipeline(frames):
                   | "SummariseStaged" >> beam.Map(embed_summary))
         assert_that(staged, equal_to(expected), label="CheckStaged")
 
+
+
+def test_onnx_sessions_take_threads_and_their_measured_optimisation_level(frames, osnet):
+    """OSNet's spec records that it runs faster without the NCHWc layout rewrite; YOLOX-Nano's
+    that it runs faster with it; an explicit level and a thread count reach the session; and
+    the level changes the kernels, not the embeddings."""
+    import onnxruntime as ort
+
+    level = ort.GraphOptimizationLevel
+    options = osnet.session.get_session_options()
+    assert options.graph_optimization_level == level.ORT_ENABLE_EXTENDED
+    assert options.intra_op_num_threads == 0
+    detector = build_detector("yolox", _shared(YOLOX_ONNX), threads=1)
+    assert detector.session.get_session_options().graph_optimization_level == level.ORT_ENABLE_ALL
+    assert detector.session.get_session_options().intra_op_num_threads == 1
+    with_layout = build_embedder("onnx", _shared(OSNET_ONNX), optimization="all", threads=1)
+    assert with_layout.session.get_session_options().graph_optimization_level == level.ORT_ENABLE_ALL
+    _, images = frames
+    boxes = [_boxes_of(image, 4, np.random.default_rng(2)) for image in images[:4]]
+    for ours, theirs in zip(osnet.embed_crops(images[:4], boxes), with_layout.embed_crops(images[:4], boxes)):
+        np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_onnx_session_refuses_unknown_levels_and_negative_threads():
+    with pytest.raises(ValueError, match="optimization"):
+        build_embedder("onnx", _shared(OSNET_ONNX), optimization="fastest")
+    with pytest.raises(ValueError, match="threads"):
+        build_detector("yolox", _shared(YOLOX_ONNX), threads=-1)
+
+
+def test_an_onnx_file_no_spec_knows_gets_every_optimisation():
+    """The level comes from the spec whose sha256 is the file's; no such spec: onnxruntime's full level."""
+    import onnxruntime as ort
+
+    from models.embedders import OSNET_X0_25
+    from models.weights import onnx_session
+    from models.yolox import YOLOX_NANO
+
+    level = ort.GraphOptimizationLevel
+    uri = _shared(OSNET_ONNX)
+    for known, expected in [((), level.ORT_ENABLE_ALL), ((YOLOX_NANO,), level.ORT_ENABLE_ALL),
+                            ((YOLOX_NANO, OSNET_X0_25), level.ORT_ENABLE_EXTENDED)]:
+        session = onnx_session(uri, None, "cpu", known=known)
+        assert session.get_session_options().graph_optimization_level == expected
+
+
+def test_handlers_set_the_worker_thread_budget(frames):
+    from models.handlers import DetectEmbedModelHandler
+
+    handler = DetectEmbedModelHandler(
+        "yolox", "onnx", detector_weights=_shared(YOLOX_ONNX), embedder_weights=_shared(OSNET_ONNX),
+        detector_options={"threads": 1}, embedder_options={"threads": 1}, threads=1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = handler.load_model()
+        assert torch.get_num_threads() == 1
+        assert model.detector.session.get_session_options().intra_op_num_threads == 1
+        assert model.embedder.session.get_session_options().intra_op_num_threads == 1
+    finally:
+        torch.set_num_threads(before)

@@ -4,7 +4,10 @@ single-process DirectRunner and under its multi-process mode with 2 SDK workers.
 Real frames (all of ``../shared/data/nyc-fdr/frames``), the real YOLOX-Nano and OSNet
 ONNX models. Detections are compared row by row by their deterministic ids (camera,
 time, label, box, score, embedding within float noise), matches as sets of pairs, dead
-letters as sets. Each run is a subprocess in its own session under a time limit: a
+letters as sets. Both runs give each model call one thread (``--model-threads 1``):
+left to itself, the multi-process run would pick one thread per worker and the
+single-process run every core, and a different thread count rounds onnxruntime's sums
+differently (test_extract.py pairs such runs by box instead). Each run is a subprocess in its own session under a time limit: a
 multi-process DirectRunner whose worker dies waits forever (see test_faults.py).
 """
 import os
@@ -60,9 +63,9 @@ def _counters(stdout: str) -> dict:
 
 
 def test_run_on_shared_frames_same_outputs_single_and_multi_process(tmp_path):
-    single_out = _run(tmp_path / "single")
-    multi_out = _run(tmp_path / "multi", "--direct_running_mode", "multi_processing",
-                     "--direct_num_workers", "2")
+    single_out = _run(tmp_path / "single", "--model-threads", "1")
+    multi_out = _run(tmp_path / "multi", "--model-threads", "1", "--direct_running_mode",
+                     "multi_processing", "--direct_num_workers", "2")
     single, multi = _outputs(tmp_path / "single"), _outputs(tmp_path / "multi")
     (dets_1, matches_1, dead_1), (dets_2, matches_2, dead_2) = single, multi
 
