@@ -167,20 +167,22 @@ def _detection_files(options: PipelineOptions) -> List[str]:
     return files
 
 
-def _detection_source(options: PipelineOptions, files=None) -> ReadDetections:
+def _detection_source(options: PipelineOptions, files=None, as_columns: bool = False) -> ReadDetections:
     files = files or _detection_files(options)
-    return ReadDetections(files, options.view_as(TimeZoneOptions).timezone)
+    return ReadDetections(files, options.view_as(TimeZoneOptions).timezone, as_columns=as_columns)
 
 
 def match(options: PipelineOptions) -> int:
     """Stored detections -> cross-camera match pairs; no model runs."""
     out = options.view_as(OutputOptions)
     files = _detection_files(options)
-    source = _detection_source(options, files)
     # Camera ids matter only without links (every camera is then a partner); with links
     # the partners come from the links, so the files' camera column is not read.
     linked = bool(options.view_as(MatchOptions).links)
     matcher = _match_stage(options, None if linked else camera_ids(files))
+    # Matchers that take column chunks skip a Python object per detection; the learned
+    # one reads each detection's box and score.
+    source = _detection_source(options, files, getattr(matcher, "accepts_columns", False))
     tables = ["matches"]
     outputs.prepare(_require(out.output, "--output"), tables)
     pipeline = beam.Pipeline(options=options)

@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from transforms import match_blocks as mb
+from transforms.detections_io import DetectionColumns
 from transforms.links import load_links, write_links
 from transforms.matching import QUERY, REF, MatchBlockWindows, MatchDetections
 
@@ -309,6 +310,43 @@ def test_beam_matches_reference_all_policies(case, small_blocks):
         assert counters.get((name, "matches_emitted"), 0) == len(got), name
     for policy in ("all", "topk", "mutual"):
         assert _strip_window(outputs[policy + "_w0"]) == _strip_window(outputs[policy + "_w1"])
+
+
+def _columns(dets, cuts, dtype):
+    """``dets`` (in their order) as DetectionColumns chunks cut at ``cuts``."""
+    chunks = []
+    for lo, hi in zip([0] + cuts, cuts + [len(dets)]):
+        part = dets[lo:hi]
+        if part:
+            chunks.append(DetectionColumns(
+                np.asarray([d["camera_id"] for d in part], dtype=str),
+                np.asarray([d["frame_ts_ms"] for d in part], dtype=np.int64),
+                np.asarray([d["detection_id"] for d in part], dtype=str),
+                np.stack([d["embedding"] for d in part]).astype(dtype)))
+    return chunks
+
+
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=cases(max_bursts=2), data=st.data())
+def test_column_chunks_match_like_detection_dicts(case, data):
+    """The same detections as DetectionColumns chunks (any order, any cut, cameras and
+    blocks mixed within a chunk, float16 or float32) give exactly the matches of the
+    detection dicts, for every policy."""
+    dets = case["dets"]
+    order = data.draw(st.permutations(range(len(dets))))
+    shuffled = [dets[i] for i in order]
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(dets) - 1)), max_size=4)))
+    dtype = data.draw(st.sampled_from([np.float32, np.float16]))
+    if dtype == np.float16:  # the dicts get the same (rounded) values
+        dets = [dict(d, embedding=np.asarray(d["embedding"]).astype(np.float16)) for d in dets]
+        shuffled = [dets[i] for i in order]
+    configs = {p: _params(case, p, case["windows"][0]) for p in mb.POLICIES}
+    expected, _ = run_matchers(dets, configs)
+    got, counters = run_matchers(_columns(shuffled, cuts, dtype), configs)
+    for name in configs:
+        assert got[name] == expected[name], name
+        assert counters.get((name, "matches_emitted"), 0) == len(got[name])
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

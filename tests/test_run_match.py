@@ -97,3 +97,31 @@ def test_match_reads_cctview_reference_parquet(tmp_path):
     assert got.num_rows == len(expected) > 50
     assert _pairs(got) == sorted((m["detection_id_a"], m["detection_id_b"]) for m in expected)
     assert min(got["frame_ts_a"].to_pylist()).hour == 17  # 13:10 New York = 17:10 UTC
+
+
+def test_stored_detections_as_columns_and_as_dicts_agree():
+    """table_to_columns (what `match` reads) holds what table_to_detections holds: rows
+    without an embedding dropped, list or fixed-size list columns, naive times in the
+    given zone; ragged embeddings are refused with the reason."""
+    from transforms.detections_io import DetectionsSchemaError, table_to_columns, table_to_detections
+
+    table = pa.table({
+        "camera_id": ["a", "b", "a"],
+        "frame_ts": pa.array([0, 1000, 2000], pa.timestamp("ms")),
+        "detection_id": ["x", "y", "z"],
+        "embedding": pa.array([[1.0, 2.0], None, [3.0, 4.0]], pa.list_(pa.float32())),
+        "score": [0.9, 0.8, 0.7],
+    })
+    cols = table_to_columns(table, "America/New_York")
+    rows = table_to_detections(table, "America/New_York")
+    assert len(cols) == len(rows) == 2
+    assert cols.camera_id.tolist() == [r["camera_id"] for r in rows] == ["a", "a"]
+    assert cols.frame_ts_ms.tolist() == [r["frame_ts_ms"] for r in rows] == [5 * 3600 * 1000, 5 * 3600 * 1000 + 2000]
+    assert cols.detection_id.tolist() == ["x", "z"]
+    np.testing.assert_array_equal(cols.embedding, np.stack([r["embedding"] for r in rows]))
+    fixed = table.set_column(3, "embedding", pa.array([[1, 2], [5, 6], [3, 4]],
+                                                      pa.list_(pa.float16(), 2)))
+    assert table_to_columns(fixed).embedding.dtype == np.float16
+    ragged = table.set_column(3, "embedding", pa.array([[1.0], [1.0, 2.0], [3.0, 4.0]]))
+    with pytest.raises(DetectionsSchemaError, match="different lengths"):
+        table_to_columns(ragged)

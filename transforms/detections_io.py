@@ -5,7 +5,7 @@ with ``camera_id``, ``frame_ts`` (timestamp; naive = ``timezone``), ``detection_
 and ``embedding`` (list or fixed_size_list of float16/float32) is accepted; ``label``,
 ``score``, ``box_xyxy``, ``frame_uri`` are carried along when present.
 """
-from typing import List, Sequence
+from typing import List, NamedTuple, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -57,32 +57,60 @@ def _flat_values(column) -> np.ndarray:
     return flat if flat.dtype == np.float16 else flat.astype(np.float32)
 
 
-def _embeddings(column: pa.ChunkedArray) -> List[np.ndarray]:
+def _embedding_matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """A list column of equal-length vectors -> one (n, D) array (float16 kept)."""
     column = column.combine_chunks()
     if pa.types.is_fixed_size_list(column.type):
-        return list(_flat_values(column).reshape(-1, column.type.list_size))
-    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-        offsets = column.offsets.to_numpy()
-        flat = _flat_values(column)
-        return [flat[offsets[i]:offsets[i + 1]] for i in range(len(column))]
-    raise DetectionsSchemaError("embedding must be a list column, not %s" % column.type)
+        return _flat_values(column).reshape(-1, column.type.list_size)
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+        raise DetectionsSchemaError("embedding must be a list column, not %s" % column.type)
+    lengths = np.diff(column.offsets.to_numpy())
+    if len(lengths) and (lengths != lengths[0]).any():
+        raise DetectionsSchemaError("embeddings of different lengths (%d to %d values)"
+                                    % (lengths.min(), lengths.max()))
+    flat = _flat_values(column)
+    return flat.reshape(len(column), int(lengths[0]) if len(lengths) else 0)
+
+
+class DetectionColumns(NamedTuple):
+    """Many stored detections as arrays (one Parquet record batch): what matching needs,
+    with no Python object per detection. ``embedding`` is (n, D), float16 when stored so."""
+    camera_id: np.ndarray
+    frame_ts_ms: np.ndarray
+    detection_id: np.ndarray
+    embedding: np.ndarray
+
+    def __len__(self):
+        return len(self.detection_id)
+
+
+def _valid_rows(table: pa.Table) -> pa.Table:
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise DetectionsSchemaError("missing column(s) %s" % ", ".join(missing))
+    return table.filter(pc.is_valid(table["embedding"]))
+
+
+def table_to_columns(table: pa.Table, timezone: str = "UTC") -> DetectionColumns:
+    """One table of stored detections -> :class:`DetectionColumns` (rows without an
+    embedding dropped, as :func:`table_to_detections` drops them)."""
+    table = _valid_rows(table)
+    return DetectionColumns(
+        np.asarray(table["camera_id"].cast(pa.string()).to_numpy(zero_copy_only=False), dtype=str),
+        _epoch_ms(table["frame_ts"], timezone),
+        np.asarray(table["detection_id"].cast(pa.string()).to_numpy(zero_copy_only=False), dtype=str),
+        _embedding_matrix(table["embedding"]))
 
 
 def table_to_detections(table: pa.Table, timezone: str = "UTC") -> List[dict]:
     """Normalises one table of stored detections into detection dicts."""
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-    if missing:
-        raise DetectionsSchemaError("missing column(s) %s" % ", ".join(missing))
-    table = table.filter(pc.is_valid(table["embedding"]))
-    ts = _epoch_ms(table["frame_ts"], timezone)
-    embeddings = _embeddings(table["embedding"])
-    cameras = table["camera_id"].to_pylist()
-    ids = table["detection_id"].to_pylist()
+    table = _valid_rows(table)
+    columns = table_to_columns(table, timezone)
     extra = {c: table[c].to_pylist() for c in OPTIONAL_COLUMNS if c in table.column_names}
     rows = []
     for i in range(table.num_rows):
-        row = {"camera_id": str(cameras[i]), "frame_ts_ms": int(ts[i]),
-               "detection_id": str(ids[i]), "embedding": embeddings[i]}
+        row = {"camera_id": str(columns.camera_id[i]), "frame_ts_ms": int(columns.frame_ts_ms[i]),
+               "detection_id": str(columns.detection_id[i]), "embedding": columns.embedding[i]}
         for name, values in extra.items():
             row[name] = values[i]
         rows.append(row)
@@ -90,21 +118,31 @@ def table_to_detections(table: pa.Table, timezone: str = "UTC") -> List[dict]:
 
 
 class _ReadFileFn(beam.DoFn):
-    def __init__(self, timezone: str, batch_rows: int):
+    def __init__(self, timezone: str, batch_rows: int, as_columns: bool):
         self._timezone = timezone
         self._batch_rows = batch_rows
+        self._as_columns = as_columns
         self.rows = Metrics.counter(NAMESPACE, "detections_read")
 
     def process(self, path):
         with FileSystems.open(path) as handle:
             parquet = pq.ParquetFile(handle)
-            columns = [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS
-                       if c in parquet.schema_arrow.names]
+            names = REQUIRED_COLUMNS if self._as_columns else REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+            columns = [c for c in names if c in parquet.schema_arrow.names]
             for batch in parquet.iter_batches(batch_size=self._batch_rows, columns=columns):
+                table = pa.Table.from_batches([batch])
                 try:
-                    rows = table_to_detections(pa.Table.from_batches([batch]), self._timezone)
+                    if self._as_columns:
+                        chunk = table_to_columns(table, self._timezone)
+                    else:
+                        rows = table_to_detections(table, self._timezone)
                 except DetectionsSchemaError as exc:
                     raise DetectionsSchemaError("%s: %s" % (path, exc)) from exc
+                if self._as_columns:
+                    self.rows.inc(len(chunk))
+                    if len(chunk):
+                        yield chunk
+                    continue
                 self.rows.inc(len(rows))
                 for row in rows:
                     yield TimestampedValue(row, row["frame_ts_ms"] / 1000.0)
@@ -131,18 +169,24 @@ def check_files(files: Sequence[str]) -> None:
 
 
 class ReadDetections(beam.PTransform):
-    """Parquet files -> detection dicts timestamped with their capture time."""
+    """Parquet files -> detection dicts timestamped with their capture time, or, with
+    ``as_columns``, :class:`DetectionColumns` chunks of up to ``batch_rows`` detections
+    (the required columns only: for :class:`transforms.matching.MatchDetections`, which
+    then never builds a Python object per detection)."""
 
-    def __init__(self, files: Sequence[str], timezone: str = "UTC", batch_rows: int = 4096):
+    def __init__(self, files: Sequence[str], timezone: str = "UTC", batch_rows: int = 4096,
+                 as_columns: bool = False):
         super().__init__()
         self._files = list(files)
         self._timezone = timezone
         self._batch_rows = batch_rows
+        self._as_columns = as_columns
 
     def expand(self, pbegin):
         return (
             pbegin
             | "Files" >> beam.Create(self._files)
             | "Spread" >> beam.Reshuffle()
-            | "ReadParquet" >> beam.ParDo(_ReadFileFn(self._timezone, self._batch_rows))
+            | "ReadParquet" >> beam.ParDo(
+                _ReadFileFn(self._timezone, self._batch_rows, self._as_columns))
         )

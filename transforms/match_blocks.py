@@ -508,16 +508,26 @@ def decode_batch(data: bytes) -> Batch:
 def make_batches(window_start_ms: int, records: Iterable[tuple], max_size: int) -> list:
     """``(detection_id, ts_ms, embedding)`` tuples of one window -> Batches of at most
     ``max_size`` detections each, in (ts, id) order."""
-    records = sorted(records, key=lambda r: (r[1], r[0]))
-    out = []
-    for i in range(0, len(records), max_size):
-        part = records[i:i + max_size]
-        emb = np.stack([np.asarray(r[2]).reshape(-1) for r in part])
-        if emb.dtype not in (np.float16, np.float32):
-            emb = emb.astype(np.float32)
-        out.append(Batch(int(window_start_ms), np.asarray([str(r[0]) for r in part], dtype=str),
-                         np.asarray([r[1] for r in part], dtype=np.int64), emb))
-    return out
+    records = list(records)
+    if not records:
+        return []
+    return batches_from_arrays(
+        window_start_ms, np.asarray([str(r[0]) for r in records], dtype=str),
+        np.asarray([r[1] for r in records], dtype=np.int64),
+        np.stack([np.asarray(r[2]).reshape(-1) for r in records]), max_size)
+
+
+def batches_from_arrays(window_start_ms: int, ids: np.ndarray, ts: np.ndarray, emb: np.ndarray,
+                        max_size: int) -> list:
+    """Detections of one window as arrays -> Batches of at most ``max_size`` detections
+    each, in (ts, id) order; embeddings other than float16/float32 become float32."""
+    if emb.dtype not in (np.float16, np.float32):
+        emb = emb.astype(np.float32)
+    if len(ids) > 1 and not _sorted_by_ts_id(ts, ids):
+        order = np.lexsort((ids, ts))
+        ids, ts, emb = ids[order], ts[order], emb[order]
+    return [Batch(int(window_start_ms), ids[i:i + max_size], ts[i:i + max_size].astype(np.int64),
+                  emb[i:i + max_size]) for i in range(0, len(ids), max_size)]
 
 
 def side_from_batches(camera_id: str, batches: Sequence[Batch], metric: str,

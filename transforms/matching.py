@@ -76,6 +76,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import match_blocks as mb
+from transforms.detections_io import DetectionColumns
 
 NAMESPACE = "cctview.matching"
 # Detections of one camera and block travel together, up to this many per element.
@@ -169,6 +170,9 @@ class _BatchDetections(beam.DoFn):
         self._buffers = {}
 
     def process(self, det, window=beam.DoFn.WindowParam):
+        if isinstance(det, DetectionColumns):
+            yield from self._columns(det, window)
+            return
         emb = np.asarray(det["embedding"])
         ts = int(det["frame_ts_ms"])
         key = (window, str(det["camera_id"]), ts // self.block_ms)
@@ -187,7 +191,23 @@ class _BatchDetections(beam.DoFn):
 
     def _emit(self, key, records):
         window, cam, k = key
-        for batch in mb.make_batches(k * self.block_ms, records, self.max_size):
+        yield from self._encoded(window, cam, mb.make_batches(k * self.block_ms, records, self.max_size))
+
+    def _columns(self, cols: DetectionColumns, window):
+        """A chunk of many detections: grouped by (camera, block) with numpy, no buffering
+        (a chunk is already thousands of detections)."""
+        blocks = cols.frame_ts_ms // self.block_ms
+        groups = np.lexsort((blocks, cols.camera_id))
+        cams, ks = cols.camera_id[groups], blocks[groups]
+        edges = np.flatnonzero((cams[1:] != cams[:-1]) | (ks[1:] != ks[:-1])) + 1
+        for rows in np.split(groups, edges):
+            yield from self._encoded(window, str(cols.camera_id[rows[0]]), mb.batches_from_arrays(
+                int(blocks[rows[0]]) * self.block_ms, cols.detection_id[rows],
+                cols.frame_ts_ms[rows], cols.embedding[rows], self.max_size))
+
+    @staticmethod
+    def _encoded(window, cam, batches):
+        for batch in batches:
             batch = mb.Batch(batch.window_start_ms, batch.ids, batch.ts,
                              compact_embeddings(batch.emb))
             yield WindowedValue((cam, mb.encode_batch(batch)),
@@ -416,10 +436,16 @@ class MatchDetections(beam.PTransform):
 
     Input elements need ``camera_id`` (str), ``frame_ts_ms`` (int, UTC epoch ms),
     ``detection_id`` (unique str) and ``embedding`` (1-d array-like, same length for
-    all); other keys are ignored. Event timestamps are (re)assigned from
+    all); other keys are ignored. They may also be
+    :class:`~transforms.detections_io.DetectionColumns` chunks (``ReadDetections(...,
+    as_columns=True)``): the same detections as arrays, which skips building a Python
+    object per detection between Parquet and the blocks. Event timestamps are (re)assigned from
     ``frame_ts_ms``; any input windowing is discarded. The full semantics are in
     :mod:`transforms.match_blocks`.
     """
+
+    # Callers that read stored detections may hand DetectionColumns chunks (see above).
+    accepts_columns = True
 
     def __init__(self, policy: str = "mutual", metric: str = "l2",
                  max_gap_s: float = mb.DEFAULT_MAX_GAP_S, window_s: float = mb.DEFAULT_WINDOW_S,
