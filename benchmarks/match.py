@@ -12,7 +12,11 @@ every round measures all of them under the same load, and the table gives median
              (feature lists already in memory: JSON loading not counted);
   floor    : one dense float32 matrix-product distance computation (|q|^2 + |r|^2 -
              2 q.r, sqrt) over 4096 x 8192 of the same embeddings, numpy and torch, the
-             faster per distance cell.
+             faster per distance cell;
+  bounds   : what no Beam job over these files avoids: the smallest Beam job (import,
+             a one-element pipeline, its own process) and pyarrow decoding the columns
+             matching needs; with the floor for every candidate pair, the least any
+             Beam job over these files can take.
 
 Optionally also the command of an older commit (``--baseline REF``, run from a
 ``git archive`` copy) and the command on 5 detections (``--fixed``: what start-up,
@@ -169,6 +173,33 @@ def floor_way(q, r, repeats=3):
     return best / (q.shape[0] * r.shape[0])
 
 
+# ------------------------------------------------------------- lower bounds
+BEAM_MINIMUM = ("import apache_beam as beam\n"
+                "with beam.Pipeline() as p:\n"
+                "    p | beam.Create([0]) | beam.Map(abs)\n")
+
+
+def beam_minimum():
+    """Wall seconds of the smallest Beam job (import, one-element DirectRunner pipeline):
+    what any Beam command pays before it reads a byte."""
+    seconds, _, rc, _, stderr = run_child([sys.executable, "-c", BEAM_MINIMUM], REPO,
+                                          dict(os.environ))
+    if rc != 0:
+        raise RuntimeError("the minimal Beam job failed:\n" + stderr[-2000:])
+    return seconds
+
+
+def read_files(files):
+    """Wall seconds for pyarrow alone to decode the columns matching needs from ``files``
+    (in record batches of 4096 rows, as the command reads them)."""
+    started = time.perf_counter()
+    for path in files:
+        for _ in pq.ParquetFile(path).iter_batches(
+                batch_size=4096, columns=["camera_id", "frame_ts", "detection_id", "embedding"]):
+            pass
+    return time.perf_counter() - started
+
+
 # ----------------------------------------------------------------------- main
 def git_copy(ref, dest):
     """``ref`` of this repository as a plain folder (git archive; the repo is untouched)."""
@@ -206,7 +237,7 @@ def main(argv=None):
     del emb
 
     results = {"command": [], "rss": [], "cctview": [], "floor": [], "baseline": [],
-               "baseline_rss": [], "fixed": [], "fixed_rss": []}
+               "baseline_rss": [], "fixed": [], "fixed_rss": [], "beam": [], "read": []}
     counters, all_counters = {}, []
     with tempfile.TemporaryDirectory(prefix="bench-match-") as tmp:
         tmp = Path(tmp)
@@ -217,7 +248,8 @@ def main(argv=None):
         tiny = tmp / "five.parquet"
         pq.write_table(pq.read_table(files[0]).slice(0, 5), tiny)
         for i in range(args.runs):
-            steps = ["command", "cctview", "floor"] + (["baseline"] if base_dir else []) + \
+            steps = ["command", "cctview", "floor", "beam", "read"] + (
+                ["baseline"] if base_dir else []) + \
                 (["fixed"] if args.fixed else [])
             random.Random(i).shuffle(steps)
             for step in steps:
@@ -237,6 +269,10 @@ def main(argv=None):
                     seconds, rss, _ = command([tiny], tmp / "out-five")
                     results["fixed"].append(seconds)
                     results["fixed_rss"].append(rss)
+                elif step == "beam":
+                    results["beam"].append(beam_minimum())
+                elif step == "read":
+                    results["read"].append(read_files(files))
                 elif step == "cctview":
                     results["cctview"].append(cctview_way(features, pairs))
                 else:
@@ -280,6 +316,13 @@ def main(argv=None):
                      "%.2f s; %d distance cells computed for the %d candidates" % (
                          statistics.median(compute_ms) / 1000,
                          counters.get("distance_cells", 0), n_pairs)))
+    rows.append(("lower bound: the smallest Beam job (import, a one-element pipeline)",
+                 med["beam"] / n_pairs, False, "%.2f s wall" % med["beam"]))
+    rows.append(("lower bound: pyarrow alone decoding the files' columns that matching needs",
+                 med["read"] / n_pairs, False, "%.2f s wall" % med["read"]))
+    bound = med["beam"] + med["read"] + floor * n_pairs
+    rows.append(("lower bound of any Beam job over these files: the two above + the floor "
+                 "for every candidate pair", bound / n_pairs, True, "%.2f s" % bound))
     rows.append(("CCTView's way (`calc_med` per pair, sample of %d pairs)" % len(pairs), cct,
                  True, "torch %s" % torch.__version__))
     rows.append(("floor: one float32 matmul distance computation, per cell", floor, True,
@@ -298,6 +341,10 @@ def main(argv=None):
                "(%.0fx); within 3x of the floor: %s (%.1fx)." % (
                    "met" if speedup >= 1000 else "NOT met", speedup,
                    "met" if ratio <= 3 else "NOT met", ratio))
+    verdict += (" No Beam job over these files gets closer than %.1fx the floor: Beam's "
+                "smallest job and decoding the files' embeddings already take %.2f s, 3x "
+                "the floor is %.2f s." % (bound / n_pairs / floor, med["beam"] + med["read"],
+                                          3 * floor * n_pairs))
     if compute_ms:
         verdict += (" The block computation inside the command alone: %.1fx the floor per "
                     "candidate pair; the rest of the wall time is start-up, Parquet and "
