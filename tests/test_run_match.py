@@ -125,3 +125,17 @@ def test_stored_detections_as_columns_and_as_dicts_agree():
     ragged = table.set_column(3, "embedding", pa.array([[1.0], [1.0, 2.0], [3.0, 4.0]]))
     with pytest.raises(DetectionsSchemaError, match="different lengths"):
         table_to_columns(ragged)
+
+
+def test_separate_stages_with_the_background_detector_give_the_fused_detections(small_world, tmp_path):
+    """Two RunInference steps (the embedder takes each frame from the detector's result,
+    here a (frame, background) pair) write the detections of the fused step."""
+    base = ["extract", "--input", str(small_world / "frames")] + CLASSICAL
+    assert main(base + ["--output", str(tmp_path / "fused")]) == 0
+    assert main(base + ["--output", str(tmp_path / "staged"), "--separate-stages"]) == 0
+    fused, staged = [{r["detection_id"]: r for r in _table(tmp_path / name / "detections").to_pylist()}
+                     for name in ("fused", "staged")]
+    assert fused and sorted(fused) == sorted(staged)
+    for key, row in fused.items():
+        assert row["box_xyxy"] == staged[key]["box_xyxy"]
+        np.testing.assert_allclose(row["embedding"], staged[key]["embedding"], atol=1e-6)

@@ -148,11 +148,9 @@ class DetectFrames(beam.PTransform):
             KeyedModelHandler(self._handler)).with_exception_handling()
         dead = [failed.failed_inferences | "DetectFailed" >> beam.ParDo(_FailedBatchFn())]
         if self._embed_handler is not None:
-            to_embed = (
-                (predictions, keyed)
-                | "JoinImage" >> beam.CoGroupByKey()
-                | "ImageAndBoxes" >> beam.FlatMap(_image_and_boxes)
-            )
+            # The detector's PredictionResult carries its input image: no join with the
+            # frames (a join would hold every decoded frame until all were detected).
+            to_embed = predictions | "ImageAndBoxes" >> beam.Map(_image_and_boxes)
             predictions, failed_embed = to_embed | "Embed" >> RunInference(
                 KeyedModelHandler(self._embed_handler)).with_exception_handling()
             dead.append(failed_embed.failed_inferences
@@ -185,7 +183,6 @@ def _with_background(element, backgrounds):
 
 
 def _image_and_boxes(element):
-    """(key, ([detect result], [image])) -> (key, (image, detect result)) for the embedder."""
-    key, (results, images) = element
-    for result, image in zip(results, images):
-        yield key, (image, result.inference)
+    """(key, detector PredictionResult) -> (key, (image, its detections)) for the embedder."""
+    key, result = element
+    return key, (_frame_image(result.example), result.inference)
