@@ -12,7 +12,6 @@ section of BENCHMARKS.md.
 """
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys

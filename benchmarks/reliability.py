@@ -51,9 +51,6 @@ from PIL import Image  # noqa: E402
 sys.path.insert(0, str(REPO / "tests"))
 import test_faults as faults  # noqa: E402  (its fault-injecting classes and helpers)
 from conftest import collect, counters  # noqa: E402
-from transforms import frames as frames_module  # noqa: E402
-from transforms import matching as matching_module  # noqa: E402
-from transforms import parquet_io  # noqa: E402
 from transforms.frames import DEAD_LETTER, FrameDecodeError, ReadFrames, decode_image  # noqa
 from transforms.layout import FrameLayout, PathParseError  # noqa: E402
 

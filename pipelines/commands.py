@@ -2,10 +2,10 @@
 import json
 import logging
 import sys
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.runners.runner import PipelineState
 
@@ -22,8 +22,7 @@ from pipelines.options import (
     TimeZoneOptions,
 )
 from transforms.cctview_import import ImportCCTView
-from transforms.detections_io import (DetectionsSchemaError, ReadDetections, camera_ids,
-                                     check_files, parquet_files)
+from transforms.detections_io import DetectionsSchemaError, ReadDetections, inspect_files, parquet_files
 from transforms.frames import DEAD_LETTER, ReadFrames
 from transforms.layout import FrameLayout, optional_range
 
@@ -155,31 +154,30 @@ def extract(options: PipelineOptions) -> int:
     return _finish(options, pipeline, out.output, tables)
 
 
-def _detection_files(options: PipelineOptions) -> List[str]:
+def _detection_files(options: PipelineOptions, cameras: bool = False) -> Tuple[List[str], List[str]]:
+    """The --detections Parquet files, checked, and (with ``cameras``) their camera ids."""
     paths = _require(options.view_as(DetectionInputOptions).detections, "--detections")
     files = parquet_files(paths)
     if not files:
         raise UsageError("no Parquet files in --detections %s" % " ".join(paths))
     try:
-        check_files(files)
+        return files, inspect_files(files, cameras)
     except DetectionsSchemaError as exc:
         raise UsageError(str(exc))
-    return files
 
 
-def _detection_source(options: PipelineOptions, files=None, as_columns: bool = False) -> ReadDetections:
-    files = files or _detection_files(options)
+def _detection_source(options: PipelineOptions, files, as_columns: bool = False) -> ReadDetections:
     return ReadDetections(files, options.view_as(TimeZoneOptions).timezone, as_columns=as_columns)
 
 
 def match(options: PipelineOptions) -> int:
     """Stored detections -> cross-camera match pairs; no model runs."""
     out = options.view_as(OutputOptions)
-    files = _detection_files(options)
     # Camera ids matter only without links (every camera is then a partner); with links
     # the partners come from the links, so the files' camera column is not read.
     linked = bool(options.view_as(MatchOptions).links)
-    matcher = _match_stage(options, None if linked else camera_ids(files))
+    files, cameras = _detection_files(options, cameras=not linked)
+    matcher = _match_stage(options, None if linked else cameras)
     # Matchers that take column chunks skip a Python object per detection; the learned
     # one reads each detection's box and score.
     source = _detection_source(options, files, getattr(matcher, "accepts_columns", False))
@@ -224,7 +222,7 @@ def calibrate(options: PipelineOptions) -> int:
     from transforms.calibration import CalibrateLinks
     from transforms.links import write_links
 
-    files = _detection_files(options)
+    files, cameras = _detection_files(options, cameras=True)
     source = _detection_source(options, files)
     target = _require(options.view_as(OutputOptions).output, "--output")
     outputs.check_writable(target.rsplit("/", 1)[0] if "/" in target else ".")
@@ -234,7 +232,7 @@ def calibrate(options: PipelineOptions) -> int:
     _ = (pipeline
          | "ReadDetections" >> source
          | "Calibrate" >> CalibrateLinks(
-             camera_ids(files), max_gap_s=candidates.max_gap, window_s=candidates.window,
+             cameras, max_gap_s=candidates.max_gap, window_s=candidates.window,
              metric=candidates.metric, min_support=settings.min_support,
              min_significance=settings.min_significance)
          | "AllLinks" >> beam.combiners.ToList()
@@ -259,7 +257,7 @@ def evaluate(options: PipelineOptions) -> int:
     from pipelines.stages import matcher_factory, read_links
     from transforms.evaluation import EvaluateWithControl
 
-    files = _detection_files(options)
+    files, cameras = _detection_files(options, cameras=True)
     source = _detection_source(options, files)
     make_matcher = matcher_factory(options)
     links = read_links(options.view_as(MatchOptions).links)
@@ -269,7 +267,7 @@ def evaluate(options: PipelineOptions) -> int:
     pipeline = beam.Pipeline(options=options)
     _ = (pipeline
          | "ReadDetections" >> source
-         | "Evaluate" >> EvaluateWithControl(make_matcher, camera_ids(files), links, max_gap)
+         | "Evaluate" >> EvaluateWithControl(make_matcher, cameras, links, max_gap)
          | "AllRows" >> beam.combiners.ToList()
          | "WriteTable" >> beam.Map(_write_json, target))
     _run(pipeline)

@@ -11,7 +11,7 @@ pipeline: one matching pass over the real detections together with their shifted
 copies (:mod:`transforms.control`), so the real pairs and the control pairs of every
 camera pair come out of the same scalable, windowed matcher.
 """
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import apache_beam as beam
 import numpy as np

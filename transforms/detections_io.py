@@ -148,24 +148,21 @@ class _ReadFileFn(beam.DoFn):
                     yield TimestampedValue(row, row["frame_ts_ms"] / 1000.0)
 
 
-def camera_ids(files: Sequence[str]) -> List[str]:
-    """The distinct camera ids in ``files``, reading only that column."""
-    cameras = set()
+def inspect_files(files: Sequence[str], cameras: bool = False) -> List[str]:
+    """Fails fast, on the driver, when a file lacks the columns matching needs; with
+    ``cameras``, returns the distinct camera ids of all ``files`` (reading only that
+    column). Each file is opened once (thousands of files on gs:// are as many requests)."""
+    found = set()
     for path in files:
         with FileSystems.open(path) as handle:
-            column = pq.ParquetFile(handle).read(columns=["camera_id"])["camera_id"]
-        cameras.update(str(c) for c in pc.unique(column).to_pylist())
-    return sorted(cameras)
-
-
-def check_files(files: Sequence[str]) -> None:
-    """Fails fast, on the driver, when a file lacks the columns matching needs."""
-    for path in files:
-        with FileSystems.open(path) as handle:
-            schema = pq.read_schema(handle)
-        missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
-        if missing:
-            raise DetectionsSchemaError("%s lacks column(s) %s" % (path, ", ".join(missing)))
+            parquet = pq.ParquetFile(handle)
+            missing = [c for c in REQUIRED_COLUMNS if c not in parquet.schema_arrow.names]
+            if missing:
+                raise DetectionsSchemaError("%s lacks column(s) %s" % (path, ", ".join(missing)))
+            if cameras:
+                column = parquet.read(columns=["camera_id"])["camera_id"]
+                found.update(str(c) for c in pc.unique(column).to_pylist())
+    return sorted(found)
 
 
 class ReadDetections(beam.PTransform):
