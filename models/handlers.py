@@ -7,13 +7,28 @@ On a GPU the model is shared across the SDK worker processes of a VM (one
 copy per GPU, ``model_copies`` to change it) instead of one copy per process,
 which runs the GPU out of memory (apache/beam#22895).
 """
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
+from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from models.fused import DetectAndEmbed, with_embeddings
 from models.registry import build_detector, build_embedder
+
+
+NAMESPACE = "cctview"
+
+
+class FailedInference(NamedTuple):
+    """The inference of an element that failed on its own, after its batch failed: the
+    error in one line. DetectFrames sends its frame to the dead-letter output."""
+    error: str
+
+    @classmethod
+    def of(cls, error: Exception) -> "FailedInference":
+        lines = str(error).strip().splitlines()
+        return cls("%s: %s" % (type(error).__name__, lines[0] if lines else ""))
 
 
 def _nbytes(element) -> int:
@@ -40,11 +55,32 @@ class _Handler(ModelHandler):
         name, weights, options = model
         return builder(name, weights, self._device, **options)
 
+    def run_inference(self, batch, model, inference_args: Optional[dict[str, Any]] = None):
+        """The batch through :meth:`_infer`; if that raises, each element once more on
+        its own, so that one bad frame costs only itself, a transient failure costs
+        nothing, and a batch too large for the device is retried in the smallest pieces.
+        An element that fails on its own gets a :class:`FailedInference` as its inference."""
+        try:
+            return self._infer(batch, model)
+        except Exception:  # the model's own errors have no common type
+            Metrics.counter(NAMESPACE, "inference_batches_retried_one_by_one").inc()
+        results = []
+        for element in batch:
+            try:
+                results.extend(self._infer([element], model))
+            except Exception as error:
+                results.append(PredictionResult(element, FailedInference.of(error)))
+        return results
+
+    def _infer(self, batch, model) -> list:
+        """One PredictionResult per element of ``batch``, in order."""
+        raise NotImplementedError
+
     def get_num_bytes(self, batch) -> int:
         return sum(_nbytes(e) for e in batch)
 
     def get_metrics_namespace(self) -> str:
-        return "cctview"
+        return NAMESPACE
 
 
 def _split_backgrounds(batch):
@@ -70,7 +106,7 @@ class DetectEmbedModelHandler(_Handler):
         return DetectAndEmbed(self._build(build_detector, self._detector),
                               self._build(build_embedder, self._embedder))
 
-    def run_inference(self, batch, model, inference_args: Optional[dict[str, Any]] = None):
+    def _infer(self, batch, model):
         frames, backgrounds = _split_backgrounds(batch)
         return [PredictionResult(x, y) for x, y in zip(batch, model(frames, backgrounds))]
 
@@ -87,7 +123,7 @@ class DetectModelHandler(_Handler):
     def load_model(self):
         return self._build(build_detector, self._model)
 
-    def run_inference(self, batch, model, inference_args: Optional[dict[str, Any]] = None):
+    def _infer(self, batch, model):
         frames, backgrounds = _split_backgrounds(batch)
         found = model.detect(frames) if backgrounds is None else model.detect(frames, backgrounds)
         return [PredictionResult(x, y) for x, y in zip(batch, found)]
@@ -111,7 +147,7 @@ class EmbedModelHandler(_Handler):
     def load_model(self):
         return self._build(build_embedder, self._model)
 
-    def run_inference(self, batch, model, inference_args: Optional[dict[str, Any]] = None):
+    def _infer(self, batch, model):
         images = [image for image, _ in batch]
         boxes = [b["boxes"] if isinstance(b, dict) else b for _, b in batch]
         embeddings = model.embed_crops(images, boxes)

@@ -30,7 +30,8 @@ _LOG = logging.getLogger(__name__)
 SUMMARY_COUNTERS = (
     "frames_listed", "frames_decoded", "frames_dead_lettered", "frames_out_of_range",
     "frames_inferred", "frames_with_detections", "frames_without_detections",
-    "frames_inference_failed", "frames_detection_limit_hit", "detections",
+    "frames_inference_failed", "inference_batches_retried_one_by_one",
+    "frames_detection_limit_hit", "detections",
     "detections_read", "candidate_pairs", "distance_cells", "block_compute_ms", "blocks_split",
     "matches_emitted",
     "learned_matches", "learned_abstained", "cctview_rows", "cctview_files_dead_lettered",

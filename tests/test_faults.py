@@ -24,6 +24,7 @@ The injected classes live at module level so that Beam pickles them by reference
 (``benchmarks/reliability.py`` reuses them).
 """
 import collections
+import hashlib
 import os
 import signal
 import subprocess
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 
 import apache_beam as beam
+import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
@@ -137,17 +139,27 @@ class FlakyWriteShardFn(parquet_io._WriteShardFn):
         yield from written
 
 
+def frame_digest(frame) -> str:
+    return hashlib.sha1(np.ascontiguousarray(frame).tobytes()).hexdigest()
+
+
 class FlakyDetectEmbedModelHandler(DetectEmbedModelHandler):
-    """Fails a whole batch in run_inference (the first ``times`` batches)."""
+    """The model call fails: the first ``times`` calls ("inference"), and every call
+    whose batch holds a frame with a digest in PLAN["poison"] (a frame the model can
+    never take)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._fault_dir, self._times = _plan()
+        self._poison = set(PLAN.get("poison", ()))
 
-    def run_inference(self, batch, model, inference_args=None):
+    def _infer(self, batch, model):
+        frames = [e[0] if isinstance(e, tuple) else e for e in batch]
+        if self._poison & {frame_digest(f) for f in frames}:
+            raise TransientFault("a poisoned frame in a batch of %d" % len(batch))
         if fire(self._fault_dir, "inference", self._times.get("inference", 0)):
             raise TransientFault("batch of %d frames" % len(batch))
-        return super().run_inference(batch, model, inference_args)
+        return super()._infer(batch, model)
 
 
 # site -> (module, name, flaky class): what ``inject`` swaps in.
@@ -318,27 +330,47 @@ def test_bundle_retries_absorb_transient_faults(world, clean, inject, tmp_path, 
     assert counts["frames_decoded"] >= 60
 
 
-def test_failed_inference_batch_is_dead_lettered_then_recovered(world, clean, inject,
-                                                                tmp_path, capsys):
-    """A transient run_inference failure is caught by RunInference's exception handling:
-    the command succeeds, the batch's frames are dead-lettered (stage inference), the
-    counters reconcile, and a re-run recovers exactly the clean outputs."""
+def test_a_failed_inference_batch_is_retried_frame_by_frame(world, clean, inject,
+                                                            tmp_path, capsys):
+    """A model call that fails once for a batch: its frames go through one by one, so
+    nothing is lost and the outputs are the clean run's."""
     fault_dir = inject(inference=1)
     out = tmp_path / "out"
     assert run_command(world, out) == 0
     assert fired(fault_dir, "inference") == 1
+    assert_same_as_clean(snapshot(out), clean)
+    counts = _done_counters(capsys.readouterr().out)
+    assert counts["inference_batches_retried_one_by_one"] == 1
+    assert counts.get("frames_inference_failed", 0) == 0
+
+
+def test_a_frame_the_model_cannot_take_costs_only_itself(world, clean, inject, tmp_path,
+                                                         capsys):
+    """A frame that fails the model whatever its batch: only that frame is dead-lettered
+    (stage inference, with the error), every other frame's detections are the clean
+    run's, the counters reconcile, and a re-run without the fault heals."""
+    from transforms.frames import decode_image
+
+    poisoned = sorted(Path(world).rglob("*.jpeg"))[7]
+    inject(inference=0)
+    PLAN["poison"] = [frame_digest(decode_image(poisoned.read_bytes()))]
+    try:
+        out = tmp_path / "out"
+        assert run_command(world, out) == 0
+    finally:
+        PLAN.pop("poison")
     faulty = snapshot(out)
-    lost = {uri for uri, stage, reason in faulty["dead"]}
-    assert lost and all(stage == "inference" and reason == "inference_failed"
-                        for _, stage, reason in faulty["dead"])
-    assert len(faulty["detection_ids"]) == len(set(faulty["detection_ids"]))
+    assert [(Path(uri).name, stage, reason) for uri, stage, reason in faulty["dead"]] == [
+        (poisoned.name, "inference", "inference_failed")]
+    lost = faulty["dead"][0][0]
     clean_by_frame = {d[0]: d[3] for d in clean["detections"]}
-    assert set(faulty["detection_ids"]) == {i for i, uri in clean_by_frame.items()
-                                           if uri not in lost}
+    assert sorted(faulty["detection_ids"]) == sorted(
+        i for i, uri in clean_by_frame.items() if uri != lost)
     counts = _done_counters(capsys.readouterr().out)
     assert counts["frames_listed"] == counts["frames_decoded"] == 60
     assert counts["frames_inferred"] + counts["frames_inference_failed"] == 60
-    assert counts["frames_inference_failed"] == len(lost)
+    assert counts["frames_inference_failed"] == 1
+    assert counts["inference_batches_retried_one_by_one"] >= 1
 
     assert run_command(world, out) == 0  # the fault is gone: a re-run heals
     assert_same_as_clean(snapshot(out), clean)

@@ -3,9 +3,11 @@
 The models come in as ModelHandlers (built from flags in ``pipelines``); this module
 only keys frames, calls ``RunInference`` (which batches through the handlers'
 ``batch_elements_kwargs``), turns predictions into detection records with
-deterministic ids, and sends frames whose inference failed to the dead-letter output.
+deterministic ids, and sends frames whose inference failed to the dead-letter output
+(the handlers retry a failed batch frame by frame, so a bad frame costs only itself).
 Counters: frames_inferred, frames_with_detections, frames_without_detections,
-detections, frames_detection_limit_hit, frames_inference_failed.
+detections, frames_detection_limit_hit, frames_inference_failed,
+inference_batches_retried_one_by_one.
 """
 import io
 from typing import Optional
@@ -15,6 +17,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.transforms.window import TimestampedValue
 
+from models.handlers import FailedInference
 from transforms.backgrounds import EstimateBackgrounds
 from transforms.records import dead_letter, detection_id
 
@@ -89,7 +92,8 @@ class _ToDetectionsFn(beam.DoFn):
 
 
 class _FailedBatchFn(beam.DoFn):
-    """A batch whose inference raised -> one dead letter per frame in it."""
+    """A batch that RunInference itself could not run (the handler retries the model's
+    own failures frame by frame) -> one dead letter per frame in it."""
 
     def __init__(self):
         self.failed = Metrics.counter(NAMESPACE, "frames_inference_failed")
@@ -100,6 +104,33 @@ class _FailedBatchFn(beam.DoFn):
             self.failed.inc()
             yield dead_letter(key[0], "inference", "inference_failed",
                               "%s: %s" % (type(error).__name__, error))
+
+
+class _SplitFailedFn(beam.DoFn):
+    """(key, PredictionResult) -> itself, or a dead letter when its frame failed on its
+    own (:class:`models.handlers.FailedInference`)."""
+
+    def __init__(self):
+        self.failed = Metrics.counter(NAMESPACE, "frames_inference_failed")
+
+    def process(self, element):
+        key, result = element
+        if isinstance(result.inference, FailedInference):
+            self.failed.inc()
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(
+                key[0], "inference", "inference_failed", result.inference.error))
+        else:
+            yield element
+
+
+def _infer(keyed, handler, name: str):
+    """RunInference over (key, example) -> (predictions, dead letters of its frames)."""
+    predictions, failed = keyed | name >> RunInference(
+        KeyedModelHandler(handler)).with_exception_handling()
+    split = predictions | name + "SplitFailed" >> beam.ParDo(_SplitFailedFn()).with_outputs(
+        DEAD_LETTER, main="ok")
+    dead = failed.failed_inferences | name + "FailedBatch" >> beam.ParDo(_FailedBatchFn())
+    return split.ok, (split[DEAD_LETTER], dead) | name + "DeadLetters" >> beam.Flatten()
 
 
 class DetectFrames(beam.PTransform):
@@ -144,17 +175,14 @@ class DetectFrames(beam.PTransform):
             backgrounds = beam.pvalue.AsDict(
                 source | "Backgrounds" >> EstimateBackgrounds(from_index=index is not None))
             to_detect = keyed | "WithBackground" >> beam.Map(_with_background, backgrounds)
-        predictions, failed = to_detect | "Detect" >> RunInference(
-            KeyedModelHandler(self._handler)).with_exception_handling()
-        dead = [failed.failed_inferences | "DetectFailed" >> beam.ParDo(_FailedBatchFn())]
+        predictions, dead = _infer(to_detect, self._handler, "Detect")
+        dead = [dead]
         if self._embed_handler is not None:
             # The detector's PredictionResult carries its input image: no join with the
             # frames (a join would hold every decoded frame until all were detected).
             to_embed = predictions | "ImageAndBoxes" >> beam.Map(_image_and_boxes)
-            predictions, failed_embed = to_embed | "Embed" >> RunInference(
-                KeyedModelHandler(self._embed_handler)).with_exception_handling()
-            dead.append(failed_embed.failed_inferences
-                        | "EmbedFailed" >> beam.ParDo(_FailedBatchFn()))
+            predictions, dead_embed = _infer(to_embed, self._embed_handler, "Embed")
+            dead.append(dead_embed)
         converted = predictions | "ToDetections" >> beam.ParDo(
             _ToDetectionsFn(*self._names, self._max_detections, self._write_crops)
         ).with_outputs(CROPS, main="detections")
