@@ -33,11 +33,11 @@ def _dataflow_flags(bucket: str):
 def test_direct_preset_expands_to_every_core_in_worker_processes():
     argv = expand_preset(["run", "--input", "x", "--runner_preset", "direct"])
     assert argv == ["run", "--input", "x", "--runner=DirectRunner",
-                    "--direct_running_mode=multi_processing", "--direct_num_workers=0"]
+                    "--direct_running_mode=multi_threading", "--direct_num_workers=0"]
     assert expand_preset(["run", "--runner_preset=direct"]) == argv[:1] + argv[3:]
     _, options = cli.parse(argv + ["--output", "o"])
     assert options.get_all_options()["direct_num_workers"] == 0
-    assert options.get_all_options()["direct_running_mode"] == "multi_processing"
+    assert options.get_all_options()["direct_running_mode"] == "multi_threading"
 
 
 def test_without_a_preset_argv_is_unchanged_but_a_bare_dry_run_gets_its_value():
