@@ -30,7 +30,28 @@ def _dataflow_flags(bucket: str):
 
 
 # ------------------------------------------------------------------ expansion
-def test_direct_preset_expands_to_every_core_in_worker_processes():
+def test_direct_preset_runs_and_writes_what_the_default_runner_writes(small_world, tmp_path):
+    """`cctview run --runner_preset direct` (worker threads, one model thread each) on the
+    synthetic world: the same detections and matches as the DirectRunner's default."""
+    import pyarrow.dataset as ds
+
+    from conftest import CLASSICAL
+
+    def tables(out):
+        return [sorted(ds.dataset(str(out / name), partitioning="hive").to_table(
+            columns=columns).to_pylist(), key=str)
+                for name, columns in (("detections", ["detection_id", "score", "box_xyxy"]),
+                                      ("matches", ["detection_id_a", "detection_id_b"]))]
+
+    base = ["run", "--input", str(small_world / "frames"), "--max-gap", "60"] + CLASSICAL
+    assert cli.main(base + ["--output", str(tmp_path / "default")]) == 0
+    assert cli.main(expand_preset(base + ["--output", str(tmp_path / "preset"),
+                                          "--runner_preset", "direct"])) == 0
+    default, preset = tables(tmp_path / "default"), tables(tmp_path / "preset")
+    assert default[0] and default[1] and preset == default
+
+
+def test_direct_preset_expands_to_every_core_in_worker_threads():
     argv = expand_preset(["run", "--input", "x", "--runner_preset", "direct"])
     assert argv == ["run", "--input", "x", "--runner=DirectRunner",
                     "--direct_running_mode=multi_threading", "--direct_num_workers=0"]
