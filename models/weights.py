@@ -168,7 +168,8 @@ def onnx_session(uri: str, sha256: Optional[str], device: str, *, threads: int =
         raise ValueError("threads must be >= 0 (0: onnxruntime's default), got %r" % threads)
     data = load_bytes(uri, sha256)
     if optimization is None:
-        digest = hashlib.sha256(data).hexdigest()
+        # load_bytes has checked a pinned digest; only an unpinned file is hashed here.
+        digest = sha256.lower() if sha256 else hashlib.sha256(data).hexdigest()
         optimization = next((spec.meta.get("onnx_optimization", "all") for spec in known
                              if spec.sha256 == digest), "all")
     providers = ["CPUExecutionProvider"]

@@ -94,7 +94,11 @@ def _valid_rows(table: pa.Table) -> pa.Table:
 def table_to_columns(table: pa.Table, timezone: str = "UTC") -> DetectionColumns:
     """One table of stored detections -> :class:`DetectionColumns` (rows without an
     embedding dropped, as :func:`table_to_detections` drops them)."""
-    table = _valid_rows(table)
+    return _columns(_valid_rows(table), timezone)
+
+
+def _columns(table: pa.Table, timezone: str) -> DetectionColumns:
+    """:func:`table_to_columns` for a table already through :func:`_valid_rows`."""
     return DetectionColumns(
         np.asarray(table["camera_id"].cast(pa.string()).to_numpy(zero_copy_only=False), dtype=str),
         _epoch_ms(table["frame_ts"], timezone),
@@ -105,7 +109,7 @@ def table_to_columns(table: pa.Table, timezone: str = "UTC") -> DetectionColumns
 def table_to_detections(table: pa.Table, timezone: str = "UTC") -> List[dict]:
     """Normalises one table of stored detections into detection dicts."""
     table = _valid_rows(table)
-    columns = table_to_columns(table, timezone)
+    columns = _columns(table, timezone)
     extra = {c: table[c].to_pylist() for c in OPTIONAL_COLUMNS if c in table.column_names}
     rows = []
     for i in range(table.num_rows):
@@ -130,22 +134,17 @@ class _ReadFileFn(beam.DoFn):
             names = REQUIRED_COLUMNS if self._as_columns else REQUIRED_COLUMNS + OPTIONAL_COLUMNS
             columns = [c for c in names if c in parquet.schema_arrow.names]
             for batch in parquet.iter_batches(batch_size=self._batch_rows, columns=columns):
-                table = pa.Table.from_batches([batch])
+                convert = table_to_columns if self._as_columns else table_to_detections
                 try:
-                    if self._as_columns:
-                        chunk = table_to_columns(table, self._timezone)
-                    else:
-                        rows = table_to_detections(table, self._timezone)
+                    read = convert(pa.Table.from_batches([batch]), self._timezone)
                 except DetectionsSchemaError as exc:
                     raise DetectionsSchemaError("%s: %s" % (path, exc)) from exc
-                if self._as_columns:
-                    self.rows.inc(len(chunk))
-                    if len(chunk):
-                        yield chunk
-                    continue
-                self.rows.inc(len(rows))
-                for row in rows:
-                    yield TimestampedValue(row, row["frame_ts_ms"] / 1000.0)
+                self.rows.inc(len(read))
+                if not self._as_columns:
+                    for row in read:
+                        yield TimestampedValue(row, row["frame_ts_ms"] / 1000.0)
+                elif len(read):
+                    yield read
 
 
 def inspect_files(files: Sequence[str], cameras: bool = False) -> List[str]:
