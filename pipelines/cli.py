@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
-from pipelines import commands, demo, report, synth
+from pipelines import commands, demo, report, scale_world, synth
 from pipelines.errors import UsageError
 from runners.presets import all_option_classes, expand_preset
 from pipelines.options import (
@@ -84,6 +84,10 @@ COMMANDS = {
     "synth": Command(
         "synthetic multi-camera footage with ground truth (frames in the CCTView layout)",
         (), synth.run_from_args, add_arguments=synth.add_arguments),
+    "scale-world": Command(
+        "stored detections of N cameras x H hours built from real ones, with planted "
+        "links: inputs for scale tests and benchmarks",
+        (), scale_world.run_from_args, add_arguments=scale_world.add_arguments),
 }
 
 

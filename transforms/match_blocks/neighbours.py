@@ -1,0 +1,281 @@
+"""Nearest neighbours of both sides of a block from one pass over its distances
+(policies ``topk`` and ``mutual``), and their merge over blocks."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from transforms.match_blocks.bands import dt_intervals
+from transforms.match_blocks.kernels import (DEFAULT_Q_TILE, DEFAULT_R_TILE, Workspace,
+                                            finish_distances, finite_block, prepare_side,
+                                            raw_distances, tile_buffer)
+from transforms.match_blocks.records import make_match
+from transforms.match_blocks.scan import ranks_within_groups
+from transforms.match_blocks.sides import Side, id_ranks
+
+__all__ = ["Neighbours", "neighbour_block", "Partial", "neighbour_outputs",
+           "merge_partials"]
+
+
+def _mask_outside(d: np.ndarray, starts: list, ends: list) -> None:
+    """Sets ``d[i, j] = inf`` for every column ``j`` outside row ``i``'s candidate ranges
+    ``[starts[i][k], ends[i][k])`` (tile columns, sorted, disjoint)."""
+    inf = np.float32(np.inf)
+    width = d.shape[1]
+    for i, (row_s, row_e) in enumerate(zip(starts, ends)):
+        prev = 0
+        row = None
+        for a, b in zip(row_s, row_e):
+            if a >= b:
+                continue
+            if a > prev:
+                if row is None:
+                    row = d[i]
+                row[prev:a] = inf
+            prev = b
+        if prev < width:
+            d[i, prev:] = inf
+
+
+_F32_MAX = np.float32(np.finfo(np.float32).max)
+# Relative margin on squared l2 distances: every x whose float32 sqrt equals sqrt(m) is
+# <= m * (1 + 2.4e-7) (correctly rounded sqrt), so this keeps a superset of the ties.
+_SQ_MARGIN = np.float32(1e-5)
+
+
+def _near_cells(x: np.ndarray, k: int, axis: int, metric: str,
+                mask_buf: Optional[np.ndarray] = None):
+    """(rows, cols) of cells of the :func:`raw_distances` tile ``x`` that can be among
+    their row's (axis=1) or column's (axis=0) first ``k`` finite cells in (distance, id)
+    order: every finite cell whose distance is <= the k-th smallest of its line, ties
+    included (for l2, a small margin on the squared value keeps every cell whose rounded
+    distance may equal it). Masked cells are +inf and never returned."""
+    if x.size == 0:
+        return np.zeros(0, np.intp), np.zeros(0, np.intp)
+    if k == 1:
+        bound = x.min(axis=axis)
+    elif x.shape[axis] <= k:
+        bound = np.full(x.shape[1 - axis], np.inf, dtype=np.float32)
+    else:
+        bound = np.partition(x, k - 1, axis=axis).take(k - 1, axis=axis)
+    if metric == "l2":
+        np.maximum(bound, np.float32(0.0), out=bound)
+        bound *= np.float32(1.0) + _SQ_MARGIN
+    np.minimum(bound, _F32_MAX, out=bound)  # lines of inf only: nothing
+    sel = tile_buffer(mask_buf, x.shape[0], x.shape[1], bool)
+    np.less_equal(x, bound[:, None] if axis == 1 else bound[None, :], out=sel)
+    return np.divmod(np.flatnonzero(sel), x.shape[1])
+
+
+def _first_k(groups: np.ndarray, others: np.ndarray, dist: np.ndarray, other_rank: np.ndarray,
+             k: int):
+    """Sorts cells by (group, distance, other id) and keeps each group's first k.
+
+    Returns (positions into the inputs, 1-based ranks)."""
+    order = np.lexsort((other_rank[others], dist, groups))
+    rank = ranks_within_groups(groups[order])
+    keep = rank <= k
+    return order[keep], rank[keep]
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray, queries: np.ndarray) -> tuple:
+    """(found, value) of each query key in ``keys`` (unique int64); value 0 where absent."""
+    if len(keys) == 0 or len(queries) == 0:
+        return np.zeros(len(queries), bool), np.zeros(len(queries), np.int64)
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    pos = np.minimum(np.searchsorted(sk, queries), len(sk) - 1)
+    found = sk[pos] == queries
+    return found, np.where(found, values[order][pos], 0)
+
+
+class Neighbours(NamedTuple):
+    """The nearest-neighbour cells of one block (indices into its query/reference Sides).
+
+    Eligible cells: candidates with a finite distance <= threshold. ``row_*``: each
+    query's first ``k`` eligible cells in (distance, reference id) order, sorted by
+    (qi, distance, id); ``row_rank``: their 1-based ranks, which are the ranks among all
+    of the query's candidates in the reference camera (a block holds all of them: the
+    references are every detection in its queries' reach). ``col_*``: each reference's
+    first ``k`` eligible cells *within this block* in (distance, query id) order, sorted
+    by (rj, distance, id), partial over the query camera (other blocks hold the
+    reference's other candidates); ``col_rank_q``: the query's ``row_rank`` of the cell
+    where the query selected it, else 0. ``row_in_cols``: whether each row cell is one of
+    the col cells. ``n_candidates``: candidate cells; ``n_cells``: distances computed.
+    """
+    row_q: np.ndarray
+    row_r: np.ndarray
+    row_dist: np.ndarray
+    row_rank: np.ndarray
+    row_in_cols: np.ndarray
+    col_q: np.ndarray
+    col_r: np.ndarray
+    col_dist: np.ndarray
+    col_rank_q: np.ndarray
+    n_candidates: int
+    n_cells: int
+
+
+def _empty_neighbours(n_candidates: int = 0, n_cells: int = 0) -> Neighbours:
+    i = np.zeros(0, np.int64)
+    return Neighbours(i, i, np.zeros(0, np.float32), i, np.zeros(0, bool), i, i,
+                      np.zeros(0, np.float32), i, n_candidates, n_cells)
+
+
+def neighbour_block(q: Side, r: Side, intervals: np.ndarray, metric: str, threshold=None,
+                    k: int = 1, q_tile: int = DEFAULT_Q_TILE, r_tile: int = DEFAULT_R_TILE,
+                    workspace: Optional[Workspace] = None) -> Neighbours:
+    """Both directions of nearest neighbours from one pass over a block's distances.
+
+    Each candidate cell is computed once (tile by tile, at most ``q_tile x r_tile``
+    cells at a time, in buffers of ``workspace`` when given). Rows give each query's first ``k`` (final: the
+    block holds all its candidates); columns give each reference's first ``k`` among
+    this block's queries (partial: merge them over the blocks with
+    :func:`merge_partials`). The first ``k`` of a reference over all blocks are among
+    the union of its per-block first ``k``, with the same order, so the merge gives its
+    exact ranks. Only the candidate columns of each query tile are scanned (both sides
+    are sorted by time).
+    """
+    nq, nr = len(q), len(r)
+    iv = dt_intervals(intervals)
+    if nq == 0 or nr == 0 or len(iv) == 0:
+        return _empty_neighbours()
+    thr = None if threshold is None else np.float32(threshold)
+    inf = np.float32(np.inf)
+    q_rank, r_rank = id_ranks(q.ids), id_ranks(r.ids)
+    ws = Workspace() if workspace is None else workspace
+    qp, rp = prepare_side(q.emb, metric, "q", ws), prepare_side(r.emb, metric, "r", ws)
+    size = min(q_tile, nq) * min(r_tile, nr)
+    buf, work = ws.get("tile", (size,)), ws.get("tile_work", (size,))
+    mask_buf = ws.get("tile_mask", (size,), bool)
+    finite = finite_block(qp, rp, metric)
+    rows_q, rows_r, rows_d, rows_rank = [], [], [], []
+    cols_q, cols_r, cols_d = [], [], []
+    n_cand = n_cells = 0
+    for i0 in range(0, nq, q_tile):
+        i1 = min(nq, i0 + q_tile)
+        qt = q.ts[i0:i1]
+        starts = np.stack([np.searchsorted(r.ts, qt + lo, side="left") for lo in iv[:, 0]])
+        ends = np.stack([np.searchsorted(r.ts, qt + hi, side="right") for hi in iv[:, 1]])
+        c = int((ends - starts).sum())
+        if c == 0:
+            continue
+        n_cand += c
+        nonempty = ends > starts
+        j0, j1 = int(starts[nonempty].min()), int(ends[nonempty].max())
+        tq, tr, td = [], [], []
+        for jj0 in range(j0, j1, r_tile):
+            jj1 = min(j1, jj0 + r_tile)
+            s_t = np.clip(starts, jj0, jj1) - jj0
+            e_t = np.clip(ends, jj0, jj1) - jj0
+            if not (e_t > s_t).any():
+                continue
+            x = raw_distances(qp.rows(i0, i1), rp.rows(jj0, jj1), metric, buf, work)
+            n_cells += x.size
+            if not finite and not np.isfinite(x.max()):  # NaN/inf: never a match
+                x[~np.isfinite(x)] = inf
+            _mask_outside(x, s_t.T.tolist(), e_t.T.tolist())
+            for axis, (aq, ar, ad) in ((1, (tq, tr, td)), (0, (cols_q, cols_r, cols_d))):
+                ri, cj = _near_cells(x, k, axis, metric, mask_buf)
+                dv = finish_distances(x[ri, cj], metric)
+                if thr is not None:  # eligible cells are a prefix of each line's order
+                    ok = dv <= thr
+                    ri, cj, dv = ri[ok], cj[ok], dv[ok]
+                aq.append(ri + i0)
+                ar.append(cj + jj0)
+                ad.append(dv)
+        if tq:
+            qi, rj, dv = np.concatenate(tq), np.concatenate(tr), np.concatenate(td)
+            pos, rank = _first_k(qi, rj, dv, r_rank, k)
+            rows_q.append(qi[pos])
+            rows_r.append(rj[pos])
+            rows_d.append(dv[pos])
+            rows_rank.append(rank)
+    if not rows_q:
+        return _empty_neighbours(n_cand, n_cells)
+    row_q, row_r = np.concatenate(rows_q).astype(np.int64), np.concatenate(rows_r).astype(np.int64)
+    row_d, row_rank = np.concatenate(rows_d), np.concatenate(rows_rank).astype(np.int64)
+    cq, cr, cd = np.concatenate(cols_q), np.concatenate(cols_r), np.concatenate(cols_d)
+    pos, _ = _first_k(cr, cq, cd, q_rank, k)
+    col_q, col_r, col_d = cq[pos].astype(np.int64), cr[pos].astype(np.int64), cd[pos]
+    row_keys, col_keys = row_q * nr + row_r, col_q * nr + col_r
+    _, col_rank_q = _lookup(row_keys, row_rank, col_keys)
+    row_in_cols, _ = _lookup(col_keys, np.zeros(len(col_keys), np.int64), row_keys)
+    return Neighbours(row_q, row_r, row_d, row_rank, row_in_cols, col_q, col_r, col_d,
+                      col_rank_q, n_cand, n_cells)
+
+
+class Partial(NamedTuple):
+    """Candidates of camera-B detections found in one block (see :func:`merge_partials`).
+
+    Parallel arrays, one entry per (B detection, A detection) cell: ``rank_a`` is the
+    A detection's rank of the cell where it selected the B detection, else 0.
+    """
+    ids_b: np.ndarray
+    ts_b: np.ndarray
+    ids_a: np.ndarray
+    ts_a: np.ndarray
+    dist: np.ndarray
+    rank_a: np.ndarray
+
+    def __len__(self):
+        return len(self.ids_b)
+
+    def take(self, sel) -> "Partial":
+        return Partial(*(a[sel] for a in self))
+
+
+def neighbour_outputs(q: Side, r: Side, nb: Neighbours, policy: str, window_ms: int):
+    """A block's :class:`Neighbours` (``q`` = camera A, ``r`` = camera B, A < B) ->
+    ``(matches, partial)``.
+
+    ``matches``: Match dicts that are final here: for ``topk``, the cells an A detection
+    selected that are not among their B detection's first ``top_k`` in this block (so
+    not in its first ``top_k`` over all blocks: ``rank_b`` None); none for ``mutual``.
+    ``partial``: the B detections' per-block first cells, for :func:`merge_partials`.
+    """
+    matches = []
+    if policy == "topk":
+        sel = np.nonzero(~nb.row_in_cols)[0]
+        for i, j, d, k in zip(nb.row_q[sel].tolist(), nb.row_r[sel].tolist(),
+                              nb.row_dist[sel].tolist(), nb.row_rank[sel].tolist()):
+            matches.append(make_match(q.ids[i], r.ids[j], q.camera_id, r.camera_id, q.ts[i],
+                                      r.ts[j], d, policy, k, None, window_ms))
+    partial = Partial(r.ids[nb.col_r], r.ts[nb.col_r], q.ids[nb.col_q], q.ts[nb.col_q],
+                      nb.col_dist.astype(np.float32, copy=False), nb.col_rank_q)
+    return matches, partial
+
+
+def merge_partials(cam_a: str, cam_b: str, partials: Sequence[Partial], policy: str,
+                   top_k: int, window_ms: int) -> list:
+    """Merges the per-block partials of camera-B detections (each B detection's cells
+    from every block that holds it) into Match dicts.
+
+    Each B detection's first ``k`` (``k = 1`` for ``mutual``) over the union, in
+    (distance, detection_id_a) order, are its selections with their exact ranks.
+    ``topk``: a cell is output if B selected it or A did (``rank_a > 0``); ``mutual``:
+    if both did.
+    """
+    partials = [p for p in partials if len(p)]
+    if not partials:
+        return []
+    p = partials[0] if len(partials) == 1 else Partial(
+        *(np.concatenate(cols) for cols in zip(*partials)))
+    k = 1 if policy == "mutual" else int(top_k)
+    order = np.lexsort((p.ids_a, p.dist, p.ids_b))
+    p = p.take(order)
+    rank_b = ranks_within_groups(p.ids_b)
+    chosen_b = rank_b <= k
+    if policy == "mutual":
+        out = chosen_b & (p.rank_a == 1)
+    else:
+        out = chosen_b | (p.rank_a > 0)
+    sel = np.nonzero(out)[0]
+    matches = []
+    for i, ra, rb, cb in zip(sel.tolist(), p.rank_a[sel].tolist(), rank_b[sel].tolist(),
+                             chosen_b[sel].tolist()):
+        matches.append(make_match(p.ids_a[i], p.ids_b[i], cam_a, cam_b, p.ts_a[i], p.ts_b[i],
+                                  p.dist[i], policy, ra if ra > 0 else None,
+                                  rb if cb else None, window_ms))
+    return matches

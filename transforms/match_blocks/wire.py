@@ -1,0 +1,110 @@
+"""The wire format of detections between Beam stages: :class:`Batch` as plain bytes."""
+from __future__ import annotations
+
+import struct
+from typing import Iterable, NamedTuple
+
+import numpy as np
+
+__all__ = ["Batch", "encode_batch", "decode_batch", "make_batches", "batches_from_arrays",
+           "sorted_by_ts_id"]
+
+
+class Batch(NamedTuple):
+    """Detections of one camera in one fixed window (what the Beam transform shuffles).
+
+    ``emb`` is raw (float16 or float32, not normalised); ``ts`` and ``ids`` are sorted
+    by (ts, id).
+    """
+    window_start_ms: int
+    ids: np.ndarray
+    ts: np.ndarray
+    emb: np.ndarray
+
+    def __len__(self):
+        return len(self.ids)
+
+
+# Wire format of a Batch between Beam stages (``encode_batch``/``decode_batch``): plain
+# bytes, which Beam's coders copy as they are (no pickling of numpy arrays), ids as UTF-8
+# (not 4 bytes a character), and arrays that decode as views of the received bytes.
+_BATCH_HEADER = struct.Struct("<4sqqqq")  # magic, window start, rows, dim, dtype code
+_BATCH_MAGIC = b"CVB1"
+_BATCH_DTYPES = {1: np.dtype("<f2"), 2: np.dtype("<f4")}
+
+
+def _pad8(n: int) -> int:
+    return -n % 8
+
+
+def encode_batch(batch: Batch) -> bytes:
+    """A :class:`Batch` as bytes (float16/float32 embeddings kept as they are, any other
+    dtype as float32); :func:`decode_batch` inverts it."""
+    emb = np.asarray(batch.emb)
+    n = len(batch.ids)
+    emb = emb.reshape(n, -1) if n else emb.reshape(0, emb.shape[-1] if emb.ndim == 2 else 0)
+    code = 1 if emb.dtype == np.float16 else 2
+    emb = np.ascontiguousarray(emb, dtype=_BATCH_DTYPES[code])
+    ids = [str(i).encode("utf-8") for i in np.asarray(batch.ids).tolist()]
+    lens = np.fromiter((len(i) for i in ids), dtype="<i8", count=n)
+    blob = b"".join(ids)
+    ts = np.ascontiguousarray(batch.ts, dtype="<i8")
+    header = _BATCH_HEADER.pack(_BATCH_MAGIC, int(batch.window_start_ms), n, emb.shape[1], code)
+    return b"".join((header, lens.data, ts.data, blob, b"\0" * _pad8(len(blob)), emb.data))
+
+
+def decode_batch(data: bytes) -> Batch:
+    """:func:`encode_batch`'s bytes -> a :class:`Batch` whose ``ts`` and ``emb`` are
+    read-only views of ``data``."""
+    magic, start, n, dim, code = _BATCH_HEADER.unpack_from(data, 0)
+    if magic != _BATCH_MAGIC:
+        raise ValueError("not an encoded Batch")
+    off = _BATCH_HEADER.size
+    lens = np.frombuffer(data, dtype="<i8", count=n, offset=off)
+    off += 8 * n
+    ts = np.frombuffer(data, dtype="<i8", count=n, offset=off)
+    off += 8 * n
+    ends = np.cumsum(lens).tolist()
+    view = memoryview(data)
+    ids, prev = [], off
+    for end in ends:
+        ids.append(str(view[prev:off + end], "utf-8"))
+        prev = off + end
+    blob_len = ends[-1] if ends else 0
+    off += blob_len + _pad8(blob_len)
+    emb = np.frombuffer(data, dtype=_BATCH_DTYPES[code], count=n * dim, offset=off)
+    return Batch(int(start), np.asarray(ids, dtype=str), ts.astype(np.int64, copy=False),
+                 emb.reshape(n, dim))
+
+
+def make_batches(window_start_ms: int, records: Iterable[tuple], max_size: int) -> list:
+    """``(detection_id, ts_ms, embedding)`` tuples of one window -> Batches of at most
+    ``max_size`` detections each, in (ts, id) order."""
+    records = list(records)
+    if not records:
+        return []
+    return batches_from_arrays(
+        window_start_ms, np.asarray([str(r[0]) for r in records], dtype=str),
+        np.asarray([r[1] for r in records], dtype=np.int64),
+        np.stack([np.asarray(r[2]).reshape(-1) for r in records]), max_size)
+
+
+def batches_from_arrays(window_start_ms: int, ids: np.ndarray, ts: np.ndarray, emb: np.ndarray,
+                        max_size: int) -> list:
+    """Detections of one window as arrays -> Batches of at most ``max_size`` detections
+    each, in (ts, id) order; embeddings other than float16/float32 become float32."""
+    if emb.dtype not in (np.float16, np.float32):
+        emb = emb.astype(np.float32)
+    if len(ids) > 1 and not sorted_by_ts_id(ts, ids):
+        order = np.lexsort((ids, ts))
+        ids, ts, emb = ids[order], ts[order], emb[order]
+    return [Batch(int(window_start_ms), ids[i:i + max_size], ts[i:i + max_size].astype(np.int64),
+                  emb[i:i + max_size]) for i in range(0, len(ids), max_size)]
+
+def sorted_by_ts_id(ts: np.ndarray, ids: np.ndarray) -> bool:
+    """Whether rows are in (ts, id) order (ids unique)."""
+    dts = np.diff(ts)
+    if np.any(dts < 0):
+        return False
+    same = np.nonzero(dts == 0)[0]
+    return not len(same) or bool(np.all(ids[same] < ids[same + 1]))
