@@ -21,15 +21,14 @@ import numpy as np
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from apache_beam.transforms.window import FixedWindows, IntervalWindow, WindowFn
-from apache_beam.utils.timestamp import Duration, Timestamp
+from apache_beam.transforms.window import FixedWindows
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from transforms import match_blocks as mb
 from transforms.detections_io import DetectionColumns
 from transforms.links import load_links, write_links
-from transforms.matching import QUERY, REF, MatchBlockWindows, MatchDetections
+from transforms.matching import MatchDetections
 
 T0 = 1_700_000_000_000
 
@@ -452,61 +451,6 @@ def test_reach_window_starts_exact(t, w, data):
         assert bool(mb.in_reach(np.array([t]), s, w, iv)[0]) == (s in starts)
 
 
-def _batch(ts_list, window_ms):
-    ts = np.asarray(sorted(ts_list), dtype=np.int64)
-    ids = np.asarray(["d%d" % i for i in range(len(ts))])
-    return mb.Batch(int(ts[0]) // window_ms * window_ms, ids,
-                    ts, np.zeros((len(ts), 2), np.float32))
-
-
-def _assign(window_fn, element, ts_ms):
-    return window_fn.assign(WindowFn.AssignContext(Timestamp(micros=ts_ms * 1000),
-                                                   element=element))
-
-
-def _starts(windows):
-    return [x.start.micros // 1000 for x in windows]
-
-
-@settings(max_examples=200, deadline=None)
-@given(t=st.integers(-10 ** 9, 10 ** 9), w=st.integers(1, 200_000), data=st.data())
-def test_block_windowfn(t, w, data):
-    """Query role = FixedWindows; reference role = exactly the windows whose reach
-    [kW - gap, (k+1)W + gap) contains the detection; a batch = union of its detections'."""
-    gap = data.draw(st.integers(1, 20 * w + 1000))
-    bands = mb.CandidateBands(max_gap_s=gap / 1000)
-    fn = MatchBlockWindows(w, bands)
-    q = _assign(fn, (("a", "b"), (QUERY, _batch([t], w))), t)
-    fixed = FixedWindows(Duration(micros=w * 1000)).assign(
-        WindowFn.AssignContext(Timestamp(micros=t * 1000)))
-    assert q == fixed
-    got = _assign(fn, (("a", "b"), (REF, _batch([t], w))), t)
-    assert all(isinstance(x, IntervalWindow) for x in got)
-    assert all(x.end.micros // 1000 == s + w for x, s in zip(got, _starts(got)))
-    exp = [k * w for k in range((t - gap) // w - 1, (t + gap) // w + 2)
-           if k * w - gap <= t < (k + 1) * w + gap]
-    assert _starts(got) == exp
-    # a batch of several detections of the same fixed window
-    start = t // w * w
-    others = data.draw(st.lists(st.integers(start, start + w - 1), max_size=4))
-    got = _assign(fn, (("a", "b"), (REF, _batch([t] + others, w))), start)
-    union = sorted({s for x in [t] + others
-                    for s in mb.reach_window_starts(x, w, bands.intervals("a", "b"))})
-    assert _starts(got) == union
-    assert fn == MatchBlockWindows(w, mb.CandidateBands(max_gap_s=gap / 1000))
-
-
-def test_block_windowfn_links_per_pair():
-    links = [{"camera_a": "a", "camera_b": "b", "offset_s": 20, "spread_s": 5}]
-    fn = MatchBlockWindows(10_000, mb.CandidateBands(links=links))
-    # reference b at t=100 s for queries of a: t_b - t_a in [15, 25] s -> a in [75, 85] s
-    got = _assign(fn, (("a", "b"), (REF, _batch([100_000], 10_000))), 100_000)
-    assert _starts(got) == [70_000, 80_000]
-    # reference a at t=100 s for queries of b: t_a - t_b in [-25, -15] s -> b in [115, 125]
-    got = _assign(fn, (("b", "a"), (REF, _batch([100_000], 10_000))), 100_000)
-    assert _starts(got) == [110_000, 120_000]
-
-
 def test_make_batches():
     recs = [("d%d" % i, 1000 - i % 3, np.full(3, i, np.float16)) for i in range(7)]
     batches = mb.make_batches(0, recs, max_size=3)
@@ -636,9 +580,9 @@ def test_batch_wire_format_round_trip():
     ids = np.asarray(["d\n%d\u00e9" % i for i in range(5)] + ["x" * 90], dtype=str)
     ts = np.arange(6, dtype=np.int64) * 7 - 3
     for dtype in (np.float16, np.float32, np.float64):
-        batch = mb.Batch(-120_000, ids, ts, rng.normal(size=(6, 5)).astype(dtype))
+        batch = mb.Batch(-120_000, ids, ts, rng.normal(size=(6, 5)).astype(dtype), "cém-7")
         got = mb.decode_batch(mb.encode_batch(batch))
-        assert got.window_start_ms == -120_000
+        assert got.window_start_ms == -120_000 and got.camera_id == "cém-7"
         assert got.ids.tolist() == ids.tolist() and got.ts.tolist() == ts.tolist()
         want = np.float16 if dtype == np.float16 else np.float32
         assert got.emb.dtype == want and np.array_equal(got.emb, batch.emb.astype(want))
@@ -651,7 +595,7 @@ def test_batch_wire_format_round_trip():
 
 
 def test_compact_embeddings_only_when_lossless():
-    from transforms.matching import compact_embeddings
+    from transforms.match_blocks import compact_embeddings
 
     exact = np.asarray([[0.5, -2.0, 0.0, 6.1035156e-05, 65504.0]], np.float16).astype(np.float32)
     assert compact_embeddings(exact).dtype == np.float16
@@ -660,6 +604,7 @@ def test_compact_embeddings_only_when_lossless():
         inexact = exact.copy()
         inexact[0, 0] = value
         assert compact_embeddings(inexact).dtype == np.float32
+
 
 def _brute_assignment_value(cost):
     """(max pairs, min total) over every partial one-to-one matching of allowed cells."""
@@ -763,7 +708,7 @@ def test_beam_input_shapes_windowing_and_links_file(tmp_path):
      | beam.Create(dets)
      | "OddTimes" >> beam.Map(lambda d: beam.window.TimestampedValue(d, 5))
      | "OddWindows" >> beam.WindowInto(FixedWindows(1))
-     | MatchDetections(policy="topk", top_k=2, links=str(path), window_s=7)
+     | MatchDetections(policy="topk", top_k=2, links=load_links(str(path)), window_s=7)
      | "InGlobal" >> beam.Map(lambda m, w=beam.DoFn.WindowParam, t=beam.DoFn.TimestampParam:
                               (m, type(w).__name__, t.micros))
      | beam.combiners.ToList()
@@ -785,31 +730,21 @@ def test_beam_input_shapes_windowing_and_links_file(tmp_path):
 @given(case=cases(max_bursts=2), block_s=st.sampled_from([0.25, 3.7, 45.0, 10_000.0]))
 def test_beam_block_span_changes_nothing(case, block_s):
     """all/topk/mutual give the same matches and counters whatever the block span
-    (how many blocks a reference travels to, how partials are merged), and with the
-    camera ids given up front (a superset is fine) instead of found from the data."""
+    (how many blocks a reference travels to, how partials are merged)."""
     configs = {}
-    cameras = sorted({d["camera_id"] for d in case["dets"]} | {"idle-camera"})
     for policy in ("all", "topk", "mutual"):
         params = _params(case, policy, case["windows"][0])
         configs[policy + "_auto"] = params
         configs[policy + "_span"] = dict(params, block_s=block_s)
-        configs[policy + "_cams"] = dict(params, block_s=block_s, cameras=cameras)
     outputs, counters = run_matchers(case["dets"], configs)
     for policy in ("all", "topk", "mutual"):
-        for variant in ("_span", "_cams"):
+        for variant in ("_span",):
             assert outputs[policy + variant] == outputs[policy + "_auto"]
             for counter in ("candidate_pairs", "matches_emitted"):
                 assert counters.get((policy + variant, counter), 0) == \
                     counters.get((policy + "_auto", counter), 0)
     check_against_reference(outputs["mutual_span"], case["dets"], "mutual", case["metric"],
                             case["windows"][0], **_ref_kw(case))
-
-def test_beam_camera_missing_from_given_cameras_fails():
-    dets = [{"camera_id": c, "frame_ts_ms": 1000 * i, "detection_id": "%s%d" % (c, i),
-             "embedding": np.ones(4, np.float32) * i} for i, c in enumerate("aab")]
-    with pytest.raises(Exception, match="not among the cameras"):
-        run_matchers(dets, {"m": {"policy": "mutual", "cameras": ["a"]}})
-
 
 def test_beam_empty_input():
     outputs, _ = run_matchers([], {p: {"policy": p} for p in mb.POLICIES})

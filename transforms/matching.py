@@ -1,60 +1,71 @@
 """Cross-camera matching as a Beam transform: Detections -> Matches.
 
-Public API: :class:`MatchDetections` (and :class:`MatchBlockWindows`, the same block
-assignment as a Beam WindowFn). The semantics (candidates, metrics, policies, ties,
-ranks, output fields) are specified in :mod:`transforms.match_blocks`, whose pure numpy
-functions do the work; :func:`transforms.match_blocks.match_arrays` gives the same
+Public API: :class:`MatchDetections`. The semantics (candidates, metrics, policies,
+ties, ranks, output fields) are specified in :mod:`transforms.match_blocks`, whose pure
+numpy functions do the work; :func:`transforms.match_blocks.match_arrays` gives the same
 results for in-memory arrays.
 
 Pipeline shape
 ==============
-Work is cut into *blocks*: (camera A, camera B, A < B, block of event time
-``[kS, (k+1)S)`` of the camera-A detections). ``S`` is ``window_s`` for ``assignment``
-(its semantics are per window) and, for ``all``/``topk``/``mutual`` (whose results do
-not depend on ``window_s``), ``block_s`` or by default the smallest multiple of
-``window_s`` that is at least twice the widest candidate band (``2 * max_gap_s``
-without links): each reference detection then travels to ``1 + band / S`` = 1.5 blocks
-on average instead of ``1 + band / window_s`` windows (11 with the defaults). Each
-candidate cell (a, b) is computed exactly once, in the block of a (for ``topk`` and
-``mutual`` too: both directions come out of the same distances).
+Work is cut into *blocks of event time* ``[kS, (k+1)S)``, one block holding every
+camera. ``S`` is ``window_s`` for ``assignment`` (its semantics are per window) and,
+for ``all``/``topk``/``mutual`` (whose results do not depend on ``window_s``),
+``block_s`` or by default the smallest multiple of ``window_s`` that is at least twice
+the widest candidate band (``2 * max_gap_s`` without links). Inside block k, every
+camera pair (A, B), A < B, that has candidates is computed in one place: the queries
+are A's detections of ``[kS, (k+1)S)``, the references B's detections in their reach
+(``[kS + lo, (k+1)S + hi)`` for each candidate interval ``[lo, hi]`` of ``t_B - t_A``:
+:func:`~transforms.match_blocks.reach_window_starts`). Each candidate cell (a, b) is
+computed exactly once, in the block of a (for ``topk`` and ``mutual`` too: both
+directions come out of the same distances).
 
 1. ``BatchDetections``: detections are buffered per (camera, block) over a bundle and
    leave as a few :class:`~transforms.match_blocks.Batch` elements (at most
-   ``DEFAULT_MAX_BATCH`` detections each, sorted by (ts, id)), in a plain-bytes wire
-   format (:func:`~transforms.match_blocks.encode_batch`: no pickled arrays, UTF-8 ids,
-   arrays that decode as views). float32 embeddings that float16 holds exactly (e.g.
-   CCTView's float16 Parquet read as float32) travel as float16, which halves the bytes
-   shuffled below and loses nothing.
-2. ``KeyByBlock``: every batch of camera C becomes the *query* part of the blocks
-   ``(C, R, k)`` for every partner R > C and, sliced to exactly the detections in each
-   block's reach, a *reference* part of every block ``(Q, C, j)`` (Q < C) whose reach
-   contains some of them (the reach of block j is ``[jS + lo, (j+1)S + hi)`` for each
-   candidate interval ``[lo, hi]`` of ``t_ref - t_query``: see
-   :func:`~transforms.match_blocks.reach_window_starts`). Partners: every other camera
-   (a side input of distinct camera ids) or, with links, the linked ones.
-3. ``GroupBlocks`` (``GroupByKey`` in the GlobalWindow, keys carry the block): one
-   group per block, built and computed in the same step (``ComputeBlocks``), the Sides
-   in arrays the worker reuses from block to block. A block above
+   ``DEFAULT_MAX_BATCH`` detections each, sorted by (ts, id)) in a plain-bytes wire
+   format (:mod:`transforms.match_blocks.wire`; float32 embeddings that float16 holds
+   exactly travel as float16).
+2. ``RouteToBlocks``: a batch of camera C goes once to every block that needs any of
+   its detections: its own block (as queries, when C has a partner after it) and every
+   block whose reach, as a reference of some camera before C, contains some of them
+   (sliced to exactly those). A detection therefore crosses the shuffle about
+   ``1 + (hi - lo) / S`` times (1.5 with the defaults), **whatever the number of
+   partner cameras**: partners share the copy that reaches their block.
+3. ``GroupBlocks`` (``GroupByKey``, key = block start) then ``ComputeBlocks``: every
+   camera pair of the block is computed with numpy (tiled matrix products, memory
+   bounded by the tile), its two Sides built in float32 arrays reused from pair to
+   pair. A camera pair of a block above
    ``max_candidates_per_block`` query x reference cells is split into query chunks
    that go through a ``Reshuffle`` so that they spread over workers.
-4. The block is computed with numpy (tiled matrix products, memory bounded by the
-   tile). ``all`` emits its pairs; ``assignment`` runs the Hungarian algorithm per block
-   and a per-key combine keeps, for each camera-B detection, its lowest
-   (distance, detection_id_a) assignment. ``topk``/``mutual``: one pass over the block's
-   distances (:func:`~transforms.match_blocks.neighbour_block`) gives each A detection
-   its final nearest B candidates (the block holds all of them) and each B detection
-   its nearest A candidates *within the block*; the latter (small arrays, grouped by the
-   B detection's block) are merged per B detection by a ``GroupByKey``
-   (``MergeNeighbours``, :func:`~transforms.match_blocks.merge_partials`): the merged
-   order is exact, so ranks are exact, and a pair is output when the policy's sides
-   selected it (``mutual``: both, ranks 1 and 1).
+4. ``all`` emits its pairs; ``assignment`` runs the Hungarian algorithm per (window,
+   pair) and a per-key combine keeps, for each camera-B detection, its lowest
+   (distance, detection_id_a) assignment. ``topk``/``mutual``: each A detection's
+   nearest B candidates are final in its block; each B detection's nearest A
+   candidates *within the block* (small arrays, keyed by the B detection's block) are
+   merged per B detection by a ``GroupByKey`` (``MergeNeighbours``,
+   :func:`~transforms.match_blocks.merge_partials`), so ranks are exact.
+
+Memory: a worker holds one block at a time: the detections of every camera in
+``S + (hi - lo)`` of event time as received (float16 when exact), plus two cameras'
+parts of it in float32. What a runner
+holds between stages is the shuffled volume: about 1.5 copies of every embedding (in
+float16 when exact) plus the partials. On Dataflow that is shuffle storage; the
+DirectRunner keeps it in memory, which is why ``cctview match`` and ``calibrate`` run a
+long period there as consecutive time chunks (``owned_ms``, :mod:`pipelines.chunks`).
+
+Ownership (``owned_ms=(lo, hi)``): only matches whose camera-A detection has
+``lo <= ts < hi`` are emitted. Run on the detections of ``[lo - M, hi + M)`` with ``M``
+from :func:`context_margin_ms`, the owned matches are exactly those of a run over all
+detections: every detection that can change an owned pair's ranks, neighbours or
+assignment lies within the margin.
 
 Metrics (namespace ``cctview.matching``): counters ``candidate_pairs`` (each unordered
 candidate pair counted once, before threshold), ``distance_cells`` (cells computed),
-``block_compute_ms`` (worker time spent computing blocks' distances and neighbours,
-summed over workers: set against the wall time it shows what the runner itself costs),
-``blocks``, ``blocks_split``, ``matches_emitted``; distribution ``block_cells``
-(query x reference cells per block).
+``block_compute_ms`` (worker time spent computing blocks' distances and neighbours),
+``blocks``, ``blocks_split``, ``matches_emitted``, ``detections_batched`` (detections
+in), ``embedding_copies_shuffled`` (detection rows sent to blocks: divided by
+``detections_batched`` it is the copies of each embedding that cross the shuffle),
+``shuffled_bytes`` (bytes of block parts and partials sent to a ``GroupByKey``);
+distribution ``block_cells`` (query x reference cells per camera pair and block).
 
 Streaming note: blocks are keyed explicitly in the GlobalWindow and a block needs
 references up to ``hi`` after its end, which is fine in batch (all inputs are bounded
@@ -64,24 +75,23 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional, Sequence
+from typing import Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.coders import coders
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import (GlobalWindows, IntervalWindow,
-                                           NonMergingWindowFn, TimestampedValue)
+from apache_beam.transforms.window import GlobalWindows, TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import match_blocks as mb
 from transforms.detections_io import DetectionColumns
 
+__all__ = ["MatchDetections", "block_ms_of", "context_margin_ms"]
+
 NAMESPACE = "cctview.matching"
 # Detections of one camera and block travel together, up to this many per element.
 DEFAULT_MAX_BATCH = 2048
-QUERY, REF = 0, 1
 
 
 def block_ms_of(policy: str, window_ms: int, bands: mb.CandidateBands,
@@ -97,63 +107,24 @@ def block_ms_of(policy: str, window_ms: int, bands: mb.CandidateBands,
     return window_ms * max(1, math.ceil(2 * bands.max_width_ms() / window_ms))
 
 
-class MatchBlockWindows(NonMergingWindowFn):
-    """Fixed windows of ``window_ms`` for block elements ``((q_cam, r_cam), (role, batch))``.
+def context_margin_ms(policy: str, bands: mb.CandidateBands, window_ms: int) -> int:
+    """How far beyond an owned time range the detections that decide its matches lie.
 
-    The WindowFn form of the blocks :class:`MatchDetections` keys explicitly (same
-    reach): ``batch`` is a :class:`transforms.match_blocks.Batch`: detections of one
-    camera in one fixed window. ``role == QUERY``: the batch's own fixed window
-    ``[kW, (k+1)W)`` (what ``FixedWindows(window_s)`` gives its detections).
-    ``role == REF``: every fixed window whose reach contains one of the batch's
-    detections, the reach of window k for the pair being ``[kW + lo, (k+1)W + hi)`` for
-    each interval ``[lo, hi]`` of ``t_ref - t_query`` allowed by
-    ``bands.intervals(q_cam, r_cam)`` (see
-    :func:`transforms.match_blocks.reach_window_starts`): each reference detection is in
-    exactly the windows whose reach covers it, and its batch in their union.
-    """
-
-    def __init__(self, window_ms: int, bands: mb.CandidateBands):
-        self.window_ms = int(window_ms)
-        self.bands = bands
-
-    def assign(self, context):
-        (q_cam, r_cam), (role, batch) = context.element
-        if role == QUERY:
-            starts = [batch.window_start_ms]
-        else:
-            starts = mb.reach_window_starts(int(batch.ts[0]), self.window_ms,
-                                            self.bands.intervals(q_cam, r_cam),
-                                            t_max_ms=int(batch.ts[-1]))
-        w_us = self.window_ms * 1000
-        return [IntervalWindow(Timestamp(micros=s * 1000), Timestamp(micros=s * 1000 + w_us))
-                for s in starts]
-
-    def get_window_coder(self):
-        return coders.IntervalWindowCoder()
-
-    def __eq__(self, other):
-        return (type(self) is type(other) and self.window_ms == other.window_ms
-                and self.bands == other.bands)
-
-    def __hash__(self):
-        return hash((type(self).__name__, self.window_ms, self.bands))
-
-    def __repr__(self):
-        return "MatchBlockWindows(%d ms, %r)" % (self.window_ms, self.bands)
-
-
-def compact_embeddings(emb: np.ndarray) -> np.ndarray:
-    """float32 embeddings as float16 when float16 holds every value exactly (a lossless
-    halving of what is shuffled; the blocks compute in float32 either way)."""
-    if emb.dtype != np.float32 or not emb.size:
-        return emb
-    with np.errstate(over="ignore", invalid="ignore"):  # out of range: not exact anyway
-        half = emb.astype(np.float16)
-    return half if np.array_equal(half, emb) else emb
+    With ``R`` the largest ``|dt|`` of a candidate: ``all`` needs ``R`` (an owned A
+    detection's candidates and ranks); ``topk``/``mutual`` ``2R`` (the candidates of
+    those candidates decide B's ranks and nearest neighbours); ``assignment``
+    ``3R + 2W`` (``W`` = the window: the whole windows of the A detections that compete
+    for those B detections, wherever the range's edges fall, and their columns)."""
+    reach = bands.reach_ms()
+    if policy == "all":
+        return reach
+    if policy == "assignment":
+        return 3 * reach + 2 * window_ms
+    return 2 * reach
 
 
 class _BatchDetections(beam.DoFn):
-    """Detections -> (camera, encoded Batch) per (camera, block), buffered over a bundle.
+    """Detections -> encoded Batches per (camera, block), buffered over a bundle.
 
     Batches leave in their detections' window (re-windowed into the GlobalWindow right
     after, a few elements instead of every detection); a (camera, block) may leave as
@@ -164,6 +135,7 @@ class _BatchDetections(beam.DoFn):
     def __init__(self, block_ms: int, max_size: int):
         self.block_ms = int(block_ms)
         self.max_size = int(max_size)
+        self.detections = Metrics.counter(NAMESPACE, "detections_batched")
         self._buffers: dict = {}
 
     def start_bundle(self):
@@ -173,13 +145,10 @@ class _BatchDetections(beam.DoFn):
         if isinstance(det, DetectionColumns):
             yield from self._columns(det, window)
             return
-        emb = np.asarray(det["embedding"])
         ts = int(det["frame_ts_ms"])
         key = (window, str(det["camera_id"]), ts // self.block_ms)
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = self._buffers[key] = []
-        buf.append((str(det["detection_id"]), ts, emb.reshape(-1)))
+        buf = self._buffers.setdefault(key, [])
+        buf.append((str(det["detection_id"]), ts, np.asarray(det["embedding"]).reshape(-1)))
         if len(buf) >= self.max_size:
             del self._buffers[key]
             yield from self._emit(key, buf)
@@ -191,7 +160,8 @@ class _BatchDetections(beam.DoFn):
 
     def _emit(self, key, records):
         window, cam, k = key
-        yield from self._encoded(window, cam, mb.make_batches(k * self.block_ms, records, self.max_size))
+        yield from self._encoded(window, mb.make_batches(k * self.block_ms, records,
+                                                         self.max_size, cam))
 
     def _columns(self, cols: DetectionColumns, window):
         """A chunk of many detections: grouped by (camera, block) with numpy, no buffering
@@ -201,59 +171,59 @@ class _BatchDetections(beam.DoFn):
         cams, ks = cols.camera_id[groups], blocks[groups]
         edges = np.flatnonzero((cams[1:] != cams[:-1]) | (ks[1:] != ks[:-1])) + 1
         for rows in np.split(groups, edges):
-            yield from self._encoded(window, str(cols.camera_id[rows[0]]), mb.batches_from_arrays(
+            yield from self._encoded(window, mb.batches_from_arrays(
                 int(blocks[rows[0]]) * self.block_ms, cols.detection_id[rows],
-                cols.frame_ts_ms[rows], cols.embedding[rows], self.max_size))
+                cols.frame_ts_ms[rows], cols.embedding[rows], self.max_size,
+                str(cols.camera_id[rows[0]])))
 
-    @staticmethod
-    def _encoded(window, cam, batches):
+    def _encoded(self, window, batches):
         for batch in batches:
+            self.detections.inc(len(batch))
             batch = mb.Batch(batch.window_start_ms, batch.ids, batch.ts,
-                             compact_embeddings(batch.emb))
-            yield WindowedValue((cam, mb.encode_batch(batch)),
+                             mb.compact_embeddings(batch.emb), batch.camera_id)
+            yield WindowedValue(mb.encode_batch(batch),
                                 Timestamp(micros=int(batch.ts[0]) * 1000), (window,))
 
 
-class _KeyByBlock(beam.DoFn):
-    """(camera, encoded Batch) -> ((q_cam, r_cam, block_start_ms), (role, encoded Batch))
-    per block fed (batches travel as :func:`~transforms.match_blocks.encode_batch`
-    bytes). A reference part holds exactly the batch's detections in that block's reach.
-    """
+class _RouteToBlocks(beam.DoFn):
+    """Encoded Batch -> (block start, encoded Batch) once per block that needs any of
+    its detections; a reference part holds exactly the detections in that block's
+    reach."""
 
-    def __init__(self, bands: mb.CandidateBands, block_ms: int, cameras=None):
+    def __init__(self, bands: mb.CandidateBands, block_ms: int):
         self.bands = bands
         self.block_ms = int(block_ms)
-        self.cameras = None if cameras is None else frozenset(cameras)
+        self.copies = Metrics.counter(NAMESPACE, "embedding_copies_shuffled")
+        self.bytes = Metrics.counter(NAMESPACE, "shuffled_bytes")
 
-    def process(self, cam_batch, cameras=()):
-        cam, data = cam_batch
-        if self.cameras is not None:
-            if cam not in self.cameras:
-                raise ValueError("camera %r is not among the cameras MatchDetections was "
-                                 "given" % (cam,))
-            cameras = self.cameras
+    def process(self, data):
         batch = mb.decode_batch(data)
-        for other in self.bands.partners(cam, cameras):
-            if cam < other:
-                yield (cam, other, batch.window_start_ms), (QUERY, data)
-                continue
-            iv = self.bands.intervals(other, cam)
+        cam, own = batch.camera_id, batch.window_start_ms
+        targets: dict = {}  # block start -> rows needed there (None: all)
+        if self.bands.has_later_partner(cam):
+            targets[own] = None
+        iv = self.bands.reference_intervals(cam)
+        if len(iv):
             for start in mb.reach_window_starts(int(batch.ts[0]), self.block_ms, iv,
                                                 t_max_ms=int(batch.ts[-1])):
-                keep = mb.in_reach(batch.ts, start, self.block_ms, iv)
-                if keep.all():
-                    part = data
-                else:
-                    if not keep.any():
-                        continue
-                    part = mb.encode_batch(mb.Batch(batch.window_start_ms, batch.ids[keep],
-                                                    batch.ts[keep], batch.emb[keep]))
-                yield (other, cam, start), (REF, part)
+                if start in targets and targets[start] is None:
+                    continue
+                targets[start] = mb.in_reach(batch.ts, start, self.block_ms, iv)
+        for start, keep in sorted(targets.items()):
+            if keep is None or keep.all():
+                part, rows = data, len(batch)
+            elif keep.any():
+                part, rows = mb.encode_batch(batch.take(keep)), int(keep.sum())
+            else:
+                continue
+            self.copies.inc(rows)
+            self.bytes.inc(len(part))
+            yield start, part
 
 
 class _ComputeBlock(beam.DoFn):
-    """A (query Side, reference Side) block -> Match dicts (main output) and, for
-    ``topk``/``mutual``, tagged ``partials``: ((cam_a, cam_b, block of the B
+    """A (query Side, reference Side) camera pair of a block -> Match dicts (main output)
+    and, for ``topk``/``mutual``, tagged ``partials``: ((cam_a, cam_b, block of the B
     detections), :class:`~transforms.match_blocks.Partial`) for ``MergeNeighbours``."""
 
     def __init__(self, bands, policy, metric, threshold, top_k, window_ms, block_ms):
@@ -267,13 +237,14 @@ class _ComputeBlock(beam.DoFn):
         self.candidate_pairs = Metrics.counter(NAMESPACE, "candidate_pairs")
         self.distance_cells = Metrics.counter(NAMESPACE, "distance_cells")
         self.compute_ms = Metrics.counter(NAMESPACE, "block_compute_ms")
+        self.bytes = Metrics.counter(NAMESPACE, "shuffled_bytes")
         self._workspace = None
 
     def setup(self):
         self._workspace = mb.Workspace()
 
-    def process(self, block):
-        yield from self.compute(*block)
+    def process(self, pair):
+        yield from self.compute(*pair)
 
     def compute(self, q, r):
         iv = self.bands.intervals(q.camera_id, r.camera_id)
@@ -306,16 +277,22 @@ class _ComputeBlock(beam.DoFn):
         groups = partial.ts_b // self.block_ms
         for g in np.unique(groups).tolist():
             part = partial if groups[0] == groups[-1] == g else partial.take(groups == g)
+            self.bytes.inc(sum(a.nbytes for a in part))
             yield beam.pvalue.TaggedOutput(
                 "partials", ((q.camera_id, r.camera_id, g * self.block_ms), part))
 
 
-class _BuildAndComputeBlocks(_ComputeBlock):
-    """(q_cam, r_cam, start), [(role, encoded Batch)] -> the block's results (as
-    :class:`_ComputeBlock`), its Sides built in this worker's reused workspace.
+def _copied(side: mb.Side) -> mb.Side:
+    return mb.Side(side.camera_id, side.ids.copy(), side.ts.copy(), side.emb.copy())
 
-    A block above ``max_cells`` query x reference cells is split into query chunks
-    instead, emitted (on fresh arrays) to the tagged output ``split`` to be reshuffled.
+
+class _ComputeBlocks(_ComputeBlock):
+    """(block start, [encoded Batch]) -> the results of every camera pair of the block
+    (as :class:`_ComputeBlock`), its Sides in this worker's reused workspace.
+
+    A camera pair above ``max_cells`` query x reference cells is split into query
+    chunks instead, emitted (on fresh arrays) to the tagged output ``split`` to be
+    reshuffled.
     """
 
     def __init__(self, bands, policy, metric, threshold, top_k, window_ms, block_ms,
@@ -327,31 +304,56 @@ class _BuildAndComputeBlocks(_ComputeBlock):
         self.block_cells = Metrics.distribution(NAMESPACE, "block_cells")
 
     def process(self, element):
-        (q_cam, r_cam, _), values = element
-        qs, rs = [], []
-        for role, data in values:
-            (qs if role == QUERY else rs).append(mb.decode_batch(data))
-        nq, nr = sum(len(b) for b in qs), sum(len(b) for b in rs)
-        if not nq or not nr:
-            return
-        self.blocks.inc()
-        self.block_cells.update(nq * nr)
-        if nq * nr > self.max_cells:
-            q = mb.side_from_batches(q_cam, qs, self.metric)
-            r = mb.side_from_batches(r_cam, rs, self.metric)
-            parts = mb.split_block(q, r, self.bands.intervals(q_cam, r_cam), self.max_cells)
-            if len(parts) > 1:
-                self.blocks_split.inc()
-                for part in parts:
-                    yield beam.pvalue.TaggedOutput("split", part)
-                return
-        else:
-            if self._workspace is None:
-                self._workspace = mb.Workspace()
-            ws = self._workspace
-            q = mb.side_from_batches(q_cam, qs, self.metric, workspace=ws, name="q")
-            r = mb.side_from_batches(r_cam, rs, self.metric, workspace=ws, name="r")
-        yield from self.compute(q, r)
+        start, parts = element
+        if self._workspace is None:
+            self._workspace = mb.Workspace()
+        for q, r in self._pairs(int(start), [mb.decode_batch(p) for p in parts]):
+            self.blocks.inc()
+            self.block_cells.update(len(q) * len(r))
+            if len(q) * len(r) > self.max_cells:
+                split = mb.split_block(q, r, self.bands.intervals(q.camera_id, r.camera_id),
+                                       self.max_cells)
+                if len(split) > 1:
+                    self.blocks_split.inc()
+                    for sq, sr in split:
+                        yield beam.pvalue.TaggedOutput("split", (_copied(sq), _copied(sr)))
+                    continue
+            yield from self.compute(q, r)
+
+    def _pairs(self, start: int, batches):
+        """(queries of camera A in the block, references of camera B in their reach) for
+        every camera pair A < B of the block that has candidates.
+
+        Sides are built pair by pair in two workspace arrays ("q", kept while A's pairs
+        are computed, and "r"): a block's float32 memory is two cameras' parts, however
+        many cameras it holds (the batches themselves stay as received, float16 when
+        exact)."""
+        by_camera: dict = {}
+        for batch in batches:
+            if len(batch):
+                by_camera.setdefault(batch.camera_id, []).append(batch)
+        cameras = sorted(by_camera)
+        for i, qc in enumerate(cameras):
+            q_keep = [(b.ts >= start) & (b.ts < start + self.block_ms) for b in by_camera[qc]]
+            q = None
+            for rc in cameras[i + 1:]:
+                iv = self.bands.intervals(qc, rc)
+                if not len(iv):
+                    continue
+                r_keep = [mb.in_reach(b.ts, start, self.block_ms, iv) for b in by_camera[rc]]
+                if q is None:
+                    q = self._side(qc, by_camera[qc], q_keep, "q")
+                if not len(q):
+                    break
+                r = self._side(rc, by_camera[rc], r_keep, "r")
+                if len(r):
+                    yield q, r
+
+    def _side(self, camera: str, batches, keep, name: str) -> mb.Side:
+        rows = sum(int(k.sum()) for k in keep)
+        dim = int(np.asarray(batches[0].emb).reshape(len(batches[0]), -1).shape[1])
+        out = self._workspace.get(name, (rows, dim)) if rows else None
+        return mb.side_from_batches(camera, batches, self.metric, keep=keep, out=out)
 
 
 class _MergeNeighbours(beam.DoFn):
@@ -364,11 +366,6 @@ class _MergeNeighbours(beam.DoFn):
         (cam_a, cam_b, _), partials = element
         yield from mb.merge_partials(cam_a, cam_b, list(partials), self.policy, self.top_k,
                                      self.window_ms)
-
-
-def _stamped(m: dict):
-    """A Match with the event timestamp of its camera-A detection."""
-    return TimestampedValue(m, Timestamp(micros=m["frame_ts_a_ms"] * 1000))
 
 
 class _LowestAssignment(beam.CombineFn):
@@ -394,13 +391,20 @@ class _LowestAssignment(beam.CombineFn):
 
 
 class _CountMatches(beam.DoFn):
-    def __init__(self):
+    """Emits the owned matches, timestamped with their camera-A detection's time."""
+
+    def __init__(self, owned_ms: Optional[Tuple[int, int]]):
+        self.owned_ms = owned_ms
         self.matches = Metrics.counter(NAMESPACE, "matches_emitted")
 
     def process(self, m):
-        if m is not None:
-            self.matches.inc()
-            yield _stamped(m)
+        if m is None:
+            return
+        ts = m["frame_ts_a_ms"]
+        if self.owned_ms is not None and not self.owned_ms[0] <= ts < self.owned_ms[1]:
+            return
+        self.matches.inc()
+        yield TimestampedValue(m, Timestamp(micros=ts * 1000))
 
 
 class MatchDetections(beam.PTransform):
@@ -417,20 +421,18 @@ class MatchDetections(beam.PTransform):
         these windows).
       threshold: keep pairs with ``distance <= threshold``; None = no threshold.
       top_k: neighbours per detection and other camera for ``topk``.
-      links: None, a list of links.json objects, or a path/URI of a links.json file:
-        only linked camera pairs, only inside the links' dt bands.
-      max_candidates_per_block: blocks with more query x reference cells are split into
-        query chunks that are reshuffled across workers (see ``assignment`` for its
-        effect there; none on the other policies).
+      links: None or a list of links.json objects (validated, e.g. by
+        :func:`transforms.links.load_links`): only linked camera pairs, only inside the
+        links' dt bands.
+      max_candidates_per_block: a camera pair of a block with more query x reference
+        cells is split into query chunks that are reshuffled across workers (see
+        ``assignment`` for its effect there; none on the other policies).
       block_s: span of the blocks of ``all``/``topk``/``mutual`` (a performance knob
         with no effect on results); None: the smallest multiple of ``window_s`` that
         covers the widest candidate band.
-      cameras: every camera id of the input, when known before the job runs (e.g.
-        from the files' ``camera_id`` columns); None: found from the data. Without
-        links, batches are paired with every other camera, and finding the cameras from
-        the data makes the runner hold every batch until all are known (one more full
-        copy of the embeddings between stages). A detection of a camera not listed
-        fails the job: its pairs would otherwise be lost silently.
+      owned_ms: ``(lo, hi)`` epoch ms: emit only the matches whose camera-A detection
+        has ``lo <= ts < hi`` (see the module docstring: one time chunk of a longer
+        run); None: every match.
 
     Output elements are in the GlobalWindow, timestamped with ``frame_ts_a_ms``.
 
@@ -439,9 +441,9 @@ class MatchDetections(beam.PTransform):
     all); other keys are ignored. They may also be
     :class:`~transforms.detections_io.DetectionColumns` chunks (``ReadDetections(...,
     as_columns=True)``): the same detections as arrays, which skips building a Python
-    object per detection between Parquet and the blocks. Event timestamps are (re)assigned from
-    ``frame_ts_ms``; any input windowing is discarded. The full semantics are in
-    :mod:`transforms.match_blocks`.
+    object per detection between Parquet and the blocks. Event timestamps are
+    (re)assigned from ``frame_ts_ms``; any input windowing is discarded. The full
+    semantics are in :mod:`transforms.match_blocks`.
     """
 
     # Callers that read stored detections may hand DetectionColumns chunks (see above).
@@ -452,12 +454,9 @@ class MatchDetections(beam.PTransform):
                  threshold: Optional[float] = None, top_k: int = 1, links=None,
                  max_candidates_per_block: int = mb.DEFAULT_MAX_CANDIDATES_PER_BLOCK,
                  label: Optional[str] = None, block_s: Optional[float] = None,
-                 cameras: Optional[Sequence[str]] = None):
+                 owned_ms: Optional[Tuple[int, int]] = None):
         super().__init__(label)
         mb.check_params(policy, metric, top_k, threshold)
-        if isinstance(links, str) or hasattr(links, "__fspath__"):
-            from transforms.links import load_links
-            links = load_links(links)
         if int(max_candidates_per_block) < 1:
             raise ValueError("max_candidates_per_block must be >= 1")
         self.policy = policy
@@ -469,44 +468,37 @@ class MatchDetections(beam.PTransform):
         self.block_ms = block_ms_of(policy, self.window_ms, self.bands, block_s)
         self.max_cells = int(max_candidates_per_block)
         self.max_batch = DEFAULT_MAX_BATCH
-        self.cameras = None if cameras is None else sorted({str(c) for c in cameras})
+        self.owned_ms = None if owned_ms is None else (int(owned_ms[0]), int(owned_ms[1]))
 
     def expand(self, detections):
         p = self.policy
-        batches = (detections
-                   | "BatchDetections" >> beam.ParDo(
-                       _BatchDetections(self.block_ms, self.max_batch))
-                   | "InGlobalWindow" >> beam.WindowInto(GlobalWindows()))
-        if self.bands.linked or self.cameras is not None:
-            keyed = batches | "KeyByBlock" >> beam.ParDo(
-                _KeyByBlock(self.bands, self.block_ms, self.cameras))
-        else:
-            cameras = (batches
-                       | "CameraIds" >> beam.Keys()
-                       | "DistinctCameras" >> beam.Distinct())
-            keyed = batches | "KeyByBlock" >> beam.ParDo(
-                _KeyByBlock(self.bands, self.block_ms), cameras=beam.pvalue.AsList(cameras))
+        keyed = (detections
+                 | "BatchDetections" >> beam.ParDo(
+                     _BatchDetections(self.block_ms, self.max_batch))
+                 | "InGlobalWindow" >> beam.WindowInto(GlobalWindows())
+                 | "RouteToBlocks" >> beam.ParDo(_RouteToBlocks(self.bands, self.block_ms)))
         compute = dict(bands=self.bands, policy=p, metric=self.metric,
                        threshold=self.threshold, top_k=self.top_k, window_ms=self.window_ms,
                        block_ms=self.block_ms)
         whole = (keyed
                  | "GroupBlocks" >> beam.GroupByKey()
                  | "ComputeBlocks" >> beam.ParDo(
-                     _BuildAndComputeBlocks(max_cells=self.max_cells, **compute)).with_outputs(
+                     _ComputeBlocks(max_cells=self.max_cells, **compute)).with_outputs(
                          "split", "partials", main="matches"))
         split = (whole.split
                  | "SpreadSplitBlocks" >> beam.Reshuffle()
                  | "ComputeSplitBlocks" >> beam.ParDo(_ComputeBlock(**compute)).with_outputs(
                      "partials", main="matches"))
         matches = (whole.matches, split.matches) | "FlattenBlocks" >> beam.Flatten()
+        count = _CountMatches(self.owned_ms)
         if p == "assignment":
             return (matches
                     | "KeyByDetectionB" >> beam.WithKeys(mb.assignment_key)
                     | "LowestPerDetectionB" >> beam.CombinePerKey(_LowestAssignment())
                     | "DropKeys" >> beam.Values()
-                    | "CountMatches" >> beam.ParDo(_CountMatches()))
+                    | "CountMatches" >> beam.ParDo(count))
         if p == "all":
-            return matches | "CountMatches" >> beam.ParDo(_CountMatches())
+            return matches | "CountMatches" >> beam.ParDo(count)
         merged = ((whole.partials, split.partials)
                   | "FlattenPartials" >> beam.Flatten()
                   | "GroupNeighbours" >> beam.GroupByKey()
@@ -514,4 +506,4 @@ class MatchDetections(beam.PTransform):
                       _MergeNeighbours(p, self.top_k, self.window_ms)))
         return ((matches, merged)
                 | "FlattenMatches" >> beam.Flatten()
-                | "CountMatches" >> beam.ParDo(_CountMatches()))
+                | "CountMatches" >> beam.ParDo(count))

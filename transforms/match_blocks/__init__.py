@@ -29,6 +29,11 @@ Distance
     products, tile by tile (at most ``q_tile x r_tile`` cells at a time), so memory is
     bounded by the tile size, never by the window or the data set. Embeddings are cast
     to float32 (float16 inputs are fine). A non-finite distance is never a match.
+    ``topk``/``mutual`` then recompute the distances of the cells that can be selected
+    (each line's nearest) in float64 from the float32 embeddings
+    (:func:`~transforms.match_blocks.kernels.exact_distances`): their ranks and the
+    reported distances do not depend on how the work was tiled or chunked (a matrix
+    product's last bit does). ``all``/``assignment`` report the tiled values.
     ``threshold`` (None = no threshold) keeps ``float32(distance) <= float32(threshold)``.
 
 Order and ties
@@ -87,10 +92,11 @@ from transforms.match_blocks.kernels import (DEFAULT_Q_TILE, DEFAULT_R_TILE,
                                              prepare_embeddings, row_norms, Prepared,
                                              prepare_side, finite_block, tile_buffer,
                                              Workspace, raw_distances, finish_distances,
-                                             pair_distances)
+                                             exact_distances, pair_distances)
 from transforms.match_blocks.wire import (Batch, encode_batch, decode_batch, make_batches,
-                                          batches_from_arrays, sorted_by_ts_id)
-from transforms.match_blocks.sides import (Side, make_side, side_from_batches, id_ranks)
+                                          batches_from_arrays, sorted_by_ts_id,
+                                          compact_embeddings)
+from transforms.match_blocks.sides import Side, id_ranks, make_side, side_from_batches
 from transforms.match_blocks.records import (make_match, assignment_key, assignment_order,
                                              match_sort_key)
 from transforms.match_blocks.scan import (ChunkResult, scan_block, ranks_within_groups,

@@ -156,6 +156,27 @@ class CandidateBands:
         return max((int(iv[:, 1].max() - iv[:, 0].min()) for iv in self._pairs.values()),
                    default=0)
 
+    def has_later_partner(self, cam: str) -> bool:
+        """Whether ``cam`` can be the camera-A (query) side of a pair: without links any
+        camera can (the partners are whatever cameras the data has); with links, when a
+        link names a camera that sorts after it."""
+        return self._pairs is None or any(a == cam for a, _ in self._pairs)
+
+    def reference_intervals(self, cam: str) -> np.ndarray:
+        """The candidate intervals of ``t_cam - t_q`` over every camera ``q < cam`` that
+        ``cam`` can be the reference (camera-B) side for, as one (m, 2) array (their
+        union is where ``cam``'s detections are needed as references)."""
+        if self._pairs is None:
+            return self._default
+        parts = [iv for (a, b), iv in self._pairs.items() if b == cam]
+        return np.concatenate(parts) if parts else self._empty
+
+    def reach_ms(self) -> int:
+        """The largest ``|dt|`` any candidate can have (ms)."""
+        if self._pairs is None:
+            return self.max_gap_ms
+        return max((int(np.abs(iv).max()) for iv in self._pairs.values()), default=0)
+
     def partners(self, cam: str, cameras: Iterable[str] = ()) -> list:
         """The cameras ``cam`` can have candidates in (sorted)."""
         if self._pairs is None:

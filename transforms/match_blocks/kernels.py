@@ -11,7 +11,7 @@ import numpy as np
 # Distance tiles: 1024 x 4096 cells = 16 MiB of float32 per buffer.
 __all__ = ["DEFAULT_Q_TILE", "DEFAULT_R_TILE", "prepare_embeddings", "row_norms",
            "Prepared", "prepare_side", "finite_block", "tile_buffer", "Workspace",
-           "raw_distances", "finish_distances", "pair_distances"]
+           "raw_distances", "finish_distances", "exact_distances", "pair_distances"]
 
 
 DEFAULT_Q_TILE = 1024
@@ -127,6 +127,27 @@ def finish_distances(x: np.ndarray, metric: str) -> np.ndarray:
         np.maximum(x, np.float32(0.0), out=x)
         np.sqrt(x, out=x)
     return x
+
+
+def exact_distances(q: np.ndarray, r: np.ndarray, metric: str, rows: int = 4096) -> np.ndarray:
+    """Distances of the row pairs ``(q[i], r[i])`` of two prepared float32 arrays,
+    computed in float64 and returned as float32 (non-finite -> +inf).
+
+    The same two embeddings give the same value wherever they are compared: a cell of a
+    matrix product can differ in its last bit with the shape of the tile it is computed
+    in, which depends on which other detections a job holds (a time chunk of a period,
+    a backfill partition). ``rows`` bounds the float64 temporaries."""
+    out = np.empty(len(q), np.float32)
+    for i in range(0, len(q), rows):
+        a, b = q[i:i + rows].astype(np.float64), r[i:i + rows].astype(np.float64)
+        if metric == "cosine":
+            d = np.clip(1.0 - np.einsum("ij,ij->i", a, b), 0.0, 2.0)
+        else:
+            a -= b
+            d = np.sqrt(np.einsum("ij,ij->i", a, a))
+        out[i:i + rows] = d
+    out[~np.isfinite(out)] = np.inf
+    return out
 
 
 def pair_distances(q: np.ndarray, r: np.ndarray, metric: str) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 
 from transforms.match_blocks.bands import dt_intervals
 from transforms.match_blocks.kernels import (DEFAULT_Q_TILE, DEFAULT_R_TILE, Workspace,
-                                            finish_distances, finite_block, prepare_side,
+                                            exact_distances, finite_block, prepare_side,
                                             raw_distances, tile_buffer)
 from transforms.match_blocks.records import make_match
 from transforms.match_blocks.scan import ranks_within_groups
@@ -178,7 +178,7 @@ def neighbour_block(q: Side, r: Side, intervals: np.ndarray, metric: str, thresh
             _mask_outside(x, s_t.T.tolist(), e_t.T.tolist())
             for axis, (aq, ar, ad) in ((1, (tq, tr, td)), (0, (cols_q, cols_r, cols_d))):
                 ri, cj = _near_cells(x, k, axis, metric, mask_buf)
-                dv = finish_distances(x[ri, cj], metric)
+                dv = exact_distances(q.emb[ri + i0], r.emb[cj + jj0], metric)
                 if thr is not None:  # eligible cells are a prefix of each line's order
                     ok = dv <= thr
                     ri, cj, dv = ri[ok], cj[ok], dv[ok]

@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from transforms.match_blocks.kernels import Workspace, prepare_embeddings
+from transforms.match_blocks.kernels import prepare_embeddings
 from transforms.match_blocks.wire import Batch, sorted_by_ts_id
 
 __all__ = ["Side", "make_side", "side_from_batches", "id_ranks"]
@@ -44,17 +44,16 @@ def make_side(camera_id: str, ids: Sequence[str], ts: Sequence[int], emb, metric
 
 def side_from_batches(camera_id: str, batches: Sequence[Batch], metric: str,
                       keep: Optional[Sequence[np.ndarray]] = None,
-                      workspace: Optional["Workspace"] = None, name: str = "side") -> Side:
+                      out: Optional[np.ndarray] = None) -> Side:
     """Concatenates batches (optionally only the ``keep`` masks' rows) into a Side.
 
     The embeddings are converted to float32 once, straight into the Side's array (a
-    float16 batch is never copied as float32 first; with a ``workspace``, into its
-    array ``name``, reused by the next block), and reordered only when the batches are
-    not already in (ts, id) order.
+    float16 batch is never copied as float32 first; with ``out``, a float32 array of
+    exactly the rows' shape, into it), and reordered only when the batches are not
+    already in (ts, id) order.
     """
     if keep is not None:
-        batches = [Batch(b.window_start_ms, b.ids[k], b.ts[k], b.emb[k])
-                   for b, k in zip(batches, keep)]
+        batches = [b.take(k) for b, k in zip(batches, keep)]
     batches = [b for b in batches if len(b)]
     if not batches:
         return make_side(camera_id, [], [], np.zeros((0, 0), np.float32), metric)
@@ -66,13 +65,12 @@ def side_from_batches(camera_id: str, batches: Sequence[Batch], metric: str,
     if len({e.shape[1] for e in embs}) > 1:
         raise ValueError("embedding dimensions differ within camera %s" % (camera_id,))
     shape = (len(ids), embs[0].shape[1])
-    emb = np.empty(shape, np.float32) if workspace is None else workspace.get(name, shape)
+    emb = np.empty(shape, np.float32) if out is None else out
     np.concatenate(embs, out=emb, casting="same_kind")
     if len(ids) > 1 and not sorted_by_ts_id(ts, ids):
         order = np.lexsort((ids, ts))
         ids, ts, emb = ids[order], ts[order], emb[order]
     return Side(str(camera_id), ids, ts, prepare_embeddings(emb, metric))
-
 
 
 def id_ranks(ids: np.ndarray) -> np.ndarray:

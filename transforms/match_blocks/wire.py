@@ -1,4 +1,10 @@
-"""The wire format of detections between Beam stages: :class:`Batch` as plain bytes."""
+"""The wire format of detections between Beam stages: :class:`Batch` as plain bytes.
+
+A Batch is detections of one camera in one block of event time. On the wire it is
+plain bytes (Beam's coders copy them as they are: no pickled numpy arrays), ids as
+UTF-8, embeddings float16 when the values allow it exactly (:func:`compact_embeddings`),
+and arrays that decode as views of the received bytes (no copy on the receiving side).
+"""
 from __future__ import annotations
 
 import struct
@@ -7,11 +13,11 @@ from typing import Iterable, NamedTuple
 import numpy as np
 
 __all__ = ["Batch", "encode_batch", "decode_batch", "make_batches", "batches_from_arrays",
-           "sorted_by_ts_id"]
+           "sorted_by_ts_id", "compact_embeddings"]
 
 
 class Batch(NamedTuple):
-    """Detections of one camera in one fixed window (what the Beam transform shuffles).
+    """Detections of one camera in one block (what the Beam transform shuffles).
 
     ``emb`` is raw (float16 or float32, not normalised); ``ts`` and ``ids`` are sorted
     by (ts, id).
@@ -20,16 +26,18 @@ class Batch(NamedTuple):
     ids: np.ndarray
     ts: np.ndarray
     emb: np.ndarray
+    camera_id: str = ""
 
     def __len__(self):
         return len(self.ids)
 
+    def take(self, sel) -> "Batch":
+        return Batch(self.window_start_ms, self.ids[sel], self.ts[sel], self.emb[sel],
+                     self.camera_id)
 
-# Wire format of a Batch between Beam stages (``encode_batch``/``decode_batch``): plain
-# bytes, which Beam's coders copy as they are (no pickling of numpy arrays), ids as UTF-8
-# (not 4 bytes a character), and arrays that decode as views of the received bytes.
-_BATCH_HEADER = struct.Struct("<4sqqqq")  # magic, window start, rows, dim, dtype code
-_BATCH_MAGIC = b"CVB1"
+
+_BATCH_HEADER = struct.Struct("<4sqqqqq")  # magic, block start, rows, dim, dtype, camera len
+_BATCH_MAGIC = b"CVB2"
 _BATCH_DTYPES = {1: np.dtype("<f2"), 2: np.dtype("<f4")}
 
 
@@ -49,17 +57,22 @@ def encode_batch(batch: Batch) -> bytes:
     lens = np.fromiter((len(i) for i in ids), dtype="<i8", count=n)
     blob = b"".join(ids)
     ts = np.ascontiguousarray(batch.ts, dtype="<i8")
-    header = _BATCH_HEADER.pack(_BATCH_MAGIC, int(batch.window_start_ms), n, emb.shape[1], code)
-    return b"".join((header, lens.data, ts.data, blob, b"\0" * _pad8(len(blob)), emb.data))
+    camera = str(batch.camera_id).encode("utf-8")
+    header = _BATCH_HEADER.pack(_BATCH_MAGIC, int(batch.window_start_ms), n, emb.shape[1], code,
+                                len(camera))
+    return b"".join((header, camera, b"\0" * _pad8(len(camera)), lens.data, ts.data, blob,
+                     b"\0" * _pad8(len(blob)), emb.data))
 
 
 def decode_batch(data: bytes) -> Batch:
     """:func:`encode_batch`'s bytes -> a :class:`Batch` whose ``ts`` and ``emb`` are
     read-only views of ``data``."""
-    magic, start, n, dim, code = _BATCH_HEADER.unpack_from(data, 0)
+    magic, start, n, dim, code, camera_len = _BATCH_HEADER.unpack_from(data, 0)
     if magic != _BATCH_MAGIC:
         raise ValueError("not an encoded Batch")
     off = _BATCH_HEADER.size
+    camera = bytes(data[off:off + camera_len]).decode("utf-8")
+    off += camera_len + _pad8(camera_len)
     lens = np.frombuffer(data, dtype="<i8", count=n, offset=off)
     off += 8 * n
     ts = np.frombuffer(data, dtype="<i8", count=n, offset=off)
@@ -74,11 +87,12 @@ def decode_batch(data: bytes) -> Batch:
     off += blob_len + _pad8(blob_len)
     emb = np.frombuffer(data, dtype=_BATCH_DTYPES[code], count=n * dim, offset=off)
     return Batch(int(start), np.asarray(ids, dtype=str), ts.astype(np.int64, copy=False),
-                 emb.reshape(n, dim))
+                 emb.reshape(n, dim), camera)
 
 
-def make_batches(window_start_ms: int, records: Iterable[tuple], max_size: int) -> list:
-    """``(detection_id, ts_ms, embedding)`` tuples of one window -> Batches of at most
+def make_batches(window_start_ms: int, records: Iterable[tuple], max_size: int,
+                 camera_id: str = "") -> list:
+    """``(detection_id, ts_ms, embedding)`` tuples of one block -> Batches of at most
     ``max_size`` detections each, in (ts, id) order."""
     records = list(records)
     if not records:
@@ -86,12 +100,12 @@ def make_batches(window_start_ms: int, records: Iterable[tuple], max_size: int) 
     return batches_from_arrays(
         window_start_ms, np.asarray([str(r[0]) for r in records], dtype=str),
         np.asarray([r[1] for r in records], dtype=np.int64),
-        np.stack([np.asarray(r[2]).reshape(-1) for r in records]), max_size)
+        np.stack([np.asarray(r[2]).reshape(-1) for r in records]), max_size, camera_id)
 
 
 def batches_from_arrays(window_start_ms: int, ids: np.ndarray, ts: np.ndarray, emb: np.ndarray,
-                        max_size: int) -> list:
-    """Detections of one window as arrays -> Batches of at most ``max_size`` detections
+                        max_size: int, camera_id: str = "") -> list:
+    """Detections of one block as arrays -> Batches of at most ``max_size`` detections
     each, in (ts, id) order; embeddings other than float16/float32 become float32."""
     if emb.dtype not in (np.float16, np.float32):
         emb = emb.astype(np.float32)
@@ -99,7 +113,19 @@ def batches_from_arrays(window_start_ms: int, ids: np.ndarray, ts: np.ndarray, e
         order = np.lexsort((ids, ts))
         ids, ts, emb = ids[order], ts[order], emb[order]
     return [Batch(int(window_start_ms), ids[i:i + max_size], ts[i:i + max_size].astype(np.int64),
-                  emb[i:i + max_size]) for i in range(0, len(ids), max_size)]
+                  emb[i:i + max_size], str(camera_id)) for i in range(0, len(ids), max_size)]
+
+
+def compact_embeddings(emb: np.ndarray) -> np.ndarray:
+    """float32 embeddings as float16 when float16 holds every value exactly (a lossless
+    halving of what is shuffled; the blocks compute in float32 either way)."""
+    if emb.dtype != np.float32 or not emb.size:
+        return emb
+    with np.errstate(over="ignore", invalid="ignore"):  # out of range: not exact anyway
+        half = emb.astype(np.float16)
+    return half if np.array_equal(half, emb) else emb
+
+
 
 def sorted_by_ts_id(ts: np.ndarray, ids: np.ndarray) -> bool:
     """Whether rows are in (ts, id) order (ids unique)."""
