@@ -19,7 +19,7 @@ dead letters: the models run once per frame) and **matched**: the pairs whose
 camera-A detection lies in ``[s, e)`` (``frame_ts_a``, the owner rule of the
 ``matches`` table's partitioning) are computed from the *stored* detections of
 ``[s - M, e + M)``, clipped to ``[--start, --end)``. ``M`` is how far matching looks
-around a detection (:func:`context_margin_ms`): with ``R`` the largest ``|dt|`` a
+around a detection (:func:`margin_ms`): with ``R`` the largest ``|dt|`` a
 candidate may have (``--max-gap`` or the ``--links`` bands), ``all`` needs ``R``,
 ``topk``/``mutual`` ``2R`` (``b``'s own candidates decide whether it picks ``a``) and
 ``assignment`` ``3R + 2W`` (``W`` = ``--window``: the window's Hungarian problem plus
@@ -74,7 +74,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -175,31 +174,21 @@ def plan_partitions(start_ms: int, end_ms: int, chunk_ms: int) -> List[Partition
     return out
 
 
-def reach_ms(max_gap_s: float, links: Optional[Sequence[dict]]) -> int:
-    """The largest ``|dt|`` (ms) a candidate pair can have: ``--max-gap`` or the bands."""
-    if links is None:
-        return int(math.floor(float(max_gap_s) * 1000.0 + 1e-6))
-    reach = 0
-    for link in links:
-        lo = float(link["offset_s"]) - float(link["spread_s"])
-        hi = float(link["offset_s"]) + float(link["spread_s"])
-        reach = max(reach, int(math.ceil(max(abs(lo), abs(hi)) * 1000.0)))
-    return reach
+def margin_ms(policy: str, max_gap_s: float, links: Optional[Sequence[dict]],
+              window_ms: int) -> int:
+    """How far from ``[s, e)`` a partition's matching must see detections
+    (:func:`transforms.matching.context_margin_ms`, the rule every chunked matching
+    shares)."""
+    from transforms.match_blocks import CandidateBands
+    from transforms.matching import context_margin_ms
 
-
-def context_margin_ms(policy: str, reach: int, window_ms: int) -> int:
-    """How far from ``[s, e)`` a partition's matching must see detections (see above)."""
-    if policy == "all":
-        return reach
-    if policy in ("topk", "mutual"):
-        return 2 * reach
-    if policy == "assignment":
-        return 3 * reach + 2 * window_ms
-    # 'learned' fits its score to all the data of a job: per partition it would learn
-    # another model, and no margin makes that equal to one job over the range.
-    raise UsageError("backfill cannot split --policy %s by partition (only all, topk, "
-                     "mutual and assignment have a bounded reach); pass one of those, or "
-                     "match the backfill's detections with 'cctview match'" % policy)
+    if policy not in ("all", "topk", "mutual", "assignment"):
+        # 'learned' fits its score to all the data of a job: per partition it would learn
+        # another model, and no margin makes that equal to one job over the range.
+        raise UsageError("backfill cannot split --policy %s by partition (only all, topk, "
+                         "mutual and assignment have a bounded reach); pass one of those, "
+                         "or match the backfill's detections with 'cctview match'" % policy)
+    return context_margin_ms(policy, CandidateBands(max_gap_s, links), window_ms)
 
 
 def effective_policy(options) -> str:
@@ -542,8 +531,8 @@ class Backfill:
             with self.store.fs.open(matching.links) as handle:
                 links_digest = hashlib.sha256(handle.read()).hexdigest()
         policy = effective_policy(options)
-        self.margin_ms = context_margin_ms(
-            policy, reach_ms(candidates.max_gap, self.links), window_ms_of(candidates.window))
+        self.margin_ms = margin_ms(policy, candidates.max_gap, self.links,
+                                   window_ms_of(candidates.window))
         self.extract_settings = _settings(
             options, (FrameInputOptions, TimeZoneOptions, ModelOptions),
             {"input": [r.rstrip("/") for r in config.roots], "chunk_ms": config.chunk_ms})

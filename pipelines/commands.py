@@ -2,6 +2,7 @@
 import json
 import logging
 import sys
+import time
 from typing import Dict, List, Tuple
 
 import apache_beam as beam
@@ -21,8 +22,10 @@ from pipelines.options import (
     OutputOptions,
     TimeZoneOptions,
 )
+from transforms import parquet_io
 from transforms.cctview_import import ImportCCTView
-from transforms.detections_io import DetectionsSchemaError, ReadDetections, inspect_files, parquet_files
+from transforms.detections_io import (DetectionsSchemaError, FileSpan, ReadDetections, inspect_files,
+                                      parquet_files)
 from transforms.frames import DEAD_LETTER, ReadFrames
 from transforms.layout import FrameLayout, optional_range
 
@@ -33,7 +36,7 @@ SUMMARY_COUNTERS = (
     "frames_inference_failed", "inference_batches_retried_one_by_one",
     "frames_detection_limit_hit", "detections",
     "detections_read", "candidate_pairs", "distance_cells", "block_compute_ms", "blocks_split",
-    "matches_emitted",
+    "detections_batched", "embedding_copies_shuffled", "shuffled_bytes", "matches_emitted",
     "learned_matches", "learned_abstained", "cctview_rows", "cctview_files_dead_lettered",
 )
 
@@ -68,10 +71,10 @@ def _model_stage(options: PipelineOptions):
     return detect_stage(options.view_as(ModelOptions))
 
 
-def _match_stage(options: PipelineOptions, cameras=None):
+def _match_stage(options: PipelineOptions, owned_ms=None):
     from pipelines.stages import match_stage
 
-    return match_stage(options, cameras)
+    return match_stage(options, owned_ms)
 
 
 def _run(pipeline: beam.Pipeline) -> Dict[str, int]:
@@ -155,39 +158,105 @@ def extract(options: PipelineOptions) -> int:
     return _finish(options, pipeline, out.output, tables)
 
 
-def _detection_files(options: PipelineOptions, cameras: bool = False) -> Tuple[List[str], List[str]]:
-    """The --detections Parquet files, checked, and (with ``cameras``) their camera ids."""
+def _detection_spans(options: PipelineOptions, cameras: bool = False) -> List[FileSpan]:
+    """The --detections Parquet files, checked, with what their metadata says (row
+    groups, times, embedding size; with ``cameras``, their camera ids)."""
     paths = _require(options.view_as(DetectionInputOptions).detections, "--detections")
     files = parquet_files(paths)
     if not files:
         raise UsageError("no Parquet files in --detections %s" % " ".join(paths))
     try:
-        return files, inspect_files(files, cameras)
+        return inspect_files(files, options.view_as(TimeZoneOptions).timezone, cameras)
     except DetectionsSchemaError as exc:
         raise UsageError(str(exc))
 
 
-def _detection_source(options: PipelineOptions, files, as_columns: bool = False) -> ReadDetections:
-    return ReadDetections(files, options.view_as(TimeZoneOptions).timezone, as_columns=as_columns)
+def _detection_files(options: PipelineOptions, cameras: bool = False) -> Tuple[List[str], List[str]]:
+    """The --detections Parquet files, checked, and (with ``cameras``) their camera ids."""
+    spans = _detection_spans(options, cameras)
+    return [s.path for s in spans], sorted({c for s in spans for c in s.cameras})
+
+
+def _detection_source(options: PipelineOptions, files, as_columns: bool = False,
+                      time_range=None) -> ReadDetections:
+    return ReadDetections(files, options.view_as(TimeZoneOptions).timezone,
+                          as_columns=as_columns, time_range=time_range)
+
+
+def _chunk_plan(options: PipelineOptions, spans, margin_ms: int, align_ms: int,
+                copies: int = 1):
+    """The time chunks of a match or calibrate run (pipelines/chunks.py): one chunk on
+    Dataflow or with --chunk-mb 0, else chunks of --chunk-mb of embeddings, counting
+    ``copies`` per detection read (calibrate matches each with its shifted copy)."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    from pipelines.chunks import plan_chunks, rows_budget
+    from pipelines.options import DEFAULT_CHUNK_MB
+
+    chunk_mb = options.view_as(DetectionInputOptions).chunk_mb
+    if chunk_mb is None:
+        runner = str(options.view_as(StandardOptions).runner or "")
+        chunk_mb = 0 if "Dataflow" in runner else DEFAULT_CHUNK_MB
+    dim = max((s.dim for s in spans), default=0) or 2048  # variable lists: assume large
+    rows = rows_budget(chunk_mb * 2 ** 20, dim) // copies if chunk_mb else 0
+    return plan_chunks(spans, margin_ms, align_ms, rows)
+
+
+def _run_chunks(options: PipelineOptions, chunks, build, what: str) -> Dict[str, int]:
+    """Runs ``build(pipeline, chunk)`` for every chunk, one job each; summed counters.
+    A line on stderr per finished chunk when there are several."""
+    totals: Dict[str, int] = {}
+    started = time.time()
+    for chunk in chunks:
+        pipeline = beam.Pipeline(options=options)
+        build(pipeline, chunk)
+        for name, value in _run(pipeline).items():
+            totals[name] = totals.get(name, 0) + value
+        if len(chunks) > 1:
+            done = chunk.index + 1
+            elapsed = time.time() - started
+            print("%s: chunk %d/%d done (%d detections read), %.0f s, ETA %.0f s"
+                  % (what, done, len(chunks), chunk.rows, elapsed,
+                     elapsed / done * (len(chunks) - done)), file=sys.stderr)
+    return totals
 
 
 def match(options: PipelineOptions) -> int:
     """Stored detections -> cross-camera match pairs; no model runs."""
+    from pipelines.chunks import plan_chunks
+    from transforms.matching import MatchDetections, context_margin_ms
+
     out = options.view_as(OutputOptions)
-    # Camera ids matter only without links (every camera is then a partner); with links
-    # the partners come from the links, so the files' camera column is not read.
-    linked = bool(options.view_as(MatchOptions).links)
-    files, cameras = _detection_files(options, cameras=not linked)
-    matcher = _match_stage(options, None if linked else cameras)
-    # Matchers that take column chunks skip a Python object per detection; the learned
-    # one reads each detection's box and score.
-    source = _detection_source(options, files, getattr(matcher, "accepts_columns", False))
+    spans = _detection_spans(options)
+    matcher = _match_stage(options)
+    if isinstance(matcher, MatchDetections):
+        chunks = _chunk_plan(options, spans, context_margin_ms(
+            matcher.policy, matcher.bands, matcher.window_ms), matcher.block_ms)
+    else:  # the learned matcher trains on the whole period: one job
+        chunks = plan_chunks(spans, 0, 1, 0)
     tables = ["matches"]
     outputs.prepare(_require(out.output, "--output"), tables)
-    pipeline = beam.Pipeline(options=options)
-    matches = pipeline | "ReadDetections" >> source | "Match" >> matcher
-    _write_all({"matches": matches}, out.output, out.shards)
-    return _finish(options, pipeline, out.output, tables)
+    files = [s.path for s in spans]
+
+    def build(pipeline, chunk):
+        # Matchers that take column chunks skip a Python object per detection; the
+        # learned one reads each detection's box and score.
+        columns = getattr(matcher, "accepts_columns", False)
+        if chunk.owned_ms is None:
+            source, stage, prefix = _detection_source(options, files, columns), matcher, "part-"
+        else:
+            source = _detection_source(options, chunk.files, columns, chunk.read_ms)
+            stage, prefix = _match_stage(options, chunk.owned_ms), "part-c%04d-" % chunk.index
+        matches = pipeline | "ReadDetections" >> source | "Match" >> stage
+        outputs.write(matches, out.output, "matches", out.shards, file_prefix=prefix)
+
+    totals = _run_chunks(options, chunks, build, "match")
+    if _is_dry_run(options):
+        print("dry run: job built, nothing executed")
+        return 0
+    outputs.finish(out.output, tables)
+    _report(totals, out.output)
+    return 0
 
 
 def run(options: PipelineOptions) -> int:
@@ -219,38 +288,72 @@ def import_cctview(options: PipelineOptions) -> int:
 
 
 def calibrate(options: PipelineOptions) -> int:
-    """Stored detections -> links.json (camera links with transit-time offsets)."""
-    from transforms.calibration import CalibrateLinks
-    from transforms.links import write_links
+    """Stored detections -> links.json (camera links with transit-time offsets).
 
-    files, cameras = _detection_files(options, cameras=True)
-    source = _detection_source(options, files)
+    Each time chunk's job writes its camera pairs' dt lists (real and control) to a
+    part file beside the target; the driver pools them and finds the links."""
+    from transforms.calibration import CalibrationPairs, links_of_pairs, merge_pair_dts
+    from transforms.links import write_links
+    from transforms.match_blocks import CandidateBands
+    from transforms.matching import context_margin_ms
+
+    spans = _detection_spans(options, cameras=True)
+    cameras = sorted({c for s in spans for c in s.cameras})
     target = _require(options.view_as(OutputOptions).output, "--output")
     outputs.check_writable(target.rsplit("/", 1)[0] if "/" in target else ".")
     candidates = options.view_as(CandidateOptions)
     settings = options.view_as(CalibrateOptions)
-    pipeline = beam.Pipeline(options=options)
-    _ = (pipeline
-         | "ReadDetections" >> source
-         | "Calibrate" >> CalibrateLinks(
-             cameras, max_gap_s=candidates.max_gap, window_s=candidates.window,
-             metric=candidates.metric, min_support=settings.min_support,
-             min_significance=settings.min_significance)
-         | "AllLinks" >> beam.combiners.ToList()
-         | "WriteLinks" >> beam.Map(write_links, target))
-    totals = _run(pipeline)
+    window_ms = int(round(candidates.window * 1000))
+    margin = context_margin_ms("mutual", CandidateBands(candidates.max_gap), window_ms)
+    chunks = _chunk_plan(options, spans, margin, window_ms, copies=2)
+    parts = target + ".parts"
+    parquet_io.clear_table(parts)  # a crashed run's parts must not be pooled
+
+    def build(pipeline, chunk):
+        files = [s.path for s in spans] if chunk.read_ms is None else chunk.files
+        _ = (pipeline
+             | "ReadDetections" >> _detection_source(options, files, True, chunk.read_ms)
+             | "Calibrate" >> CalibrationPairs(
+                 cameras, max_gap_s=candidates.max_gap, window_s=candidates.window,
+                 metric=candidates.metric, span_ms=chunk.read_ms, owned_ms=chunk.owned_ms)
+             | "AllPairs" >> beam.combiners.ToList()
+             | "WritePart" >> beam.Map(_write_json_lines,
+                                       "%s/chunk-%04d.json" % (parts, chunk.index)))
+
+    _run_chunks(options, chunks, build, "calibrate")
     if _is_dry_run(options):
         print("dry run: job built, nothing executed")
         return 0
-    with FileSystems.open(target) as handle:
-        links = json.loads(handle.read().decode("utf-8"))
+    pair_dts = merge_pair_dts(_read_parts(parts))
+    links, histogrammed = links_of_pairs(pair_dts, candidates.max_gap, settings.min_support,
+                                         settings.min_significance)
+    write_links(links, target)
     for link in links:
         print("link %s -> %s: offset %+.1f s, spread %.1f s, support %d, significance %.1f"
               % (link["camera_a"], link["camera_b"], link["offset_s"], link["spread_s"],
                  link["support"], link["significance"]))
     print("done: %d link(s), %d camera pair(s) histogrammed -> %s" % (
-        len(links), totals.get("calibration_pairs_histogrammed", 0), target))
+        len(links), histogrammed, target))
     return 0
+
+
+def _write_json_lines(pairs, path: str) -> None:
+    """((camera_a, camera_b), {"real": [...], "control": [...]}) tuples -> one JSON line each."""
+    with FileSystems.create(path) as handle:
+        for pair, dts in sorted(pairs):
+            handle.write((json.dumps([list(pair), dts]) + "\n").encode("utf-8"))
+
+
+def _read_parts(folder: str):
+    """Every line of every part file under ``folder``, which is then deleted."""
+    found = FileSystems.match([folder + "/*.json"])[0].metadata_list
+    for metadata in sorted(found, key=lambda m: m.path):
+        with FileSystems.open(metadata.path) as handle:
+            for line in handle.read().decode("utf-8").splitlines():
+                pair, dts = json.loads(line)
+                yield tuple(pair), dts
+    if found:
+        FileSystems.delete([m.path for m in found])
 
 
 def evaluate(options: PipelineOptions) -> int:

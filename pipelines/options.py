@@ -8,6 +8,8 @@ like any Beam option (also on Dataflow workers). Flags are spelled as in SPEC.md
 from apache_beam.options.pipeline_options import PipelineOptions
 
 VEHICLES = "car,bus,truck,motorcycle"
+# Measured in BENCHMARKS.md ("Scale"): the peak memory of a chunk is about twice this.
+DEFAULT_CHUNK_MB = 1024
 
 
 def _positive_int(text):
@@ -247,3 +249,11 @@ class DetectionInputOptions(PipelineOptions):
             "--detections", dest="detections", nargs="+", metavar="PATH",
             help="Detections Parquet files or folders (this tool's detections/ or any "
                  "Parquet with camera_id, frame_ts, detection_id, embedding).")
+        parser.add_argument(
+            "--chunk-mb", dest="chunk_mb", type=_count, default=None, metavar="MB",
+            help="match/calibrate over stored detections: run the period as consecutive "
+                 "time chunks, each reading at most about this many MB of float32 "
+                 "embeddings (its owned time range plus the margins that keep its matches "
+                 "exact), so memory does not grow with the period on runners that hold "
+                 "shuffles in memory. 0: one job for the whole period. Default: %d on "
+                 "local runners and Dask, 0 on Dataflow." % DEFAULT_CHUNK_MB)

@@ -24,6 +24,9 @@ TABLES = {
                     lambda r: r["stage"] + "|" + r["uri"], None),
 }
 
+# Detections are stored in time order, so a reader of a time range skips row groups.
+SORT_KEYS = {"detections": lambda r: (r["frame_ts"], r["detection_id"])}
+
 ROW_BUILDERS = {
     "detections": parquet_io.detection_row,
     "matches": parquet_io.match_row,
@@ -55,15 +58,17 @@ def prepare(output: str, tables) -> None:
         parquet_io.clear_table(table_dir(output, table))
 
 
-def write(pcoll, output: str, table: str, shards: int = 1):
-    """Writes internal records of ``table`` kind under ``output``."""
+def write(pcoll, output: str, table: str, shards: int = 1, file_prefix: str = "part-"):
+    """Writes internal records of ``table`` kind under ``output`` (``file_prefix``: see
+    :class:`transforms.parquet_io.WriteParquetTable`)."""
     schema, id_fn, partition_fn = TABLES[table]
     return (
         pcoll
         | "%sRows" % table >> beam.Map(ROW_BUILDERS[table])
         | "Write_%s" % table >> parquet_io.WriteParquetTable(
             table_dir(output, table), schema, id_fn, partition_fn,
-            shards=shards if partition_fn else 1, name=table)
+            shards=shards if partition_fn else 1, name=table, file_prefix=file_prefix,
+            sort_fn=SORT_KEYS.get(table))
     )
 
 

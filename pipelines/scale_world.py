@@ -4,7 +4,9 @@
 detections Parquet schema that ``match`` and ``calibrate`` read (``camera_id``,
 ``frame_ts`` timestamp[ms, UTC], ``frame_uri``, ``detection_id``, ``label``, ``score``,
 ``box_xyxy``, ``embedding`` fixed_size_list<float16>), one file per camera and hour
-(``<camera>/<YYYY-MM-DD-HH>.parquet``), row groups of ``ROW_GROUP_S`` seconds.
+(``<camera>/<YYYY-MM-DD-HH>.parquet``), row groups of ``ROW_GROUP_S`` seconds,
+embeddings PLAIN-encoded as the project's own writer stores them
+(:func:`transforms.parquet_io.write_table_file`).
 
 How it is made (every step seeded, vectorised; no real row is copied into the repo):
 
@@ -12,8 +14,9 @@ How it is made (every step seeded, vectorised; no real row is copied into the re
   three NYC DOT cameras) are cut into their cameras' *segments* of ``SEGMENT_S``
   seconds. Camera ``k`` of the world, hour ``h``, segment ``s`` takes the rows of one
   reference segment, chosen by a seeded hash of ``(k, h, s)``, moved in time to its
-  place: real embeddings, boxes, scores and labels at the real density and frame
-  rhythm of a camera, never the same rows at the same time in two cameras.
+  place: real boxes, scores, labels, density and frame rhythm of a camera, and real
+  embeddings with their dimensions permuted per use (so that re-used segments are not
+  look-alikes of each other: see ``_camera_hour``).
 - Planted links: camera ``k`` (k >= 1) is downstream of camera ``k - 1`` (a road):
   ``planted_share`` of camera ``k - 1``'s rows reappear at camera ``k`` after
   ``offset_s(k)`` seconds (+- ``jitter_s``), their embeddings perturbed by Gaussian
@@ -34,7 +37,6 @@ from typing import List, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 SEGMENT_S = 300
@@ -52,6 +54,7 @@ class Reference(NamedTuple):
     label: np.ndarray  # object
     segments: list  # [(start row, end row)]
     spread: np.ndarray  # (D,) float32: per-dimension standard deviation
+    mean: np.ndarray  # (D,) float32
 
 
 def load_reference(paths: Sequence[str]) -> Reference:
@@ -80,8 +83,9 @@ def load_reference(paths: Sequence[str]) -> Reference:
             if hi > lo:
                 rel[rows[lo:hi]] = t[lo:hi] - s0
                 segments.append((int(rows[lo]), int(rows[0] + hi)))
-    spread = emb[::7].astype(np.float32).std(axis=0)
-    return Reference(rel, emb, parts["box"], parts["score"], parts["label"], segments, spread)
+    sample = emb[::7].astype(np.float32)
+    return Reference(rel, emb, parts["box"], parts["score"], parts["label"], segments,
+                     sample.std(axis=0), sample.mean(axis=0))
 
 
 def camera_name(k: int) -> str:
@@ -105,16 +109,24 @@ def _pick(k: int, hour: int, segment: int, count: int, seed: int) -> int:
 
 
 def _camera_hour(ref: Reference, k: int, hour: int, seed: int) -> dict:
-    """Rows of camera ``k`` in hour ``hour`` before planting: reference segments in place."""
+    """Rows of camera ``k`` in hour ``hour`` before planting: reference segments in place.
+
+    A segment is used many times over the world, so each use gets its own random
+    permutation of the embeddings' dimensions (about the mean): copies of one real
+    vehicle are then as unlike each other as two vehicles, and the only look-alikes
+    across cameras are the planted ones."""
     parts = []
     for s in range(HOUR_MS // (SEGMENT_S * 1000)):
         lo, hi = ref.segments[_pick(k, hour, s, len(ref.segments), seed)]
         rows = np.arange(lo, hi)
-        parts.append((rows, hour * HOUR_MS + s * SEGMENT_S * 1000 + ref.ts_ms[rows], s))
+        perm = np.random.default_rng([seed, k, hour, s, 1]).permutation(ref.emb.shape[1])
+        emb = (ref.emb[rows].astype(np.float32) - ref.mean)[:, perm] + ref.mean
+        parts.append((rows, hour * HOUR_MS + s * SEGMENT_S * 1000 + ref.ts_ms[rows], s,
+                      emb.astype(np.float16)))
     rows = np.concatenate([p[0] for p in parts])
     return {"rows": rows, "ts": np.concatenate([p[1] for p in parts]),
-            "emb": ref.emb[rows], "box": ref.box[rows], "score": ref.score[rows],
-            "label": ref.label[rows],
+            "emb": np.concatenate([p[3] for p in parts]), "box": ref.box[rows],
+            "score": ref.score[rows], "label": ref.label[rows],
             "id": np.asarray(["%s-%d-%d-%d" % (camera_name(k), hour, p[2], i)
                               for p in parts for i in range(len(p[0]))], dtype=object)}
 
@@ -188,7 +200,8 @@ def write_world(reference: Sequence[str], output: str, cameras: int, hours: floa
             os.makedirs(os.path.dirname(path), exist_ok=True)
             table = _table(camera_name(k), kept, start_ms)
             per_group = max(1, int(len(table) * ROW_GROUP_S * 1000 / HOUR_MS))
-            pq.write_table(table, path, compression="zstd", row_group_size=per_group)
+            pq.write_table(table, path, compression="zstd", row_group_size=per_group,
+                           use_dictionary=[f.name for f in table.schema if f.name != "embedding"])
             files.append(path)
             total += len(table)
     return {"files": files, "rows": total, "links": links_truth(cameras, jitter_s)}

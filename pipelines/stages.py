@@ -131,7 +131,7 @@ def policy_of(options) -> str:
 
 
 def matcher_factory(options):
-    """-> (links -> matching PTransform), configured from the flags.
+    """-> (links[, owned_ms] -> matching PTransform), configured from the flags.
 
     A factory, because the evaluation runs the same configuration with the links
     extended to its time-shifted control cameras.
@@ -146,19 +146,22 @@ def matcher_factory(options):
         from transforms.learned_matching import LearnedLinkMatch
 
         tracklets = getattr(policy, "tracklets", "on") != "off"
-        return lambda links, cameras=None: LearnedLinkMatch(
+        return lambda links: LearnedLinkMatch(
             links, min_precision=policy.min_precision, tracklets=tracklets)
 
-    def make(links, cameras=None):
+    def make(links, owned_ms=None):
         return MatchDetections(
             policy=name, metric=candidates.metric, max_gap_s=candidates.max_gap,
             window_s=candidates.window, threshold=policy.threshold, top_k=policy.top_k,
-            links=links, cameras=cameras)
+            links=links, owned_ms=owned_ms)
 
     return make
 
 
-def match_stage(options, cameras=None):
-    """The matching PTransform the flags ask for, with the --links file read; ``cameras``:
-    the input's camera ids when known before the job (see MatchDetections)."""
-    return matcher_factory(options)(read_links(options.view_as(MatchOptions).links), cameras)
+def match_stage(options, owned_ms=None):
+    """The matching PTransform the flags ask for, with the --links file read;
+    ``owned_ms``: the time chunk whose matches it emits (MatchDetections only: the
+    learned matcher trains on a whole period)."""
+    make = matcher_factory(options)
+    links = read_links(options.view_as(MatchOptions).links)
+    return make(links) if owned_ms is None else make(links, owned_ms)

@@ -137,8 +137,7 @@ def test_context_margin_reproduces_one_matching_over_the_range(policy, extra, li
     kw = dict(policy=policy, max_gap_s=60.0, links=links, window_s=600.0)
     kw.update(extra)
     whole = match_arrays(cam, ts, emb, ids, **kw)
-    margin = backfill.context_margin_ms(policy, backfill.reach_ms(60.0, links),
-                                        int(kw["window_s"] * 1000))
+    margin = backfill.margin_ms(policy, 60.0, links, int(kw["window_s"] * 1000))
     parts = _partitioned(cam, ts, emb, ids, margin, 600000, 120000, **kw)
     assert len(parts) == len(whole) and _as_set(parts) == _as_set(whole)
 
@@ -153,10 +152,13 @@ def test_a_margin_of_max_gap_loses_or_invents_mutual_pairs():
 
 
 def test_reach_follows_links_and_unknown_policies_are_refused():
-    assert backfill.reach_ms(300.0, None) == 300000
-    assert backfill.reach_ms(300.0, LINKS) == 30000  # 20 + 10 s; the gap is ignored
+    from transforms.match_blocks import CandidateBands
+
+    assert CandidateBands(300.0, None).reach_ms() == 300000
+    assert CandidateBands(300.0, LINKS).reach_ms() == 30000  # 20 + 10 s; the gap is ignored
+    assert backfill.margin_ms("mutual", 300.0, LINKS, 1000) == 60000
     with pytest.raises(UsageError):
-        backfill.context_margin_ms("learned", 1000, 1000)
+        backfill.margin_ms("learned", 1.0, None, 1000)
 
 
 # ------------------------------------------------------------------ end to end

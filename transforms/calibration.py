@@ -6,12 +6,15 @@ For each camera pair, the dt of its mutual-nearest-neighbour pairs within
 density, no true pairs). A peak that stands significantly above the control becomes a
 link (SPEC.md, links.json). Both directions of traffic may give a link each.
 
-:func:`find_links` is the pure statistics; :class:`CalibrateLinks` is the Beam
-pipeline: one matching pass over the real detections together with their shifted
-copies (:mod:`transforms.control`), so the real pairs and the control pairs of every
-camera pair come out of the same scalable, windowed matcher.
+:func:`find_links` is the pure statistics; :class:`CalibrationPairs` is the Beam
+pipeline that feeds it: one matching pass over the real detections together with their
+shifted copies (:mod:`transforms.control`), so the real pairs and the control pairs of
+every camera pair come out of the same scalable, windowed matcher (and its time
+chunks, ``owned_ms``: ``cctview calibrate`` pools the chunks' dt lists with
+:func:`merge_pair_dts` and finds the links on the driver, :func:`links_of_pairs`).
+:class:`CalibrateLinks` is the same in one job, ending in the links.
 """
-from typing import List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -121,57 +124,98 @@ def find_links(dt_real: Sequence[float], dt_control: Sequence[float], max_gap_s:
     return links
 
 
-class _LinksOfPairFn(beam.DoFn):
-    def __init__(self, max_gap_s: float, min_support: int, min_significance: float):
-        self._max_gap_s = max_gap_s
-        self._min_support = min_support
-        self._min_significance = min_significance
-        self.pairs = Metrics.counter(NAMESPACE, "calibration_pairs_histogrammed")
-        self.links = Metrics.counter(NAMESPACE, "calibration_links")
-
-    def process(self, element):
-        (cam_a, cam_b), values = element
-        real = [dt for kind, dt in values if kind == REAL]
-        control = [dt for kind, dt in values if kind == CONTROL]
-        links = []
-        if len(real) >= self._min_support:  # fewer pairs say nothing: not histogrammed
-            self.pairs.inc()
-            links = find_links(real, control, self._max_gap_s, controls=CONTROLS_PER_PAIR,
-                               min_support=self._min_support,
-                               min_significance=self._min_significance)
-        for link in links:
-            self.links.inc()
-            yield dict(camera_a=cam_a, camera_b=cam_b, **link)
+def links_of_pairs(pair_dts: Dict[Tuple[str, str], dict], max_gap_s: float,
+                   min_support: int = 10, min_significance: float = 5.0) -> Tuple[list, int]:
+    """``{(camera_a, camera_b): {"real": dts, "control": dts}}`` -> (links.json objects,
+    camera pairs histogrammed). A pair with fewer than ``min_support`` real pairs says
+    nothing and is not histogrammed."""
+    links, histogrammed = [], 0
+    for (cam_a, cam_b), dts in sorted(pair_dts.items()):
+        if len(dts["real"]) < min_support:
+            continue
+        histogrammed += 1
+        for link in find_links(dts["real"], dts["control"], max_gap_s,
+                               controls=CONTROLS_PER_PAIR, min_support=min_support,
+                               min_significance=min_significance):
+            links.append(dict(camera_a=cam_a, camera_b=cam_b, **link))
+    return links, histogrammed
 
 
-class CalibrateLinks(beam.PTransform):
-    """Detection dicts -> link dicts (links.json objects), one pass of the matcher.
+def merge_pair_dts(parts) -> Dict[Tuple[str, str], dict]:
+    """Pools the per-pair dt lists of several :class:`CalibrationPairs` outputs (time
+    chunks of one period)."""
+    merged: dict = {}
+    for pair, dts in parts:
+        into = merged.setdefault(tuple(pair), {REAL: [], CONTROL: []})
+        into[REAL].extend(dts[REAL])
+        into[CONTROL].extend(dts[CONTROL])
+    return merged
+
+
+def _dts_by_kind(element):
+    pair, values = element
+    dts = {REAL: [], CONTROL: []}
+    for kind, dt in values:
+        dts[kind].append(dt)
+    return pair, dts
+
+
+class CalibrationPairs(beam.PTransform):
+    """Detections (dicts or column chunks) -> ``((camera_a, camera_b), {"real": [dt],
+    "control": [dt]})``: the dt of every mutual-nearest-neighbour pair of each camera
+    pair, for real and against its time-shifted control, from one pass of the matcher.
 
     ``cameras`` are the camera ids in the data (read on the driver); each pair of them
-    is matched for real and against its control.
+    is matched for real and against its control. ``span_ms=(lo, hi)``: the time range
+    the control shifts within (None: the data's own span, found by the job);
+    ``owned_ms``: only the pairs whose camera-A detection lies in that range (one time
+    chunk of a longer period, see :class:`transforms.matching.MatchDetections`).
     """
 
     def __init__(self, cameras, max_gap_s: float = 300.0, window_s: float = 600.0,
-                 metric: str = "l2", min_support: int = 10, min_significance: float = 5.0):
+                 metric: str = "l2", span_ms=None, owned_ms=None):
         super().__init__()
         self._links = control_links(None, cameras, max_gap_s)
-        self._max_gap_s = max_gap_s
-        self._window_s = window_s
-        self._metric = metric
-        self._min_support = min_support
-        self._min_significance = min_significance
+        self._match = dict(policy="mutual", metric=metric, window_s=window_s,
+                           links=self._links, owned_ms=owned_ms)
+        self._span_ms = span_ms
 
     def expand(self, detections):
         return (
             detections
-            | "WithControl" >> WithShiftedControl()
-            | "MutualNN" >> MatchDetections(policy="mutual", metric=self._metric,
-                                            window_s=self._window_s, links=self._links)
+            | "WithControl" >> WithShiftedControl(self._span_ms)
+            | "MutualNN" >> MatchDetections(**self._match)
             | "Classify" >> ClassifyControl()
             | "KindAndDt" >> beam.Map(lambda c: (c[0], (c[1], c[2]["dt_seconds"])))
             | "ByCameraPair" >> beam.GroupByKey()
-            | "FindLinks" >> beam.ParDo(_LinksOfPairFn(
-                self._max_gap_s, self._min_support, self._min_significance))
+            | "ByKind" >> beam.Map(_dts_by_kind)
         )
 
 
+class _LinksFn(beam.DoFn):
+    def __init__(self, max_gap_s: float, min_support: int, min_significance: float):
+        self._args = (max_gap_s, min_support, min_significance)
+        self.pairs = Metrics.counter(NAMESPACE, "calibration_pairs_histogrammed")
+        self.links = Metrics.counter(NAMESPACE, "calibration_links")
+
+    def process(self, pair_dts):
+        links, histogrammed = links_of_pairs(dict([pair_dts]), *self._args)
+        self.pairs.inc(histogrammed)
+        self.links.inc(len(links))
+        yield from links
+
+
+class CalibrateLinks(beam.PTransform):
+    """Detection dicts -> link dicts (links.json objects), in one job
+    (:class:`CalibrationPairs`, then :func:`links_of_pairs` per camera pair)."""
+
+    def __init__(self, cameras, max_gap_s: float = 300.0, window_s: float = 600.0,
+                 metric: str = "l2", min_support: int = 10, min_significance: float = 5.0):
+        super().__init__()
+        self._pairs = CalibrationPairs(cameras, max_gap_s, window_s, metric)
+        self._links = _LinksFn(max_gap_s, min_support, min_significance)
+
+    def expand(self, detections):
+        return (detections
+                | "Pairs" >> self._pairs
+                | "FindLinks" >> beam.ParDo(self._links))

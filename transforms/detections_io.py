@@ -53,7 +53,16 @@ def _flat_values(column) -> np.ndarray:
     """The list column's values as float16 when stored so (CCTView's reference files:
     matching converts once, block by block, and ships float16 between stages, so a
     float32 copy here would only be converted back), else float32."""
-    flat = column.flatten().to_numpy(zero_copy_only=False)
+    if pa.types.is_fixed_size_list(column.type):
+        size = column.type.list_size
+        values = column.values.slice(column.offset * size, len(column) * size)
+    else:
+        offsets = column.offsets
+        first = offsets[0].as_py() if len(offsets) else 0
+        values = column.values.slice(first, (offsets[-1].as_py() - first) if len(offsets) else 0)
+    # The child array as it is (``flatten`` copies it through a slow path: ~1 s per 16k
+    # rows of 1920 float16 values, more than decoding them).
+    flat = values.to_numpy(zero_copy_only=False)
     return flat if flat.dtype == np.float16 else flat.astype(np.float32)
 
 
@@ -88,6 +97,8 @@ def _valid_rows(table: pa.Table) -> pa.Table:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise DetectionsSchemaError("missing column(s) %s" % ", ".join(missing))
+    if table["embedding"].null_count == 0:
+        return table  # filtering would copy every embedding
     return table.filter(pc.is_valid(table["embedding"]))
 
 
@@ -108,7 +119,11 @@ def _columns(table: pa.Table, timezone: str) -> DetectionColumns:
 
 def table_to_detections(table: pa.Table, timezone: str = "UTC") -> List[dict]:
     """Normalises one table of stored detections into detection dicts."""
-    table = _valid_rows(table)
+    return _detections(_valid_rows(table), timezone)
+
+
+def _detections(table: pa.Table, timezone: str) -> List[dict]:
+    """:func:`table_to_detections` for a table already through :func:`_valid_rows`."""
     columns = _columns(table, timezone)
     extra = {c: table[c].to_pylist() for c in OPTIONAL_COLUMNS if c in table.column_names}
     rows = []
@@ -121,11 +136,23 @@ def table_to_detections(table: pa.Table, timezone: str = "UTC") -> List[dict]:
     return rows
 
 
+def _row_groups_in(parquet: pq.ParquetFile, time_range, timezone: str) -> list:
+    """The row groups of ``parquet`` whose ``frame_ts`` statistics may hold a time of
+    ``time_range`` (all of them where a group has no statistics)."""
+    groups = list(range(parquet.metadata.num_row_groups))
+    if time_range is None:
+        return groups
+    spans = row_group_spans(parquet, timezone)
+    return [g for g, span in zip(groups, spans)
+            if span is None or (span[1] >= time_range[0] and span[0] < time_range[1])]
+
+
 class _ReadFileFn(beam.DoFn):
-    def __init__(self, timezone: str, batch_rows: int, as_columns: bool):
+    def __init__(self, timezone: str, batch_rows: int, as_columns: bool, time_range):
         self._timezone = timezone
         self._batch_rows = batch_rows
         self._as_columns = as_columns
+        self._time_range = time_range
         self.rows = Metrics.counter(NAMESPACE, "detections_read")
 
     def process(self, path):
@@ -133,10 +160,13 @@ class _ReadFileFn(beam.DoFn):
             parquet = pq.ParquetFile(handle)
             names = REQUIRED_COLUMNS if self._as_columns else REQUIRED_COLUMNS + OPTIONAL_COLUMNS
             columns = [c for c in names if c in parquet.schema_arrow.names]
-            for batch in parquet.iter_batches(batch_size=self._batch_rows, columns=columns):
-                convert = table_to_columns if self._as_columns else table_to_detections
+            groups = _row_groups_in(parquet, self._time_range, self._timezone)
+            if not groups:
+                return
+            for batch in parquet.iter_batches(batch_size=self._batch_rows, columns=columns,
+                                              row_groups=groups):
                 try:
-                    read = convert(pa.Table.from_batches([batch]), self._timezone)
+                    read = self._convert(pa.Table.from_batches([batch]))
                 except DetectionsSchemaError as exc:
                     raise DetectionsSchemaError("%s: %s" % (path, exc)) from exc
                 self.rows.inc(len(read))
@@ -146,37 +176,106 @@ class _ReadFileFn(beam.DoFn):
                 elif len(read):
                     yield read
 
+    def _convert(self, table: pa.Table):
+        """A record batch -> columns or dicts, only the rows of the time range."""
+        table = _valid_rows(table)
+        if self._time_range is not None:
+            ts = _epoch_ms(table["frame_ts"], self._timezone)
+            lo, hi = self._time_range
+            inside = (ts >= lo) & (ts < hi)
+            if not inside.all():
+                table = table.filter(pa.array(inside))
+        if self._as_columns:
+            return _columns(table, self._timezone)
+        return _detections(table, self._timezone)
 
-def inspect_files(files: Sequence[str], cameras: bool = False) -> List[str]:
-    """Fails fast, on the driver, when a file lacks the columns matching needs; with
-    ``cameras``, returns the distinct camera ids of all ``files`` (reading only that
-    column). Each file is opened once (thousands of files on gs:// are as many requests)."""
-    found = set()
+
+def row_group_spans(parquet: pq.ParquetFile, timezone: str) -> list:
+    """``[(first ms, last ms) or None]`` per row group, from the ``frame_ts`` column's
+    statistics (None where a group has none): no data is read."""
+    index = parquet.schema_arrow.get_field_index("frame_ts")
+    field = parquet.schema_arrow.field(index)
+    if index < 0 or not pa.types.is_timestamp(field.type):
+        return [None] * parquet.metadata.num_row_groups
+    spans = []
+    for g in range(parquet.metadata.num_row_groups):
+        stats = parquet.metadata.row_group(g).column(index).statistics
+        if stats is None or not stats.has_min_max:
+            spans.append(None)
+            continue
+        bounds = pa.chunked_array([pa.array([stats.min, stats.max], type=field.type)])
+        lo, hi = _epoch_ms(bounds, timezone).tolist()
+        spans.append((int(lo), int(hi)))
+    return spans
+
+
+class FileSpan(NamedTuple):
+    """What the driver knows of a detections file without reading its embeddings: its
+    path, per row group (rows, first ms, last ms), the embedding size (0 if unknown),
+    and its camera ids when asked for."""
+    path: str
+    groups: list
+    dim: int = 0
+    cameras: tuple = ()
+
+    @property
+    def rows(self) -> int:
+        return sum(g[0] for g in self.groups)
+
+
+def inspect_files(files: Sequence[str], timezone: str = "UTC",
+                  cameras: bool = False) -> List[FileSpan]:
+    """Fails fast, on the driver, when a file lacks the columns matching needs; returns
+    each file's :class:`FileSpan` (row counts and time spans per row group, from the
+    metadata; a group without statistics has its ``frame_ts`` column read; with
+    ``cameras``, the distinct camera ids, reading only that column). Each file is
+    opened once (thousands of files on gs:// are as many requests)."""
+    found = []
     for path in files:
         with FileSystems.open(path) as handle:
             parquet = pq.ParquetFile(handle)
             missing = [c for c in REQUIRED_COLUMNS if c not in parquet.schema_arrow.names]
             if missing:
                 raise DetectionsSchemaError("%s lacks column(s) %s" % (path, ", ".join(missing)))
+            groups = []
+            for g, span in enumerate(row_group_spans(parquet, timezone)):
+                if span is None:
+                    ts = _epoch_ms(parquet.read_row_group(g, columns=["frame_ts"])["frame_ts"],
+                                   timezone)
+                    span = (int(ts.min()), int(ts.max())) if len(ts) else (0, 0)
+                groups.append((parquet.metadata.row_group(g).num_rows,) + tuple(span))
+            ids = ()
             if cameras:
                 column = parquet.read(columns=["camera_id"])["camera_id"]
-                found.update(str(c) for c in pc.unique(column).to_pylist())
-    return sorted(found)
+                ids = tuple(sorted(str(c) for c in pc.unique(column).to_pylist()))
+            found.append(FileSpan(path, groups, _embedding_dim(parquet.schema_arrow), ids))
+    return found
+
+
+def _embedding_dim(schema: pa.Schema) -> int:
+    """The fixed embedding size of a fixed_size_list column; 0 for variable lists."""
+    field = schema.field("embedding")
+    return field.type.list_size if pa.types.is_fixed_size_list(field.type) else 0
 
 
 class ReadDetections(beam.PTransform):
     """Parquet files -> detection dicts timestamped with their capture time, or, with
     ``as_columns``, :class:`DetectionColumns` chunks of up to ``batch_rows`` detections
     (the required columns only: for :class:`transforms.matching.MatchDetections`, which
-    then never builds a Python object per detection)."""
+    then never builds a Python object per detection).
+
+    ``time_range=(lo, hi)`` (UTC epoch ms) keeps only the detections with
+    ``lo <= frame_ts < hi``; row groups whose statistics lie outside are not read."""
 
     def __init__(self, files: Sequence[str], timezone: str = "UTC", batch_rows: int = 4096,
-                 as_columns: bool = False):
+                 as_columns: bool = False, time_range=None):
         super().__init__()
         self._files = list(files)
         self._timezone = timezone
         self._batch_rows = batch_rows
         self._as_columns = as_columns
+        self._time_range = None if time_range is None else (int(time_range[0]),
+                                                            int(time_range[1]))
 
     def expand(self, pbegin):
         return (
@@ -184,5 +283,6 @@ class ReadDetections(beam.PTransform):
             | "Files" >> beam.Create(self._files)
             | "Spread" >> beam.Reshuffle()
             | "ReadParquet" >> beam.ParDo(
-                _ReadFileFn(self._timezone, self._batch_rows, self._as_columns))
+                _ReadFileFn(self._timezone, self._batch_rows, self._as_columns,
+                            self._time_range))
         )
