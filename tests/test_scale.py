@@ -1,0 +1,127 @@
+"""Matching and calibration over long periods: the scale world, time chunks that change
+nothing, and a shuffle whose copies do not grow with the number of partner cameras.
+
+The worlds are small `cctview scale-world` outputs (real reference embeddings, planted
+links), made once per session; the commands run in-process as a user runs them.
+"""
+import json
+
+import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REFERENCE, require_shared
+from pipelines.cli import main
+from pipelines.scale_world import offset_s, write_world
+
+KEY = ("detection_id_a", "detection_id_b")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """3 cameras x 12 minutes of scale world."""
+    require_shared(REFERENCE)
+    root = tmp_path_factory.mktemp("scale-world")
+    made = write_world(sorted(str(p) for p in REFERENCE.glob("*.parquet")), str(root), 3, 0.2)
+    (root / "links_truth.json").write_text(json.dumps(made["links"]))
+    return root, made
+
+
+def _files(root):
+    return sorted(str(p) for p in root.glob("cam-*/*.parquet"))
+
+
+def _matches(out):
+    table = ds.dataset(str(out / "matches"), partitioning="hive").to_table()
+    rows = table.select(["detection_id_a", "detection_id_b", "distance", "rank_a", "rank_b",
+                         "dt_seconds", "window_start"]).to_pylist()
+    return sorted(rows, key=lambda r: (r["detection_id_a"], r["detection_id_b"]))
+
+
+def test_scale_world_is_real_dense_and_planted(world):
+    root, made = world
+    files = _files(root)
+    assert len(files) == 3 and made["rows"] > 0
+    table = pq.read_table(files)
+    assert table.schema.field("embedding").type.value_type == "halffloat"
+    assert table.schema.field("embedding").type.list_size == 1920
+    # real density: rows per camera and hour as in the reference (within 25 %)
+    ref = pq.read_table(sorted(REFERENCE.glob("*.parquet")), columns=["camera_id", "frame_ts"])
+    ts = ref["frame_ts"].cast("int64").to_numpy()
+    ref_rate = len(ref) / 3 / ((ts.max() - ts.min()) / 3.6e6)
+    assert abs(made["rows"] / 3 / 0.2 - ref_rate) < 0.25 * ref_rate
+    assert len(set(table["detection_id"].to_pylist())) == len(table)
+    # planted rows: a planted link's transit time, embeddings close to their original
+    ids = table["detection_id"].to_pylist()
+    planted = [i for i in ids if "-p-" in i]
+    assert len(planted) > 0.1 * len(ids) / 3
+    by_id = {i: k for k, i in enumerate(ids)}
+    emb = table["embedding"].combine_chunks().values.to_numpy(zero_copy_only=False)
+    emb = emb.reshape(len(ids), -1).astype(np.float32)
+    stamps = table["frame_ts"].cast("int64").to_numpy()
+    near, far, lags = [], [], []
+    rng = np.random.default_rng(0)
+    for pid in planted[:200]:
+        k, j = by_id[pid], by_id[pid.split("-p-", 1)[1]]  # the row it was planted from
+        camera = int(pid.split("-")[1])
+        lags.append((stamps[k] - stamps[j]) / 1000 - offset_s(camera))
+        near.append(np.linalg.norm(emb[k] - emb[j]))
+        far.append(np.linalg.norm(emb[k] - emb[rng.integers(len(ids))]))
+    assert max(abs(x) for x in lags) <= 3.001  # the link's offset +- its jitter
+    assert np.median(near) < 0.7 * np.median(far)
+
+
+def test_scale_world_is_deterministic(world, tmp_path):
+    root, _ = world
+    write_world(sorted(str(p) for p in REFERENCE.glob("*.parquet")), str(tmp_path), 3, 0.2)
+    for a, b in zip(_files(root), sorted(str(p) for p in tmp_path.glob("cam-*/*.parquet"))):
+        assert pq.read_table(a).equals(pq.read_table(b))
+
+
+@pytest.mark.parametrize("policy, flags", [
+    ("mutual", []), ("topk", ["--top-k", "2"]), ("all", ["--threshold", "30"]),
+    ("assignment", ["--threshold", "40"])])
+def test_time_chunks_give_the_matches_of_one_job(world, tmp_path, policy, flags):
+    """--chunk-mb 1 (a chunk per block: many jobs, margins everywhere) == --chunk-mb 0."""
+    root, _ = world
+    common = ["match", "--detections", *_files(root), "--policy", policy, "--max-gap", "40",
+              "--window", "60"] + flags
+    assert main(common + ["--output", str(tmp_path / "one"), "--chunk-mb", "0"]) == 0
+    assert main(common + ["--output", str(tmp_path / "chunks"), "--chunk-mb", "1"]) == 0
+    one, chunks = _matches(tmp_path / "one"), _matches(tmp_path / "chunks")
+    assert one and chunks == one
+    files = list((tmp_path / "chunks" / "matches").rglob("*.parquet"))
+    assert len({f.name.split("-")[1] for f in files}) > 3  # several chunks wrote
+
+
+def test_shuffled_copies_do_not_grow_with_partner_cameras(world, tmp_path, capsys):
+    """Each embedding crosses the shuffle ~1 + band/S times, with 3 cameras as with 1
+    (every camera sees all the others: partners share the copy sent to their block)."""
+    root, _ = world
+    ratios = {}
+    for name, files in (("one", _files(root)[:1]), ("three", _files(root))):
+        assert main(["match", "--detections", *files, "--output", str(tmp_path / name),
+                     "--max-gap", "300", "--chunk-mb", "0"]) == 0
+        done = [l for l in capsys.readouterr().out.splitlines() if l.startswith("done:")][-1]
+        counts = dict(kv.split("=") for kv in done.split(": ", 1)[1].split(" -> ")[0].split(", "))
+        ratios[name] = int(counts["embedding_copies_shuffled"]) / int(counts["detections_batched"])
+    # band 600 s, blocks of 1200 s: 1.5 copies on average over a long period, a little
+    # more over 12 minutes whose edges fall inside blocks
+    assert ratios["three"] <= 2.0
+    assert abs(ratios["three"] - ratios["one"]) < 0.15
+
+
+def test_chunked_calibrate_finds_the_planted_links(world, tmp_path, capsys):
+    root, made = world
+    target = tmp_path / "links.json"
+    assert main(["calibrate", "--detections", *_files(root), "--output", str(target),
+                 "--max-gap", "120", "--window", "60", "--chunk-mb", "40"]) == 0
+    assert "chunk 2/" in capsys.readouterr().err
+    found = json.loads(target.read_text())
+    for truth in made["links"]:
+        near = [l for l in found if (l["camera_a"], l["camera_b"]) ==
+                (truth["camera_a"], truth["camera_b"])
+                and abs(l["offset_s"] - truth["offset_s"]) <= 2.0]
+        assert near, (truth, found)
+    assert not list(tmp_path.glob("links.json.parts/*"))  # parts pooled, then removed
