@@ -70,15 +70,17 @@ def plan_chunks(spans: Sequence[FileSpan], margin_ms: int, align_ms: int,
     end = int(groups[2].max())
     chunks, lo = [], start
     while lo < end:
+        if _rows_in(groups, lo, lo + align) == 0:  # a gap in the data: to its end
+            later = groups[1][groups[2] > lo + align]
+            lo = max(lo + align, int(later.min()) // align * align) if len(later) else end
+            continue
         hi = lo + align
         while hi < end and _rows_in(groups, lo - margin, hi + align + margin) <= max_rows:
             hi += align
         read = (lo - margin, hi + margin)
         files = [s.path for s in spans
                  if any(g[0] and g[2] >= read[0] and g[1] < read[1] for g in s.groups)]
-        owned_rows = _rows_in(groups, lo, hi)
-        if owned_rows > 0 or any(first <= lo < last for first, last in zip(*groups[1:])):
-            chunks.append(Chunk(len(chunks), (lo, hi), read, files,
-                                int(round(_rows_in(groups, *read)))))
+        chunks.append(Chunk(len(chunks), (lo, hi), read, files,
+                            int(round(_rows_in(groups, *read)))))
         lo = hi
     return chunks
