@@ -65,7 +65,7 @@ def plan_chunks(spans: Sequence[FileSpan], margin_ms: int, align_ms: int,
     if max_rows <= 0 or not len(groups[0]) or total <= max_rows:
         return [Chunk(0, None, None, [s.path for s in spans], total)]
     align = max(1, int(align_ms))
-    margin = -(-int(margin_ms) // align) * align  # whole steps: windows stay whole
+    margin = int(margin_ms)
     start = int(groups[1].min()) // align * align
     end = int(groups[2].max())
     chunks, lo = [], start

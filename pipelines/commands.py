@@ -183,11 +183,9 @@ def _detection_source(options: PipelineOptions, files, as_columns: bool = False,
                           as_columns=as_columns, time_range=time_range)
 
 
-def _chunk_plan(options: PipelineOptions, spans, margin_ms: int, align_ms: int,
-                copies: int = 1):
+def _chunk_plan(options: PipelineOptions, spans, margin_ms: int, align_ms: int):
     """The time chunks of a match or calibrate run (pipelines/chunks.py): one chunk on
-    Dataflow or with --chunk-mb 0, else chunks of --chunk-mb of embeddings, counting
-    ``copies`` per detection read (calibrate matches each with its shifted copy)."""
+    Dataflow or with --chunk-mb 0, else chunks of --chunk-mb of embeddings."""
     from apache_beam.options.pipeline_options import StandardOptions
 
     from pipelines.chunks import plan_chunks, rows_budget
@@ -198,7 +196,7 @@ def _chunk_plan(options: PipelineOptions, spans, margin_ms: int, align_ms: int,
         runner = str(options.view_as(StandardOptions).runner or "")
         chunk_mb = 0 if "Dataflow" in runner else DEFAULT_CHUNK_MB
     dim = max((s.dim for s in spans), default=0) or 2048  # variable lists: assume large
-    rows = rows_budget(chunk_mb * 2 ** 20, dim) // copies if chunk_mb else 0
+    rows = rows_budget(chunk_mb * 2 ** 20, dim) if chunk_mb else 0
     return plan_chunks(spans, margin_ms, align_ms, rows)
 
 
@@ -304,8 +302,17 @@ def calibrate(options: PipelineOptions) -> int:
     candidates = options.view_as(CandidateOptions)
     settings = options.view_as(CalibrateOptions)
     window_ms = int(round(candidates.window * 1000))
+    # real pairs are exact with the margin; each chunk's control shifts within the data
+    # it reads (the same traffic, no true pairs), not within the whole period
     margin = context_margin_ms("mutual", CandidateBands(candidates.max_gap), window_ms)
-    chunks = _chunk_plan(options, spans, margin, window_ms, copies=2)
+    chunks = _chunk_plan(options, spans, margin, window_ms)
+    period = (min(g[1] for s in spans for g in s.groups if g[0]),
+              max(g[2] for s in spans for g in s.groups if g[0]) + 1000)
+
+    def span_of(chunk):
+        if chunk.read_ms is None:
+            return period
+        return max(chunk.read_ms[0], period[0]), min(chunk.read_ms[1], period[1])
     parts = target + ".parts"
     parquet_io.clear_table(parts)  # a crashed run's parts must not be pooled
 
@@ -314,8 +321,9 @@ def calibrate(options: PipelineOptions) -> int:
         _ = (pipeline
              | "ReadDetections" >> _detection_source(options, files, True, chunk.read_ms)
              | "Calibrate" >> CalibrationPairs(
-                 cameras, max_gap_s=candidates.max_gap, window_s=candidates.window,
-                 metric=candidates.metric, span_ms=chunk.read_ms, owned_ms=chunk.owned_ms)
+                 cameras, span_of(chunk), max_gap_s=candidates.max_gap,
+                 window_s=candidates.window, metric=candidates.metric,
+                 owned_ms=chunk.owned_ms)
              | "AllPairs" >> beam.combiners.ToList()
              | "WritePart" >> beam.Map(_write_json_lines,
                                        "%s/chunk-%04d.json" % (parts, chunk.index)))

@@ -9,7 +9,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 VEHICLES = "car,bus,truck,motorcycle"
 # Measured in BENCHMARKS.md ("Scale"): the peak memory of a chunk is about twice this.
-DEFAULT_CHUNK_MB = 1024
+DEFAULT_CHUNK_MB = 768
 
 
 def _positive_int(text):

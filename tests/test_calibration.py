@@ -54,6 +54,11 @@ def _world(seed=0, vehicles=1500, span_s=3600, transit=25.0, jitter=2.0, dim=16,
     return dets, owner
 
 
+def _span(dets):
+    ts = [d["frame_ts_ms"] for d in dets]
+    return min(ts), max(ts) + 1000
+
+
 def _run(transform, dets):
     p = beam.Pipeline(runner=FnApiRunner())
     out = collect(p | beam.Create(dets, reshuffle=False) | transform, "out")
@@ -63,11 +68,12 @@ def _run(transform, dets):
 
 def test_calibrate_finds_the_planted_link_only():
     dets, _ = _world()
-    links = _run(CalibrateLinks(["c1", "c2", "c3"], max_gap_s=120), dets)
+    links = _run(CalibrateLinks(["c1", "c2", "c3"], _span(dets), max_gap_s=120), dets)
     assert [(l["camera_a"], l["camera_b"]) for l in links] == [("c1", "c2")]
     assert abs(links[0]["offset_s"] - 25) <= 2 and links[0]["spread_s"] <= 10
     shuffled, _ = _world(shuffle=True)
-    assert _run(CalibrateLinks(["c1", "c2", "c3"], max_gap_s=120), shuffled) == []
+    assert _run(CalibrateLinks(["c1", "c2", "c3"], _span(shuffled), max_gap_s=120),
+                shuffled) == []
 
 
 def test_time_shift_estimate_matches_true_precision():

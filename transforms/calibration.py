@@ -2,14 +2,13 @@
 
 For each camera pair, the dt of its mutual-nearest-neighbour pairs within
 ``+-max_gap`` is histogrammed twice: on the real data and on a time-shifted control
-(one camera's timestamps circularly shifted by half the data's span: the same traffic
-density, no true pairs). A peak that stands significantly above the control becomes a
+(camera b's timestamps moved ``2 * max_gap`` later, circularly within the period: the
+same traffic density, no true pairs within the band). A peak that stands significantly above the control becomes a
 link (SPEC.md, links.json). Both directions of traffic may give a link each.
 
 :func:`find_links` is the pure statistics; :class:`CalibrationPairs` is the Beam
-pipeline that feeds it: one matching pass over the real detections together with their
-shifted copies (:mod:`transforms.control`), so the real pairs and the control pairs of
-every camera pair come out of the same scalable, windowed matcher (and its time
+pipeline that feeds it: one matching pass that computes the real pairs and the control
+pairs of every camera pair in the same blocks of the scalable matcher (and its time
 chunks, ``owned_ms``: ``cctview calibrate`` pools the chunks' dt lists with
 :func:`merge_pair_dts` and finds the links on the driver, :func:`links_of_pairs`).
 :class:`CalibrateLinks` is the same in one job, ending in the links.
@@ -20,9 +19,8 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from transforms.control import (CONTROL, CONTROLS_PER_PAIR, REAL, ClassifyControl,
-                                WithShiftedControl, control_links)
-from transforms.matching import MatchDetections
+from transforms.control import CONTROL, CONTROLS_PER_PAIR, REAL, ClassifyControl
+from transforms.matching import MatchDetections, ShiftedControl
 
 NAMESPACE = "cctview"
 _HALF_WIDTHS_S = (2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 14.0, 20.0, 30.0)
@@ -160,30 +158,44 @@ def _dts_by_kind(element):
     return pair, dts
 
 
+def control_shift_ms(max_gap_s: float, span_ms: int) -> int:
+    """How far calibration's control moves camera b within a period of ``span_ms``:
+    ``2 * max_gap`` (a vehicle seen at both cameras within ``max_gap`` then never lands
+    in the control's band, nor after the circular wrap), half the period where that is
+    shorter than ``4 * max_gap``."""
+    shift = int(round(2000 * float(max_gap_s)))
+    return shift if 2 * shift <= span_ms else max(1, span_ms // 2)
+
+
 class CalibrationPairs(beam.PTransform):
     """Detections (dicts or column chunks) -> ``((camera_a, camera_b), {"real": [dt],
     "control": [dt]})``: the dt of every mutual-nearest-neighbour pair of each camera
-    pair, for real and against its time-shifted control, from one pass of the matcher.
+    pair within ``+-max_gap_s``, for real and against camera b moved
+    :func:`control_shift_ms` later, circularly within ``span_ms=(lo, hi)`` (the
+    period of the data, read on the driver), from one pass of the matcher.
 
-    ``cameras`` are the camera ids in the data (read on the driver); each pair of them
-    is matched for real and against its control. ``span_ms=(lo, hi)``: the time range
-    the control shifts within (None: the data's own span, found by the job);
-    ``owned_ms``: only the pairs whose camera-A detection lies in that range (one time
-    chunk of a longer period, see :class:`transforms.matching.MatchDetections`).
+    The control pairs are computed in the same blocks, from the same shuffled copies,
+    as the real ones (:class:`transforms.matching.ShiftedControl`): it costs the
+    distance cells of a second matching, not a second copy of every embedding.
+    ``cameras`` are the camera ids in the data (read on the driver); ``owned_ms``: only
+    the pairs whose camera-A detection lies in that range (one time chunk of a longer
+    period, see :class:`transforms.matching.MatchDetections`).
     """
 
-    def __init__(self, cameras, max_gap_s: float = 300.0, window_s: float = 600.0,
-                 metric: str = "l2", span_ms=None, owned_ms=None):
+    def __init__(self, cameras, span_ms, max_gap_s: float = 300.0, window_s: float = 600.0,
+                 metric: str = "l2", owned_ms=None):
         super().__init__()
-        self._links = control_links(None, cameras, max_gap_s)
-        self._match = dict(policy="mutual", metric=metric, window_s=window_s,
-                           links=self._links, owned_ms=owned_ms)
-        self._span_ms = span_ms
+        cameras = sorted(set(cameras))
+        links = [{"camera_a": a, "camera_b": b, "offset_s": 0.0, "spread_s": float(max_gap_s)}
+                 for i, a in enumerate(cameras) for b in cameras[i + 1:]]
+        lo, hi = int(span_ms[0]), int(span_ms[1])
+        control = ShiftedControl(control_shift_ms(max_gap_s, hi - lo), lo, hi - lo)
+        self._match = dict(policy="mutual", metric=metric, window_s=window_s, links=links,
+                           owned_ms=owned_ms, control=control)
 
     def expand(self, detections):
         return (
             detections
-            | "WithControl" >> WithShiftedControl(self._span_ms)
             | "MutualNN" >> MatchDetections(**self._match)
             | "Classify" >> ClassifyControl()
             | "KindAndDt" >> beam.Map(lambda c: (c[0], (c[1], c[2]["dt_seconds"])))
@@ -209,10 +221,10 @@ class CalibrateLinks(beam.PTransform):
     """Detection dicts -> link dicts (links.json objects), in one job
     (:class:`CalibrationPairs`, then :func:`links_of_pairs` per camera pair)."""
 
-    def __init__(self, cameras, max_gap_s: float = 300.0, window_s: float = 600.0,
+    def __init__(self, cameras, span_ms, max_gap_s: float = 300.0, window_s: float = 600.0,
                  metric: str = "l2", min_support: int = 10, min_significance: float = 5.0):
         super().__init__()
-        self._pairs = CalibrationPairs(cameras, max_gap_s, window_s, metric)
+        self._pairs = CalibrationPairs(cameras, span_ms, max_gap_s, window_s, metric)
         self._links = _LinksFn(max_gap_s, min_support, min_significance)
 
     def expand(self, detections):

@@ -17,9 +17,6 @@ linked with the band ``[-max_gap, +max_gap]``, which is exactly the unlinked rul
 from typing import List, Optional, Tuple
 
 import apache_beam as beam
-import numpy as np
-
-from transforms.detections_io import DetectionColumns
 
 SHIFTED = "~"
 REAL, CONTROL = "real", "control"
@@ -37,27 +34,6 @@ def shift_for_control(det: dict, start_ms: int, span_ms: int) -> dict:
     shifted["detection_id"] = det["detection_id"] + SHIFTED
     shifted["frame_ts_ms"] = start_ms + (det["frame_ts_ms"] - start_ms + span_ms // 2) % span_ms
     return shifted
-
-
-def shift_columns(cols: DetectionColumns, start_ms: int, span_ms: int) -> DetectionColumns:
-    """:func:`shift_for_control` for a chunk of detections as arrays (the embeddings are
-    shared, not copied)."""
-    shifted = start_ms + (cols.frame_ts_ms - start_ms + span_ms // 2) % span_ms
-    return DetectionColumns(np.char.add(cols.camera_id, SHIFTED), shifted.astype(np.int64),
-                            np.char.add(cols.detection_id, SHIFTED), cols.embedding)
-
-
-def _shifted(element, start_ms: int, span_ms: int):
-    if isinstance(element, DetectionColumns):
-        return shift_columns(element, start_ms, span_ms)
-    return shift_for_control(element, start_ms, span_ms)
-
-
-def _times(element):
-    """The capture times of a detection dict or a column chunk (for the data's span)."""
-    if isinstance(element, DetectionColumns):
-        return [int(element.frame_ts_ms.min()), int(element.frame_ts_ms.max())]
-    return [element["frame_ts_ms"]]
 
 
 def control_links(links: Optional[List[dict]], cameras, max_gap_s: float) -> List[dict]:
@@ -108,20 +84,10 @@ def _classified(match):
 
 
 class WithShiftedControl(beam.PTransform):
-    """Detections (dicts or column chunks) -> the detections plus their shifted virtual
-    copies: circularly shifted by half of ``span_ms=(lo, hi)`` within it or, when None,
-    by half the data's own span (found by the job: two global combines)."""
-
-    def __init__(self, span_ms: Optional[Tuple[int, int]] = None):
-        super().__init__()
-        self._span_ms = span_ms
+    """Detections -> the detections plus their half-span-shifted virtual copies."""
 
     def expand(self, detections):
-        if self._span_ms is not None:
-            lo, hi = self._span_ms
-            shifted = detections | "ShiftedCopies" >> beam.Map(_shifted, lo, hi - lo)
-            return (detections, shifted) | "RealAndShifted" >> beam.Flatten()
-        times = detections | "Times" >> beam.FlatMap(_times)
+        times = detections | "Times" >> beam.Map(lambda d: d["frame_ts_ms"])
         bounds = beam.pvalue.AsSingleton(
             (times | "Earliest" >> beam.CombineGlobally(min).without_defaults(),
              times | "Latest" >> beam.CombineGlobally(max).without_defaults())
@@ -129,7 +95,7 @@ class WithShiftedControl(beam.PTransform):
             | "ToList" >> beam.combiners.ToList()
             | "Span" >> beam.Map(lambda ts: (min(ts), max(ts) - min(ts) + 1000)))
         shifted = detections | "ShiftedCopies" >> beam.Map(
-            lambda d, b: _shifted(d, b[0], b[1]), bounds)
+            lambda d, b: shift_for_control(d, b[0], b[1]), bounds)
         return (detections, shifted) | "RealAndShifted" >> beam.Flatten()
 
 

@@ -85,9 +85,10 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import match_blocks as mb
+from transforms.control import SHIFTED, base_camera
 from transforms.detections_io import DetectionColumns
 
-__all__ = ["MatchDetections", "block_ms_of", "context_margin_ms"]
+__all__ = ["MatchDetections", "ShiftedControl", "block_ms_of", "context_margin_ms"]
 
 NAMESPACE = "cctview.matching"
 # Detections of one camera and block travel together, up to this many per element.
@@ -190,9 +191,10 @@ class _RouteToBlocks(beam.DoFn):
     its detections; a reference part holds exactly the detections in that block's
     reach."""
 
-    def __init__(self, bands: mb.CandidateBands, block_ms: int):
+    def __init__(self, bands: mb.CandidateBands, block_ms: int, control=None):
         self.bands = bands
         self.block_ms = int(block_ms)
+        self.control = control
         self.copies = Metrics.counter(NAMESPACE, "embedding_copies_shuffled")
         self.bytes = Metrics.counter(NAMESPACE, "shuffled_bytes")
 
@@ -204,11 +206,11 @@ class _RouteToBlocks(beam.DoFn):
             targets[own] = None
         iv = self.bands.reference_intervals(cam)
         if len(iv):
-            for start in mb.reach_window_starts(int(batch.ts[0]), self.block_ms, iv,
-                                                t_max_ms=int(batch.ts[-1])):
-                if start in targets and targets[start] is None:
-                    continue
-                targets[start] = mb.in_reach(batch.ts, start, self.block_ms, iv)
+            roles = [batch.ts]
+            if self.control is not None:  # also where its shifted copy is needed
+                roles.append(self.control.shift(batch.ts))
+            for ts in roles:
+                self._reach(targets, ts, iv)
         for start, keep in sorted(targets.items()):
             if keep is None or keep.all():
                 part, rows = data, len(batch)
@@ -219,6 +221,19 @@ class _RouteToBlocks(beam.DoFn):
             self.copies.inc(rows)
             self.bytes.inc(len(part))
             yield start, part
+
+    def _reach(self, targets: dict, ts: np.ndarray, iv: np.ndarray) -> None:
+        """Adds, per block whose reach holds some of the times ``ts`` (sorted, or two
+        sorted runs where a circular shift wrapped), the rows it needs."""
+        cut = int(np.argmax(np.diff(ts) < 0)) + 1 if len(ts) > 1 and (np.diff(ts) < 0).any() else 0
+        for run in ((ts[:cut], ts[cut:]) if cut else (ts,)):
+            for start in mb.reach_window_starts(int(run.min()), self.block_ms, iv,
+                                                t_max_ms=int(run.max())):
+                if start in targets and targets[start] is None:
+                    continue
+                keep = mb.in_reach(ts, start, self.block_ms, iv)
+                previous = targets.get(start)
+                targets[start] = keep if previous is None else (keep | previous)
 
 
 class _ComputeBlock(beam.DoFn):
@@ -247,7 +262,7 @@ class _ComputeBlock(beam.DoFn):
         yield from self.compute(*pair)
 
     def compute(self, q, r):
-        iv = self.bands.intervals(q.camera_id, r.camera_id)
+        iv = self.bands.intervals(q.camera_id, base_camera(r.camera_id))
         if self.policy in ("all", "assignment"):
             chunks = mb.block_matches(q, r, iv, self.policy, self.metric, self.threshold,
                                       self.top_k)
@@ -282,6 +297,25 @@ class _ComputeBlock(beam.DoFn):
                 "partials", ((q.camera_id, r.camera_id, g * self.block_ms), part))
 
 
+class ShiftedControl:
+    """A time-shift control computed inside the blocks: camera B's detections moved
+    ``shift_ms`` later, circularly within the period ``[start_ms, start_ms + span_ms)``
+    (so the control has the real traffic density everywhere), on the virtual camera
+    ``B~`` with ids ``id~`` (:mod:`transforms.control`)."""
+
+    def __init__(self, shift_ms: int, start_ms: int, span_ms: int):
+        if not 0 < int(shift_ms) < int(span_ms):
+            raise ValueError("the control shift must be within the period")
+        self.shift_ms, self.start_ms, self.span_ms = int(shift_ms), int(start_ms), int(span_ms)
+
+    def shift(self, ts: np.ndarray) -> np.ndarray:
+        return self.start_ms + (ts - self.start_ms + self.shift_ms) % self.span_ms
+
+    def shifted(self, batch: mb.Batch) -> mb.Batch:
+        return mb.Batch(batch.window_start_ms, np.char.add(batch.ids, SHIFTED),
+                        self.shift(batch.ts), batch.emb, batch.camera_id + SHIFTED)
+
+
 def _copied(side: mb.Side) -> mb.Side:
     return mb.Side(side.camera_id, side.ids.copy(), side.ts.copy(), side.emb.copy())
 
@@ -296,9 +330,10 @@ class _ComputeBlocks(_ComputeBlock):
     """
 
     def __init__(self, bands, policy, metric, threshold, top_k, window_ms, block_ms,
-                 max_cells):
+                 max_cells, control=None):
         super().__init__(bands, policy, metric, threshold, top_k, window_ms, block_ms)
         self.max_cells = max_cells
+        self.control = control
         self.blocks = Metrics.counter(NAMESPACE, "blocks")
         self.blocks_split = Metrics.counter(NAMESPACE, "blocks_split")
         self.block_cells = Metrics.distribution(NAMESPACE, "block_cells")
@@ -311,8 +346,9 @@ class _ComputeBlocks(_ComputeBlock):
             self.blocks.inc()
             self.block_cells.update(len(q) * len(r))
             if len(q) * len(r) > self.max_cells:
-                split = mb.split_block(q, r, self.bands.intervals(q.camera_id, r.camera_id),
-                                       self.max_cells)
+                split = mb.split_block(
+                    q, r, self.bands.intervals(q.camera_id, base_camera(r.camera_id)),
+                    self.max_cells)
                 if len(split) > 1:
                     self.blocks_split.inc()
                     for sq, sr in split:
@@ -340,14 +376,18 @@ class _ComputeBlocks(_ComputeBlock):
                 iv = self.bands.intervals(qc, rc)
                 if not len(iv):
                     continue
-                r_keep = [mb.in_reach(b.ts, start, self.block_ms, iv) for b in by_camera[rc]]
                 if q is None:
                     q = self._side(qc, by_camera[qc], q_keep, "q")
                 if not len(q):
                     break
-                r = self._side(rc, by_camera[rc], r_keep, "r")
-                if len(r):
-                    yield q, r
+                references = [by_camera[rc]]
+                if self.control is not None:
+                    references.append([self.control.shifted(b) for b in by_camera[rc]])
+                for batches_r in references:
+                    r_keep = [mb.in_reach(b.ts, start, self.block_ms, iv) for b in batches_r]
+                    r = self._side(batches_r[0].camera_id, batches_r, r_keep, "r")
+                    if len(r):
+                        yield q, r
 
     def _side(self, camera: str, batches, keep, name: str) -> mb.Side:
         rows = sum(int(k.sum()) for k in keep)
@@ -433,6 +473,10 @@ class MatchDetections(beam.PTransform):
       owned_ms: ``(lo, hi)`` epoch ms: emit only the matches whose camera-A detection
         has ``lo <= ts < hi`` (see the module docstring: one time chunk of a longer
         run); None: every match.
+      control: a :class:`ShiftedControl`: also match every pair (A, B) against B's
+        detections shifted in time (virtual camera ``B~``): a time-shift control
+        computed from the same shuffled copies as the real pairs (calibration), its
+        matches emitted beside the real ones.
 
     Output elements are in the GlobalWindow, timestamped with ``frame_ts_a_ms``.
 
@@ -454,7 +498,8 @@ class MatchDetections(beam.PTransform):
                  threshold: Optional[float] = None, top_k: int = 1, links=None,
                  max_candidates_per_block: int = mb.DEFAULT_MAX_CANDIDATES_PER_BLOCK,
                  label: Optional[str] = None, block_s: Optional[float] = None,
-                 owned_ms: Optional[Tuple[int, int]] = None):
+                 owned_ms: Optional[Tuple[int, int]] = None,
+                 control: Optional[ShiftedControl] = None):
         super().__init__(label)
         mb.check_params(policy, metric, top_k, threshold)
         if int(max_candidates_per_block) < 1:
@@ -469,6 +514,7 @@ class MatchDetections(beam.PTransform):
         self.max_cells = int(max_candidates_per_block)
         self.max_batch = DEFAULT_MAX_BATCH
         self.owned_ms = None if owned_ms is None else (int(owned_ms[0]), int(owned_ms[1]))
+        self.control = control
 
     def expand(self, detections):
         p = self.policy
@@ -476,14 +522,17 @@ class MatchDetections(beam.PTransform):
                  | "BatchDetections" >> beam.ParDo(
                      _BatchDetections(self.block_ms, self.max_batch))
                  | "InGlobalWindow" >> beam.WindowInto(GlobalWindows())
-                 | "RouteToBlocks" >> beam.ParDo(_RouteToBlocks(self.bands, self.block_ms)))
+                 | "RouteToBlocks" >> beam.ParDo(
+                     _RouteToBlocks(self.bands, self.block_ms, self.control)))
         compute = dict(bands=self.bands, policy=p, metric=self.metric,
                        threshold=self.threshold, top_k=self.top_k, window_ms=self.window_ms,
                        block_ms=self.block_ms)
         whole = (keyed
                  | "GroupBlocks" >> beam.GroupByKey()
                  | "ComputeBlocks" >> beam.ParDo(
-                     _ComputeBlocks(max_cells=self.max_cells, **compute)).with_outputs(
+                     _ComputeBlocks(max_cells=self.max_cells,
+                                    control=self.control,
+                                    **compute)).with_outputs(
                          "split", "partials", main="matches"))
         split = (whole.split
                  | "SpreadSplitBlocks" >> beam.Reshuffle()
