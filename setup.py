@@ -1,6 +1,11 @@
 """Installs cctview-beam: CCTV frames in object storage -> cross-camera vehicle matches."""
 from setuptools import setup
 
+# Optional backends (README.md, "Models and weights"). The core install stays free of
+# TensorFlow; the test extra includes both so the test command exercises them.
+TF = ["tensorflow>=2.15"]
+IMAGEAI = ["imageai>=3.0,<4"]
+
 setup(
     name="cctview-beam",
     version="0.1.0",
@@ -29,9 +34,11 @@ setup(
             "gcp-storage-emulator>=2024.8",
             "moto[server]>=5",
             "boto3>=1.34",
+            *TF,
+            *IMAGEAI,
         ],
-        "tf": ["tensorflow>=2.15"],
-        "imageai": ["imageai>=3.0"],
+        "tf": TF,
+        "imageai": IMAGEAI,
     },
     entry_points={"console_scripts": ["cctview=pipelines.cli:main"]},
 )
