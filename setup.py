@@ -3,8 +3,10 @@ from setuptools import setup
 
 # Optional backends (README.md, "Models and weights"). The core install stays free of
 # TensorFlow; the test extra includes both so the test command exercises them.
-TF = ["tensorflow>=2.15"]
-IMAGEAI = ["imageai>=3.0,<4"]
+# Beam's TensorFlow handler imports tensorflow_hub, which imports pkg_resources (gone
+# from setuptools 81 on); ImageAI 3 imports cv2 but declares no requirements at all.
+TF = ["tensorflow>=2.15", "tensorflow-hub>=0.16", "setuptools<81"]
+IMAGEAI = ["imageai>=3.0,<4", "opencv-python-headless>=4.8"]
 
 setup(
     name="cctview-beam",
