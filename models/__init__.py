@@ -12,7 +12,7 @@ that imported tensorflow before this package gets an ImportError here instead of
 """
 import sys
 
-if "tensorflow" in sys.modules and "torchvision" not in sys.modules:
+if sys.modules.get("tensorflow") is not None and "torchvision" not in sys.modules:
     raise ImportError("tensorflow was imported before torchvision: importing torchvision now would crash "
                       "this process (segmentation fault); import models (or torchvision) before tensorflow")
 

@@ -375,3 +375,32 @@ def test_imageai_detector_with_tf_embedder_in_one_process(frames_dir, embedder_d
     assert run.returncode == 0, (run.returncode, run.stderr[-3000:])
     rows = ds.dataset(out / "detections", partitioning="hive").to_table().to_pylist()
     assert rows and {r["detector"] for r in rows} == {"imageai_tiny_yolov3"} and {len(r["embedding"]) for r in rows} == {8}
+
+
+def test_core_install_needs_neither_tensorflow_nor_imageai():
+    """Without the extras every other model works and these say in one line what to install;
+    the distribution's own requirements keep TensorFlow out of the core and in [test]."""
+    from importlib.metadata import requires
+
+    code = (
+        "import sys\n"
+        "sys.modules.update(tensorflow=None, imageai=None)  # as if not installed: imports fail, find_spec is None\n"
+        "from models.registry import build_detector, build_embedder\n"
+        "from models.weights import WeightsError\n"
+        "assert build_embedder('color_histogram').dim == 512\n"
+        "for build, name in ((build_detector, 'tf_savedmodel'), (build_embedder, 'tf_savedmodel'),\n"
+        "                    (build_detector, 'imageai_retinanet')):\n"
+        "    try:\n"
+        "        build(name, '/tmp/x.pth')\n"
+        "    except WeightsError as e:\n"
+        "        print(e)\n"
+    )
+    run = _python(code)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 3 and "pip install 'cctview-beam[tf]'" in lines[0] and "[tf]" in lines[1]
+    assert "pip install 'cctview-beam[imageai]'" in lines[2]
+    core = [r for r in requires("cctview-beam") if "extra ==" not in r]
+    test = [r for r in requires("cctview-beam") if 'extra == "test"' in r]
+    assert not any(r.lower().startswith(("tensorflow", "imageai")) for r in core)
+    assert {"tensorflow", "imageai"} <= {r.split(">")[0].split("<")[0].split("[")[0].strip().lower() for r in test}
