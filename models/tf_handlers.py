@@ -8,10 +8,11 @@ has imported torchvision by then, which keeps the import order that does not cra
 The handlers are Beam's ``TFModelHandlerTensor``: Beam batches the elements (up to
 ``max_batch_size``) and its ``run_inference`` hands each batch to the ``inference_fn``,
 which runs the whole batch through the model in one call per frame size. Two things
-are this project's: ``load_model`` builds the model through the registry (Beam's own
-loads Keras files with ``tf.keras.models.load_model``, which under Keras 3 reads no
-SavedModel folder, nor any URI but a local or TF Hub one), and the elements and results
-are those of :class:`models.handlers.DetectModelHandler` and
+are this project's: ``load_model`` builds the model through the registry, which reads
+the folder from any Beam filesystem URI and checks its pin (Beam's own calls
+``tf.keras.models.load_model``, which under Keras 3 refuses a SavedModel folder: "the
+legacy SavedModel format is not supported by load_model() in Keras 3"), and the elements
+and results are those of :class:`models.handlers.DetectModelHandler` and
 :class:`models.handlers.EmbedModelHandler`, so that the rest of the pipeline cannot tell
 the frameworks apart.
 """

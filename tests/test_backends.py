@@ -129,7 +129,8 @@ def test_tf_embedder_reads_its_input_size_and_normalises(embedder_dir, images):
     assert [o.shape for o in out] == [(2, 8), (0, 8), (1, 8)] and all(o.dtype == np.float32 for o in out)
     frames = [torch.from_numpy(images[0]).permute(2, 0, 1).float() / 255]
     crops = crop_boxes(frames, [boxes[0]], (32, 16))
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     direct = embedder._signature(crops=tf.constant(((crops - mean) / std).permute(0, 2, 3, 1).numpy()))["embedding"]
     assert np.allclose(out[0], direct.numpy(), atol=1e-4)
 
@@ -175,7 +176,8 @@ def test_savedmodel_loads_from_gcs(gcs_server, detector_dir, images):
                             sha256=folder_sha256(detector_dir))
     local = build_detector("tf_savedmodel", detector_dir, min_score=0.0)
     a, b = remote.detect(images[:2]), local.detect(images[:2])
-    assert all(np.array_equal(x["boxes"], y["boxes"]) and np.array_equal(x["scores"], y["scores"]) for x, y in zip(a, b))
+    for x, y in zip(a, b):
+        assert np.array_equal(x["boxes"], y["boxes"]) and np.array_equal(x["scores"], y["scores"])
     with pytest.raises(WeightsError, match="^weights folder not found: gs://"):
         build_detector("tf_savedmodel", "gs://%s/models/missing" % bucket)
 
@@ -295,7 +297,8 @@ def test_imageai_yolo_batched_gives_imageais_own_boxes(name, kind, images, tmp_p
         _, theirs = reference.detectObjectsFromImage(input_image=np.ascontiguousarray(image[:, :, ::-1]),
                                                      output_type="array")
         expected = sorted((d["box_points"], d["percentage_probability"]) for d in theirs)
-        got = sorted(([int(v) for v in box], round(float(s) * 100, 2)) for box, s in zip(found["boxes"], found["scores"]))
+        got = sorted(([int(v) for v in box], round(float(s) * 100, 2))
+                     for box, s in zip(found["boxes"], found["scores"]))
         assert len(expected) > 10 and got == expected
     vehicles = build_detector(name, weights, min_score=0.5).detect(frames[:1])[0]
     assert set(vehicles["labels"]) <= {"car", "bus", "truck", "motorcycle"}  # ImageAI's 'motorbike', renamed
@@ -374,7 +377,8 @@ def test_imageai_detector_with_tf_embedder_in_one_process(frames_dir, embedder_d
                "--embedder", "tf_savedmodel", "--embedder-weights", embedder_dir)
     assert run.returncode == 0, (run.returncode, run.stderr[-3000:])
     rows = ds.dataset(out / "detections", partitioning="hive").to_table().to_pylist()
-    assert rows and {r["detector"] for r in rows} == {"imageai_tiny_yolov3"} and {len(r["embedding"]) for r in rows} == {8}
+    assert rows and {r["detector"] for r in rows} == {"imageai_tiny_yolov3"}
+    assert {len(r["embedding"]) for r in rows} == {8}
 
 
 def test_core_install_needs_neither_tensorflow_nor_imageai():
