@@ -94,13 +94,15 @@ def load_bytes(uri: str, sha256: Optional[str] = None) -> bytes:
 @contextlib.contextmanager
 def local_file(uri: str, sha256: Optional[str] = None, suffix: str = "") -> Iterator[str]:
     """A local path holding the file at ``uri`` while the block runs, for libraries
-    that only open paths (ImageAI). A local file without a pin is used in place; any
-    other is checked (:func:`load_bytes`) and copied to a temporary file ending in
-    ``suffix``, removed afterwards."""
-    if _is_local(uri) and not sha256:
+    that only open paths (ImageAI). The file is checked against ``sha256``
+    (:func:`load_bytes`); a local file is then used in place, a remote one copied to a
+    temporary file ending in ``suffix``, removed afterwards."""
+    if _is_local(uri):
         path = os.path.expanduser(urlparse(uri).path if uri.startswith("file://") else uri)
         if not os.path.isfile(path):
             raise WeightsError("weights not found: %s" % uri)
+        if sha256:
+            load_bytes(path, sha256)
         yield path
         return
     data = load_bytes(uri, sha256)

@@ -333,6 +333,20 @@ def test_bad_imageai_files_stop_with_one_line(tmp_path):
     assert build_detector("imageai_tiny_yolov3", tiny, sha256=digest).name == "imageai_tiny_yolov3"
 
 
+def test_imageai_weights_load_from_gcs_with_a_pin(gcs_server, images, tmp_path):
+    tiny = _save_imageai_yolo("imageai_tiny_yolov3", tmp_path / "tiny.pt")
+    bucket = gcs_server()
+    gcs_server.client.bucket(bucket).blob("models/tiny-yolov3.pt").upload_from_filename(tiny)
+    digest = hashlib.sha256(Path(tiny).read_bytes()).hexdigest()
+    remote = build_detector("imageai_tiny_yolov3", "gs://%s/models/tiny-yolov3.pt" % bucket, sha256=digest,
+                            min_score=0.5, classes=None)
+    local = build_detector("imageai_tiny_yolov3", tiny, min_score=0.5, classes=None)
+    a, b = remote.detect(images[:1])[0], local.detect(images[:1])[0]
+    assert len(a["boxes"]) and np.array_equal(a["boxes"], b["boxes"])
+    with pytest.raises(WeightsError, match="^sha256 mismatch for weights gs://"):
+        build_detector("imageai_tiny_yolov3", "gs://%s/models/tiny-yolov3.pt" % bucket, sha256="ab" * 32)
+
+
 # --- import order: TensorFlow and torchvision in one process ----------------------------------
 
 def _python(code: str, timeout: int = 180):
