@@ -16,8 +16,10 @@ whole batch of frames per call instead of ImageAI's one image per call:
   class probability: with ``min_score=0.5, nms_iou=0.4`` the boxes are those of ImageAI's
   ``detectObjectsFromImage`` at its defaults.
 
-Labels use the same COCO names as the other detectors (ImageAI's lists hold the same
-classes in the same order, some under VOC names such as ``motorbike``).
+ImageAI keeps the loaded network in a private attribute of ``ObjectDetection``, which is
+why the ``[imageai]`` extra stays below ImageAI 4. Labels use the same COCO names as the
+other detectors (ImageAI's lists hold the same classes in the same order, some under VOC
+names such as ``motorbike``).
 """
 import os
 import threading
@@ -29,6 +31,7 @@ import torch
 from torchvision.ops import batched_nms
 
 from models.detectors import _CANDIDATES_PER_IMAGE, COCO_80, COCO_91, Detector, TorchvisionDetector
+from models.imaging import to_uint8
 from models.weights import WeightsError, WeightsSpec, _first_line, local_file
 
 _RELEASE = "https://github.com/OlafenwaMoses/ImageAI/releases/download/3.0.0-pretrained/"
@@ -112,8 +115,8 @@ class ImageAIYoloDetector(Detector):
         """ImageAI's input for each frame (it expects OpenCV's BGR order), stacked."""
         batch = []
         for frame in frames:
-            rgb = frame.mul(255).round_().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-            batch.append(self._prepare(np.ascontiguousarray(rgb[:, :, ::-1]), (YOLO_INPUT, YOLO_INPUT)))
+            bgr = np.ascontiguousarray(to_uint8(frame)[:, :, ::-1])
+            batch.append(self._prepare(bgr, (YOLO_INPUT, YOLO_INPUT)))
         return torch.cat(batch).to(self.device)
 
     def _predict(self, frames) -> list:

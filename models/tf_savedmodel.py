@@ -22,6 +22,7 @@ import torch
 
 from models.detectors import COCO_91, Detector
 from models.embedders import IMAGENET_MEAN, IMAGENET_STD, Embedder
+from models.imaging import to_uint8
 from models.weights import WeightsError, _first_line, local_folder
 
 DETECTION_INPUT = "input_tensor"
@@ -71,15 +72,11 @@ def _by_shape(arrays) -> dict:
     return groups
 
 
-def as_uint8_frames(frames) -> list:
-    """float (3, H, W) RGB 0..1 tensors (as :func:`models.imaging.to_device` makes them)
-    -> the HxWx3 uint8 arrays they came from (exact: 0..255 / 255 * 255 rounds back)."""
-    return [f.mul(255).round_().to(torch.uint8).permute(1, 2, 0).cpu().numpy() for f in frames]
-
-
 class TFSavedModelDetector(Detector):
-    """A SavedModel with the Object Detection API signature; the model's own
-    post-processing (NMS, at most its max detections) runs inside the SavedModel."""
+    """A SavedModel with the Object Detection API signature. Its own post-processing
+    (NMS, its threshold and most detections) runs inside the SavedModel, so ``nms_iou``
+    does not reach it; ``min_score``, ``classes``, ``min_box`` and ``max_detections``
+    filter what it returns, as for every detector."""
 
     name = "tf_savedmodel"
 
@@ -108,7 +105,7 @@ class TFSavedModelDetector(Detector):
         return [self._finish(*r, image.shape[:2]) for r, image in zip(raw, images)]
 
     def _predict(self, frames) -> list:
-        return self._predict_arrays(as_uint8_frames(frames))
+        return self._predict_arrays([to_uint8(f) for f in frames])
 
     def _predict_arrays(self, images) -> list:
         """One signature call per frame size; boxes to pixels xyxy, class ids to labels."""
