@@ -16,4 +16,7 @@ if sys.modules.get("tensorflow") is not None and "torchvision" not in sys.module
     raise ImportError("tensorflow was imported before torchvision: importing torchvision now would crash "
                       "this process (segmentation fault); import models (or torchvision) before tensorflow")
 
-import torchvision  # noqa: E402,F401  (first, before any TensorFlow import: see above)
+try:
+    import torchvision  # noqa: F401  (first, before any TensorFlow import: see above)
+except ImportError:  # without torch (models.background runs without it) nothing can crash this way
+    pass
