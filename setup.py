@@ -1,6 +1,13 @@
 """Installs cctview-beam: CCTV frames in object storage -> cross-camera vehicle matches."""
 from setuptools import setup
 
+# Optional backends (README.md, "Models and weights"). The core install stays free of
+# TensorFlow; the test extra includes both so the test command exercises them.
+# Beam's TensorFlow handler imports tensorflow_hub, which imports pkg_resources (gone
+# from setuptools 81 on); ImageAI 3 imports cv2 but declares no requirements at all.
+TF = ["tensorflow>=2.15", "tensorflow-hub>=0.16", "setuptools<81"]
+IMAGEAI = ["imageai>=3.0,<4", "opencv-python-headless>=4.8"]
+
 setup(
     name="cctview-beam",
     version="0.1.0",
@@ -29,9 +36,11 @@ setup(
             "gcp-storage-emulator>=2024.8",
             "moto[server]>=5",
             "boto3>=1.34",
+            *TF,
+            *IMAGEAI,
         ],
-        "tf": ["tensorflow>=2.15"],
-        "imageai": ["imageai>=3.0"],
+        "tf": TF,
+        "imageai": IMAGEAI,
     },
     entry_points={"console_scripts": ["cctview=pipelines.cli:main"]},
 )

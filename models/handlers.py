@@ -1,6 +1,7 @@
 """Beam ``ModelHandler``s that run the models inside ``RunInference``.
 
-The only module of :mod:`models` that imports apache_beam. A handler is built
+With :mod:`models.tf_handlers` (its TensorFlow counterpart) the only modules of
+:mod:`models` that import apache_beam. A handler is built
 from model names, weight URIs and options (all cheap to pickle); the model
 itself is built on the worker, in :meth:`load_model`, through the registry.
 On a GPU the model is shared across the SDK worker processes of a VM (one
@@ -31,9 +32,27 @@ class FailedInference(NamedTuple):
         return cls("%s: %s" % (type(error).__name__, lines[0] if lines else ""))
 
 
-def _nbytes(element) -> int:
+def infer_with_retry(infer, batch) -> list:
+    """``infer(batch)``; if that raises, each element once more on its own, so that one bad
+    frame costs only itself, a transient failure costs nothing, and a batch too large for
+    the device is retried in the smallest pieces. An element that fails on its own gets a
+    :class:`FailedInference` as its inference."""
+    try:
+        return infer(batch)
+    except Exception:  # the model's own errors have no common type
+        Metrics.counter(NAMESPACE, "inference_batches_retried_one_by_one").inc()
+    results = []
+    for element in batch:
+        try:
+            results.extend(infer([element]))
+        except Exception as error:
+            results.append(PredictionResult(element, FailedInference.of(error)))
+    return results
+
+
+def nbytes(element) -> int:
     if isinstance(element, (tuple, list)):
-        return sum(_nbytes(e) for e in element)
+        return sum(nbytes(e) for e in element)
     return int(getattr(element, "nbytes", 0))
 
 
@@ -56,28 +75,15 @@ class _Handler(ModelHandler):
         return builder(name, weights, self._device, **options)
 
     def run_inference(self, batch, model, inference_args: Optional[dict[str, Any]] = None):
-        """The batch through :meth:`_infer`; if that raises, each element once more on
-        its own, so that one bad frame costs only itself, a transient failure costs
-        nothing, and a batch too large for the device is retried in the smallest pieces.
-        An element that fails on its own gets a :class:`FailedInference` as its inference."""
-        try:
-            return self._infer(batch, model)
-        except Exception:  # the model's own errors have no common type
-            Metrics.counter(NAMESPACE, "inference_batches_retried_one_by_one").inc()
-        results = []
-        for element in batch:
-            try:
-                results.extend(self._infer([element], model))
-            except Exception as error:
-                results.append(PredictionResult(element, FailedInference.of(error)))
-        return results
+        """The batch through :meth:`_infer`, with :func:`infer_with_retry`."""
+        return infer_with_retry(lambda elements: self._infer(elements, model), batch)
 
     def _infer(self, batch, model) -> list:
         """One PredictionResult per element of ``batch``, in order."""
         raise NotImplementedError
 
     def get_num_bytes(self, batch) -> int:
-        return sum(_nbytes(e) for e in batch)
+        return sum(nbytes(e) for e in batch)
 
     def get_metrics_namespace(self) -> str:
         return NAMESPACE
@@ -124,9 +130,14 @@ class DetectModelHandler(_Handler):
         return self._build(build_detector, self._model)
 
     def _infer(self, batch, model):
-        frames, backgrounds = _split_backgrounds(batch)
-        found = model.detect(frames) if backgrounds is None else model.detect(frames, backgrounds)
-        return [PredictionResult(x, y) for x, y in zip(batch, found)]
+        return detect_results(model, batch)
+
+
+def detect_results(detector, batch) -> list:
+    """A :class:`DetectModelHandler` batch through ``detector``: one PredictionResult per element."""
+    frames, backgrounds = _split_backgrounds(batch)
+    found = detector.detect(frames) if backgrounds is None else detector.detect(frames, backgrounds)
+    return [PredictionResult(x, y) for x, y in zip(batch, found)]
 
 
 class EmbedModelHandler(_Handler):
@@ -148,8 +159,13 @@ class EmbedModelHandler(_Handler):
         return self._build(build_embedder, self._model)
 
     def _infer(self, batch, model):
-        images = [image for image, _ in batch]
-        boxes = [b["boxes"] if isinstance(b, dict) else b for _, b in batch]
-        embeddings = model.embed_crops(images, boxes)
-        return [PredictionResult(x, with_embeddings(x[1], e) if isinstance(x[1], dict) else e)
-                for x, e in zip(batch, embeddings)]
+        return embed_results(model, batch)
+
+
+def embed_results(embedder, batch) -> list:
+    """An :class:`EmbedModelHandler` batch through ``embedder``: one PredictionResult per element."""
+    images = [image for image, _ in batch]
+    boxes = [b["boxes"] if isinstance(b, dict) else b for _, b in batch]
+    embeddings = embedder.embed_crops(images, boxes)
+    return [PredictionResult(x, with_embeddings(x[1], e) if isinstance(x[1], dict) else e)
+            for x, e in zip(batch, embeddings)]

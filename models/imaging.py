@@ -30,6 +30,12 @@ def to_device(images, device) -> list:
     return frames
 
 
+def to_uint8(frame: torch.Tensor) -> np.ndarray:
+    """A float (3, H, W) RGB 0..1 tensor from :func:`to_device` -> the HxWx3 uint8 array it
+    came from, for models fed with pixels (exact: v / 255 * 255 rounds back to v)."""
+    return frame.mul(255).round_().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
 def crop_rois(boxes: torch.Tensor, size, mode: str) -> torch.Tensor:
     """The regions to sample for ``boxes`` (N, 4) xyxy, for an input of ``size`` (H, W).
 

@@ -9,12 +9,15 @@ benchmark machine).
 Every failure to get usable weights is a :class:`WeightsError` with a one-line
 message, which the command line prints as its one-line reason for exiting.
 """
+import contextlib
 import dataclasses
 import hashlib
 import io
 import logging
 import os
-from typing import Optional, Sequence
+import shutil
+import tempfile
+from typing import Iterator, Optional, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -86,6 +89,93 @@ def load_bytes(uri: str, sha256: Optional[str] = None) -> bytes:
             raise WeightsError(
                 "sha256 mismatch for weights %s: expected %s, got %s" % (uri, sha256.lower(), digest))
     return data
+
+
+@contextlib.contextmanager
+def local_file(uri: str, sha256: Optional[str] = None, suffix: str = "") -> Iterator[str]:
+    """A local path holding the file at ``uri`` while the block runs, for libraries
+    that only open paths (ImageAI). The file is checked against ``sha256``
+    (:func:`load_bytes`); a local file is then used in place, a remote one copied to a
+    temporary file ending in ``suffix``, removed afterwards."""
+    if _is_local(uri):
+        path = os.path.expanduser(urlparse(uri).path if uri.startswith("file://") else uri)
+        if not os.path.isfile(path):
+            raise WeightsError("weights not found: %s" % uri)
+        if sha256:
+            load_bytes(path, sha256)
+        yield path
+        return
+    data = load_bytes(uri, sha256)
+    handle, path = tempfile.mkstemp(prefix="cctview-weights-", suffix=suffix)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(data)
+        yield path
+    finally:
+        os.remove(path)
+
+
+def folder_sha256(root: str) -> str:
+    r"""The digest that pins a weights folder (a TensorFlow SavedModel): the sha256 of
+    ``sha256sum`` lines ("<hex>  <relative path>\n") of every file, sorted by path, i.e.
+    ``(cd DIR && find . -type f -printf '%P\n' | LC_ALL=C sort | xargs sha256sum) | sha256sum``."""
+    lines = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                lines.append((os.path.relpath(path, root).replace(os.sep, "/"), hashlib.sha256(f.read()).hexdigest()))
+    listing = "".join("%s  %s\n" % (digest, rel) for rel, digest in sorted(lines, key=lambda x: x[0].encode()))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _copy_remote_folder(uri: str, target: str) -> int:
+    """Copies every file under the Beam filesystem folder ``uri`` into ``target``."""
+    from apache_beam.io.filesystems import FileSystems  # only remote URIs need Beam
+
+    prefix = uri.rstrip("/") + "/"
+    found = FileSystems.match([prefix + "**"])[0].metadata_list
+    for metadata in found:
+        relative = metadata.path[len(prefix):]
+        path = os.path.join(target, *relative.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with FileSystems.open(metadata.path) as src, open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return len(found)
+
+
+@contextlib.contextmanager
+def local_folder(uri: str, sha256: Optional[str] = None) -> Iterator[str]:
+    """A local folder holding the weights folder at ``uri`` (local or any Beam filesystem
+    URI) while the block runs; a remote folder is copied to a temporary one, removed
+    afterwards. With ``sha256`` the folder must have that :func:`folder_sha256`."""
+    if _is_local(uri):
+        path = os.path.expanduser(urlparse(uri).path if uri.startswith("file://") else uri)
+        if not os.path.isdir(path):
+            raise WeightsError("weights folder not found: %s" % uri)
+        _check_folder(path, uri, sha256)
+        yield path
+        return
+    target = tempfile.mkdtemp(prefix="cctview-weights-")
+    try:
+        try:
+            copied = _copy_remote_folder(uri, target)
+        except (OSError, ValueError) as e:  # unreachable bucket, or a scheme Beam does not know
+            raise WeightsError("cannot read weights folder %s: %s" % (uri, _first_line(e))) from None
+        if not copied:
+            raise WeightsError("weights folder not found: %s" % uri)
+        _check_folder(target, uri, sha256)
+        yield target
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def _check_folder(path: str, uri: str, sha256: Optional[str]) -> None:
+    if sha256:
+        digest = folder_sha256(path)
+        if digest != sha256.lower():
+            raise WeightsError("sha256 mismatch for weights folder %s: expected %s, got %s"
+                               % (uri, sha256.lower(), digest))
 
 
 def load_state_dict(uri: str, sha256: Optional[str] = None) -> dict:

@@ -93,27 +93,34 @@ class ModelOptions(PipelineOptions):
             "--detector", dest="detector", default="retinanet_resnet50_fpn",
             help="Detector: retinanet_resnet50_fpn, retinanet_resnet50_fpn_v2, "
                  "fasterrcnn_resnet50_fpn_v2, ssdlite320_mobilenet_v3_large, yolox (ONNX "
-                 "file), background (classical, no weights). Default "
-                 "retinanet_resnet50_fpn, CCTView's family.")
+                 "file), background (classical, no weights), tf_savedmodel (a TF2 Object "
+                 "Detection API SavedModel folder; extra [tf]), imageai_retinanet, "
+                 "imageai_yolov3, imageai_tiny_yolov3 (ImageAI 3 weight files; extra "
+                 "[imageai]). Default retinanet_resnet50_fpn, CCTView's family.")
         parser.add_argument(
             "--detector-weights", dest="detector_weights", metavar="URI",
             help="Detector weights: a local path or Beam filesystem URI (torch state "
-                 "dict, or the ONNX file for yolox). Without it torchvision's published "
-                 "weights are used, which needs them cached or the internet.")
+                 "dict, the ONNX file for yolox, the SavedModel folder for tf_savedmodel, "
+                 "ImageAI's .pt/.pth file for imageai_*). Without it torchvision's "
+                 "published weights are used, which needs them cached or the internet.")
         parser.add_argument(
             "--detector-sha256", dest="detector_sha256", metavar="HEX",
-            help="Refuse detector weights whose sha256 differs from this.")
+            help="Refuse detector weights whose sha256 differs from this (a SavedModel "
+                 "folder: the sha256 of its files' sha256sum lines, sorted by path; "
+                 "models/weights.py, folder_sha256).")
         parser.add_argument(
             "--embedder", dest="embedder", default="resnet50",
             help="Embedder: densenet201_veri (CCTView's VeRI_densenet_ft50.pth loads as "
                  "is), resnet50, onnx (any fixed-size ONNX embedder), color_histogram "
-                 "(classical, no weights). Default resnet50.")
+                 "(classical, no weights), tf_savedmodel (a SavedModel folder from crops "
+                 "[N,H,W,3] to vectors [N,D]; extra [tf]). Default resnet50.")
         parser.add_argument(
             "--embedder-weights", dest="embedder_weights", metavar="URI",
             help="Embedder weights: a local path or Beam filesystem URI.")
         parser.add_argument(
             "--embedder-sha256", dest="embedder_sha256", metavar="HEX",
-            help="Refuse embedder weights whose sha256 differs from this.")
+            help="Refuse embedder weights whose sha256 differs from this (a SavedModel "
+                 "folder: as for --detector-sha256).")
         parser.add_argument(
             "--device", dest="device", choices=("cpu", "cuda"), default="cpu",
             help="Where the models run (default cpu).")
@@ -153,7 +160,8 @@ class ModelOptions(PipelineOptions):
         parser.add_argument(
             "--separate-stages", dest="separate_stages", action="store_true",
             help="Run detection and embedding as two RunInference steps instead of the "
-                 "fused detect-and-embed step.")
+                 "fused detect-and-embed step (always so with a tf_savedmodel model, "
+                 "which runs through Beam's TensorFlow model handler).")
 
 
 class CandidateOptions(PipelineOptions):

@@ -78,24 +78,42 @@ def check_models(opts: ModelOptions) -> None:
     del detector, embedder
 
 
+def _handler_classes(opts: ModelOptions):
+    """(detect handler class, embed handler class) for two RunInference steps: Beam's
+    TensorFlow handler for a TensorFlow model, the project's torch/ONNX handler otherwise."""
+    from models.handlers import DetectModelHandler, EmbedModelHandler
+    from models.registry import TF_MODELS
+
+    if opts.detector in TF_MODELS or opts.embedder in TF_MODELS:
+        from models.tf_handlers import TFDetectModelHandler, TFEmbedModelHandler
+
+        return (TFDetectModelHandler if opts.detector in TF_MODELS else DetectModelHandler,
+                TFEmbedModelHandler if opts.embedder in TF_MODELS else EmbedModelHandler)
+    return DetectModelHandler, EmbedModelHandler
+
+
 def detect_stage(opts: ModelOptions):
-    """DetectFrames with the handlers the flags ask for (fused unless --separate-stages).
+    """DetectFrames with the handlers the flags ask for: fused unless --separate-stages or
+    a TensorFlow model, which runs in a RunInference step of its own (Beam's TensorFlow
+    handler, models/tf_handlers.py).
 
     Imported here, not at module level: Beam's RunInference package takes ~3 s to
     import, which `match` and `calibrate` (no models) should not pay."""
     from transforms.inference import DetectFrames
 
-    from models.handlers import DetectEmbedModelHandler, DetectModelHandler, EmbedModelHandler
+    from models.handlers import DetectEmbedModelHandler
+    from models.registry import TF_MODELS
 
     check_models(opts)
     threads = model_threads(opts)
     batching = {"device": opts.device, "max_batch_size": opts.batch_size,
                 "min_batch_size": 1, "threads": threads}
-    if opts.separate_stages:
-        detect = DetectModelHandler(opts.detector, weights=opts.detector_weights,
-                                    options=detector_options(opts, threads), **batching)
-        embed = EmbedModelHandler(opts.embedder, weights=opts.embedder_weights,
-                                  options=embedder_options(opts, threads), **batching)
+    if opts.separate_stages or opts.detector in TF_MODELS or opts.embedder in TF_MODELS:
+        detect_class, embed_class = _handler_classes(opts)
+        detect = detect_class(opts.detector, weights=opts.detector_weights,
+                              options=detector_options(opts, threads), **batching)
+        embed = embed_class(opts.embedder, weights=opts.embedder_weights,
+                            options=embedder_options(opts, threads), **batching)
         return DetectFrames(detect, opts.detector, opts.embedder, embed_handler=embed,
                             needs_background=opts.detector == "background",
                             max_detections=opts.max_detections, write_crops=opts.write_crops)
