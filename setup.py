@@ -29,7 +29,11 @@ setup(
             "gcp-storage-emulator>=2024.8",
             "moto[server]>=5",
             "boto3>=1.34",
+            "dask>=2024.1",
+            "distributed>=2024.1",
         ],
+        # Beam's DaskRunner on a dask.distributed cluster (runners/README.md, "Dask").
+        "dask": ["dask>=2024.1", "distributed>=2024.1"],
         "tf": ["tensorflow>=2.15"],
         "imageai": ["imageai>=3.0"],
     },

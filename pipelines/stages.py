@@ -33,6 +33,8 @@ def model_threads(opts: ModelOptions) -> int:
     runner = str(opts.view_as(StandardOptions).runner or "DirectRunner")
     if "Dataflow" in runner:
         return 1  # one SDK process per vCPU on Dataflow's CPU workers
+    if "Dask" in runner:
+        return 1  # one task per Dask worker thread (runners/README.md: a thread per core)
     workers = opts.view_as(DirectOptions).direct_num_workers
     if workers == 0:
         return 1  # the DirectRunner's "one worker per core"
