@@ -28,7 +28,8 @@ key's deterministic encoding (a stable hash across processes, as Beam groups by
 encoded keys); every PCollection that nothing consumes is computed, so every sink
 runs. Counters come back with the task results: a task the scheduler re-runs after a
 worker died counts once. A DoFn is unpickled and set up once per worker process and
-reused by later bundles (RunInference then loads its model once per process).
+job, and reused by that job's later bundles (RunInference then loads its model once
+per process and job).
 
 Not supported, refused with one line before anything runs: stateful DoFns and timers,
 splittable DoFns, ``beam.io.Read`` sources and other primitives outside ParDo,
@@ -37,6 +38,7 @@ GroupByKey, Flatten, Create, Reshuffle and Impulse; unbounded (streaming) pipeli
 import hashlib
 import itertools
 import threading
+import uuid
 from functools import partial
 from typing import Dict, List, Optional
 
@@ -87,25 +89,45 @@ class _Receivers(dict):
         return _ListReceiver(None, [])
 
 
-# Unpickled, set-up DoFns of this worker process that no bundle is using, by payload
-# digest: a later bundle of the same step reuses one (setup once per process, as on
-# Beam's other runners); two bundles running at once in two threads get two.
-_IDLE_FNS: Dict[str, list] = {}
+# Unpickled, set-up DoFns of this worker process that no bundle is using: job id ->
+# payload digest -> DoFns. A later bundle of the same step of the same job reuses one
+# (setup once per process, as on Beam's other runners; two bundles running at once in
+# two threads get two). A DoFn is never reused by another job (its setup may have read
+# files that changed since), and a new job's first bundle drops the older jobs' DoFns,
+# so that a long-lived worker does not keep a model copy per past job.
+_IDLE_FNS: Dict[str, Dict[str, list]] = {}
 _IDLE_LOCK = threading.Lock()
 
 
-def _take_fn(digest: str, payload: bytes):
-    """-> (fn, needs_setup) for the step whose pickled DoFn is ``payload``."""
+def _take_fn(job: str, digest: str, payload: bytes):
+    """-> ((DoFn, args, kwargs, windowing, views), needs_setup) for one bundle."""
     with _IDLE_LOCK:
-        idle = _IDLE_FNS.get(digest)
+        if job not in _IDLE_FNS:
+            for old in [j for j in _IDLE_FNS if j != job]:
+                for fns in _IDLE_FNS.pop(old).values():
+                    for fn in fns:
+                        _teardown(fn[0])
+            _IDLE_FNS[job] = {}
+        idle = _IDLE_FNS[job].get(digest)
         if idle:
             return idle.pop(), False
     return pickler.loads(payload), True
 
 
-def _give_back_fn(digest: str, fn) -> None:
+def _give_back_fn(job: str, digest: str, fn) -> None:
     with _IDLE_LOCK:
-        _IDLE_FNS.setdefault(digest, []).append(fn)
+        if job in _IDLE_FNS:  # else a newer job has started here: drop this one
+            _IDLE_FNS[job].setdefault(digest, []).append(fn)
+            return
+    _teardown(fn[0])
+
+
+def _teardown(dofn) -> None:
+    """DoFn.teardown, best effort (as Beam promises it): a failure is not the job's."""
+    try:
+        dofn.teardown()
+    except Exception:  # pylint: disable=broad-except
+        pass
 
 
 def _counters_of(container: MetricsContainer) -> Dict[tuple, int]:
@@ -116,12 +138,12 @@ def _counters_of(container: MetricsContainer) -> Dict[tuple, int]:
 def run_bundle(items, step: dict, *side_values) -> list:
     """One ParDo over one partition: -> [(tag, WindowedValue)..., (_COUNTERS, counts)].
 
-    ``step`` holds the step's label, output tags and the digest and bytes of its
-    pickled (DoFn, args, kwargs, input windowing, side-input views);
+    ``step`` holds the job's id, the step's label, output tags and the digest and
+    bytes of its pickled (DoFn, args, kwargs, input windowing, side-input views);
     ``side_values`` are the side inputs' WindowedValues, computed by the scheduler
     before this task.
     """
-    fn, needs_setup = _take_fn(step["digest"], step["fn"])
+    fn, needs_setup = _take_fn(step["job"], step["digest"], step["fn"])
     dofn, args, kwargs, windowing, views = fn
     out: list = []
     receivers = _Receivers({tag: _ListReceiver(tag, out) for tag in step["tags"]})
@@ -141,9 +163,12 @@ def run_bundle(items, step: dict, *side_values) -> list:
             for windowed_value in items:
                 runner.process(windowed_value)
             runner.finish()
+    except BaseException:
+        _teardown(dofn)  # a DoFn that failed mid-bundle is not reused
+        raise
     finally:
         statesampler.set_current_tracker(previous)
-    _give_back_fn(step["digest"], fn)  # only a DoFn that finished its bundle is reused
+    _give_back_fn(step["job"], step["digest"], fn)  # only a DoFn that finished is reused
     out.append((_COUNTERS, _counters_of(container)))
     return out
 
@@ -213,6 +238,7 @@ class _Translator(PipelineVisitor):
     """Beam graph -> dask bags, one bag of WindowedValues per PCollection."""
 
     def __init__(self, npartitions: int, partition_size: Optional[int]):
+        self.job = uuid.uuid4().hex
         self.npartitions = npartitions
         self.partition_size = partition_size
         self.bags: Dict[pvalue.PCollection, object] = {}
@@ -276,6 +302,7 @@ class _Translator(PipelineVisitor):
         payload = pickler.dumps(
             (fn, transform.args, transform.kwargs, node.inputs[0].windowing, views))
         step = {
+            "job": self.job,
             "label": node.full_label,
             "tags": list(node.outputs),
             "digest": hashlib.sha256(payload).hexdigest(),
@@ -356,6 +383,16 @@ class DaskJobResult(PipelineResult):
         return _Counters(self._totals)
 
 
+def _connect(distributed, dask_options: dict):
+    """A Client of the scheduler the options name; UsageError (one line) if unreachable."""
+    where = dask_options.get("address") or dask_options.get("scheduler_file") or "a new LocalCluster"
+    try:
+        return distributed.Client(**dask_options)
+    except (OSError, ValueError, TimeoutError) as exc:
+        raise UsageError("cannot reach the dask scheduler at %s (%s)"
+                         % (where, _first_line(exc))) from None
+
+
 class DaskRunner(BeamDaskRunner):
     """Runs a batch pipeline on the dask.distributed scheduler named by the options."""
 
@@ -366,7 +403,7 @@ class DaskRunner(BeamDaskRunner):
             drop_default=True, current_only=True)
         bag_kwargs = DaskOptions._extract_bag_kwargs(dask_options)
         pipeline.replace_all(dask_overrides())
-        client = distributed.Client(**dask_options)
+        client = _connect(distributed, dask_options)
         try:
             threads = sum(client.nthreads().values()) or 1
             translator = _Translator(

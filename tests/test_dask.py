@@ -5,9 +5,9 @@ A scheduler and two worker processes are started as an operator would start them
 torn down by the fixture), once for the module. ``extract`` and ``run`` take the
 shared NYC DOT frames of one minute (about 35 per camera) plus a folder of broken
 frames, through the real YOLOX-Nano and OSNet ONNX models; ``match`` and ``calibrate``
-take five minutes of the reference detections. Every command runs as a subprocess,
-once with the DirectRunner and once with ``--runner DaskRunner
---dask_client_address``; the outputs are compared row by row: detections by id (box,
+take five minutes of the reference detections. Every command runs through
+``pipelines.cli.main`` (the job killed mid-run: as a subprocess), once with the
+DirectRunner and once with ``--runner DaskRunner --dask_client_address``; the outputs are compared row by row: detections by id (box,
 score, embedding within float noise), match pairs, dead letters, links. Both runs give
 each model call one thread (``--model-threads 1``, the Dask default): a different
 thread count rounds onnxruntime's sums differently (see test_multiprocess_shared.py).
@@ -136,6 +136,19 @@ def cctview(*args) -> str:
     return stdout
 
 
+@pytest.fixture
+def command(capsys):
+    """Runs ``cctview ARGS`` in this process; -> what it printed (exit status must be 0)."""
+    from pipelines.cli import main
+
+    def run(*args) -> str:
+        capsys.readouterr()
+        assert main(list(args)) == 0, capsys.readouterr().err[-3000:]
+        return capsys.readouterr().out
+
+    return run
+
+
 def counters(stdout: str) -> dict:
     line = [l for l in stdout.splitlines() if l.startswith("done: ")][-1]
     pairs = line[len("done: "):].rsplit(" -> ", 1)[0].split(", ")
@@ -235,10 +248,10 @@ def direct_run(tmp_path_factory, frame_inputs):
 
 # ------------------------------------------------------------------ the tests
 def test_extract_on_dask_writes_what_the_direct_runner_writes(cluster, frame_inputs,
-                                                             tmp_path):
+                                                             tmp_path, command):
     direct, dask = tmp_path / "direct", tmp_path / "dask"
-    direct_out = cctview("extract", *frame_inputs, *MODEL_FLAGS, "--output", str(direct))
-    dask_out = cctview("extract", *frame_inputs, *MODEL_FLAGS, "--output", str(dask),
+    direct_out = command("extract", *frame_inputs, *MODEL_FLAGS, "--output", str(direct))
+    dask_out = command("extract", *frame_inputs, *MODEL_FLAGS, "--output", str(dask),
                        *dask_flags(cluster))
     rows = detections(direct)
     assert len(rows) > 300 and {r["camera_id"] for r in rows.values()} == set(CAMERAS)
@@ -251,9 +264,9 @@ def test_extract_on_dask_writes_what_the_direct_runner_writes(cluster, frame_inp
 
 
 def test_run_on_dask_writes_what_the_direct_runner_writes(cluster, frame_inputs, direct_run,
-                                                         tmp_path):
+                                                         tmp_path, command):
     direct, direct_out = direct_run
-    dask_out = cctview("run", *frame_inputs, *MODEL_FLAGS, "--output", str(tmp_path),
+    dask_out = command("run", *frame_inputs, *MODEL_FLAGS, "--output", str(tmp_path),
                        *dask_flags(cluster))
     assert_same_detections(detections(direct), detections(tmp_path))
     pairs = matches(direct)
@@ -264,15 +277,15 @@ def test_run_on_dask_writes_what_the_direct_runner_writes(cluster, frame_inputs,
 
 
 def test_match_and_calibrate_on_dask_write_what_the_direct_runner_writes(
-        cluster, reference_subset, tmp_path):
+        cluster, reference_subset, tmp_path, command):
     on_dask = dask_flags(cluster)
     for name, extra in (("direct", []), ("dask", on_dask)):
         links = tmp_path / ("links-%s.json" % name)
-        cctview("calibrate", "--detections", str(reference_subset), "--output", str(links),
+        command("calibrate", "--detections", str(reference_subset), "--output", str(links),
                 *extra)
-        cctview("match", "--detections", str(reference_subset),
+        command("match", "--detections", str(reference_subset),
                 "--output", str(tmp_path / ("mutual-" + name)), *extra)
-        cctview("match", "--detections", str(reference_subset), "--links", str(links),
+        command("match", "--detections", str(reference_subset), "--links", str(links),
                 "--policy", "mutual", "--output", str(tmp_path / ("linked-" + name)), *extra)
     links = json.loads((tmp_path / "links-direct.json").read_text())
     assert links and json.loads((tmp_path / "links-dask.json").read_text()) == links
@@ -328,3 +341,80 @@ def test_a_worker_killed_mid_job_changes_nothing(cluster, frame_inputs, direct_r
     finally:
         cluster.wait_for_workers(2)  # the nanny restarts the worker for later tests
     assert pid not in cluster.worker_pids().values()
+
+
+# ------------------------------------------------------------------ flags and refusals
+def test_every_pipeline_command_takes_the_dask_runner(tmp_path):
+    from pipelines import cli
+    from runners.presets import DASK_RUNNER, expand_preset
+
+    address = "tcp://127.0.0.1:8786"
+    spellings = (["--runner", "DaskRunner"], ["--runner=dask"], ["--runner_preset", "dask"])
+    for name, command in cli.COMMANDS.items():
+        if command.add_arguments:
+            continue  # demo, report, synth run no Beam pipeline
+        for spelling in spellings:
+            _, options = cli.parse([name, *spelling, "--dask_client_address", address])
+            everything = options.get_all_options()
+            assert everything["runner"] == DASK_RUNNER and everything["address"] == address
+    # backfill (flags only, no command name) expands the same way.
+    assert expand_preset(["--runner_preset", "dask", "--dask_client_address", address]
+                         ) == ["--dask_client_address", address, "--runner", DASK_RUNNER]
+
+
+def test_dask_preset_without_an_address_stops_with_one_line():
+    from pipelines.errors import UsageError
+    from runners.presets import expand_preset
+
+    with pytest.raises(UsageError, match="^--runner_preset dask needs --dask_client_address"):
+        expand_preset(["match", "--detections", "d", "--output", "o",
+                       "--runner_preset", "dask"])
+
+
+def test_beams_own_dask_runner_is_refused_with_one_line(capsys, tmp_path):
+    from pipelines.cli import main
+
+    code = main(["match", "--detections", str(tmp_path), "--output", str(tmp_path / "o"),
+                 "--runner", "apache_beam.runners.dask.dask_runner.DaskRunner"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "loses tagged outputs" in err and "--runner DaskRunner" in err
+
+
+def test_an_unreachable_scheduler_stops_the_command_with_one_line(
+        capsys, reference_subset, tmp_path):
+    from pipelines.cli import main
+
+    address = "tcp://127.0.0.1:%d" % free_port()  # nothing listens there
+    started = time.time()
+    code = main(["match", "--detections", str(reference_subset), "--output", str(tmp_path),
+                 "--runner", "DaskRunner", "--dask_client_address", address,
+                 "--dask_connection_timeout", "3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and time.time() - started < 30
+    assert err.startswith("cctview match: error: cannot reach the dask scheduler at " + address)
+
+
+def test_what_the_dask_runner_cannot_run_is_refused_before_it_runs(cluster):
+    """A stateful DoFn (no translation for state and timers) stops the job with one line
+    naming the step, before anything is submitted."""
+    import apache_beam as beam
+    from apache_beam.coders import VarIntCoder
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+
+    from pipelines.errors import UsageError
+
+    class Count(beam.DoFn):
+        SEEN = ReadModifyWriteStateSpec("seen", VarIntCoder())
+
+        def process(self, element, seen=beam.DoFn.StateParam(SEEN)):
+            seen.write((seen.read() or 0) + 1)
+            yield element
+
+    options = PipelineOptions(["--runner", "runners.dask_runner.DaskRunner",
+                               "--dask_client_address", cluster.address])
+    pipeline = beam.Pipeline(options=options)
+    _ = pipeline | beam.Create([("a", 1)]) | "Stateful" >> beam.ParDo(Count())
+    with pytest.raises(UsageError, match="cannot run step 'Stateful': stateful DoFns"):
+        pipeline.run()

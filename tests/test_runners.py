@@ -278,3 +278,36 @@ def test_backfill_builds_its_first_job_on_dataflow_offline(gcs_server, dataflow_
                for n in names)
     assert list(_environment(job).service_options) == [T4_ACCELERATOR]
     assert not list(gcs_server.client.list_blobs(bucket, prefix="backfill/_backfill/"))
+
+
+def test_dry_run_does_not_read_weights_from_object_storage(gcs_server, dataflow_jobs, capsys):
+    """A user's dry run with gs:// weights: the weight check that needs the network is
+    skipped with one line, and the job is still built with those weights in it. (The
+    weights do not exist: checking them would stop the command.)"""
+    bucket = gcs_server()
+    detector, embedder = ("gs://%s/weights/%s.onnx" % (bucket, name)
+                          for name in ("yolox_nano", "osnet_x0_25"))
+    argv = expand_preset(
+        ["run", "--input", "gs://%s/frames/**" % bucket, "--output", "gs://%s/out" % bucket,
+         "--detector", "yolox", "--detector-weights", detector,
+         "--embedder", "onnx", "--embedder-weights", embedder] + _dataflow_flags(bucket))
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert ("dry run: model weights not checked (reading %s, %s needs the network)"
+            % (detector, embedder)) in out
+    assert "dry run: job built, nothing executed" in out
+    (job,) = dataflow_jobs
+    (handler,) = _inference_handlers(job)
+    assert handler._unkeyed._detector[:2] == ("yolox", detector)
+    assert handler._unkeyed._embedder[:2] == ("onnx", embedder)
+
+
+def test_without_dry_run_missing_weights_in_object_storage_stop_the_command(gcs_server,
+                                                                          capsys):
+    bucket = gcs_server()
+    code = cli.main(["extract", "--input", "gs://%s/frames/**" % bucket, "--output",
+                     "gs://%s/out" % bucket, "--detector", "yolox", "--detector-weights",
+                     "gs://%s/weights/none.onnx" % bucket, "--embedder", "color_histogram"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == ("cctview extract: error: weights not found: "
+                                 "gs://%s/weights/none.onnx" % bucket)
