@@ -77,14 +77,6 @@ class Preset:
 
 
 PRESETS: Dict[str, Preset] = {
-    "dask": Preset(
-        name="dask",
-        summary="a dask.distributed cluster (dask scheduler + dask worker, "
-                "dask-kubernetes, dask-jobqueue) at --dask_client_address; one model "
-                "thread per task (give workers one thread per core).",
-        beam_flags=(("--runner", "DaskRunner"),),
-        required=(("--dask_client_address", "tcp://HOST:PORT of the dask scheduler"),),
-    ),
     "direct": Preset(
         name="direct",
         summary="DirectRunner on every core of this machine: one worker thread per core "
@@ -127,6 +119,14 @@ PRESETS: Dict[str, Preset] = {
             ("--region", "REGION"),
             ("--temp_location", "gs://BUCKET/tmp"),
         ),
+    ),
+    "dask": Preset(
+        name="dask",
+        summary="a dask.distributed cluster (dask scheduler + dask worker, "
+                "dask-kubernetes, dask-jobqueue) at --dask_client_address; one model "
+                "thread per task (give workers one thread per core).",
+        beam_flags=(("--runner", "DaskRunner"),),
+        required=(("--dask_client_address", "tcp://HOST:PORT of the dask scheduler"),),
     ),
 }
 
@@ -203,23 +203,25 @@ def _normalise_dry_run(argv: List[str]) -> List[str]:
 
 
 def _normalise_runner(argv: List[str]) -> List[str]:
-    """``--runner DaskRunner`` -> the project's Dask runner; Beam's own -> UsageError."""
-    out, i = [], 0
-    while i < len(argv):
-        token = argv[i]
-        if token == "--runner" and i + 1 < len(argv):
-            flag, value, i = token, argv[i + 1], i + 2
-        elif token.startswith("--runner="):
-            flag, value, i = "--runner", token.split("=", 1)[1], i + 1
+    """``--runner DaskRunner`` -> the project's Dask runner; Beam's own -> UsageError.
+
+    Every other token is kept as given, spelling included."""
+    out = []
+    for i, token in enumerate(argv):
+        if token.startswith("--runner="):
+            value = token.split("=", 1)[1]
+        elif i > 0 and argv[i - 1] == "--runner":
+            value = token
         else:
             out.append(token)
-            i += 1
             continue
         if value == BEAM_DASK_RUNNER:
             raise UsageError("--runner %s: Beam 2.77's Dask translation loses tagged outputs, "
                              "timestamps and all sinks but the last; use --runner DaskRunner "
                              "(runners/README.md)" % value)
-        out += [flag, DASK_RUNNER if value.lower() in ("dask", "daskrunner") else value]
+        if value.lower() in ("dask", "daskrunner"):
+            value = DASK_RUNNER
+        out.append("--runner=" + value if token.startswith("--runner=") else value)
     return out
 
 

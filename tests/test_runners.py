@@ -295,6 +295,8 @@ def test_dry_run_does_not_read_weights_from_object_storage(gcs_server, dataflow_
     out = capsys.readouterr().out.splitlines()
     assert ("dry run: model weights not checked (reading %s, %s needs the network)"
             % (detector, embedder)) in out
+    assert "dry run: output gs://%s/out not checked (probing it needs the network)" % (
+        bucket) in out
     assert "dry run: job built, nothing executed" in out
     (job,) = dataflow_jobs
     (handler,) = _inference_handlers(job)
@@ -311,3 +313,17 @@ def test_without_dry_run_missing_weights_in_object_storage_stop_the_command(gcs_
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == ("cctview extract: error: weights not found: "
                                  "gs://%s/weights/none.onnx" % bucket)
+
+
+def test_dry_run_leaves_earlier_outputs_alone(gcs_server, dataflow_jobs, tmp_path, capsys):
+    bucket = gcs_server()
+    earlier = tmp_path / "out" / "detections" / "part-00000.parquet"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"an earlier run's table")
+    argv = expand_preset(["extract", "--input", "gs://%s/frames/**" % bucket,
+                          "--output", str(tmp_path / "out"), "--detector", "background",
+                          "--embedder", "color_histogram"] + _dataflow_flags(bucket))
+    assert cli.main(argv) == 0
+    assert "dry run: job built, nothing executed" in capsys.readouterr().out
+    assert len(dataflow_jobs) == 1
+    assert earlier.read_bytes() == b"an earlier run's table"
