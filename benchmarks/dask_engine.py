@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="dask-bench-") as tmp:
         work = Path(tmp)
         for command in args.commands:
-            cluster = Cluster(Path(tempfile.mkdtemp(dir=tmp))).start()
+            cluster = Cluster(Path(tempfile.mkdtemp(dir=tmp)), limit_s=7200).start()
             try:
                 results[(command, "dask, cold")] = [one(command, "dask", cluster, work)]
                 for _ in range(args.repeats):

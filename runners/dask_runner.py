@@ -259,7 +259,7 @@ class _Translator(PipelineVisitor):
         elif isinstance(transform, core.Impulse):
             bag = self._create([b""])
         elif isinstance(transform, _Reshuffle):
-            bag = bags[0].repartition(npartitions=max(self.npartitions, bags[0].npartitions))
+            bag = self._spread(bags[0])
         elif isinstance(transform, _Flatten):
             from dask import bag as db
 
@@ -283,11 +283,18 @@ class _Translator(PipelineVisitor):
         return db.from_sequence(elements, npartitions=max(1, min(len(elements),
                                                                  self.npartitions)))
 
+    def _spread(self, bag):
+        """At least ``npartitions`` partitions (a bag's partitions are split, not moved)."""
+        if bag.npartitions >= self.npartitions:
+            return bag
+        return bag.repartition(npartitions=self.npartitions)
+
     def _group(self, node, bag):
+        # dask's task shuffle makes as many partitions as it is given: spread first, or a
+        # GroupByKey after a one-element Create would put every group in one task.
         coder = _key_coder(node)
-        return (bag.map(partial(_keyed_for_grouping, coder))
-                .groupby(_hash_of, npartitions=max(self.npartitions, bag.npartitions))
-                .map_partitions(_groups))
+        return (self._spread(bag).map(partial(_keyed_for_grouping, coder))
+                .groupby(_hash_of).map_partitions(_groups))
 
     def _pardo(self, node, bag) -> None:
         import dask
@@ -308,7 +315,7 @@ class _Translator(PipelineVisitor):
             "digest": hashlib.sha256(payload).hexdigest(),
             "fn": payload,
         }
-        sides = [dask.delayed(_concat)(*self.bags[si.pvalue].to_delayed())
+        sides = [dask.delayed(_concat)(*self.bags[si.pvalue].to_delayed(optimize_graph=False))
                  for si in node.side_inputs]
         result = bag.map_partitions(run_bundle, step, *sides)
         for tag, output in node.outputs.items():
