@@ -33,7 +33,8 @@ per process and job).
 
 Not supported, refused with one line before anything runs: stateful DoFns and timers,
 splittable DoFns, ``beam.io.Read`` sources and other primitives outside ParDo,
-GroupByKey, Flatten, Create, Reshuffle and Impulse; unbounded (streaming) pipelines.
+GroupByKey, Flatten, Create, Reshuffle and Impulse; ``--streaming``. Only counters are
+collected (no distributions or gauges).
 """
 import hashlib
 import itertools
@@ -48,6 +49,7 @@ from apache_beam.io.iobase import Read
 from apache_beam.metrics.execution import MetricKey, MetricResult, MetricsContainer
 from apache_beam.metrics.metric import MetricResults
 from apache_beam.metrics.metricbase import MetricName
+from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.pipeline import PipelineVisitor
 from apache_beam.runners.common import DoFnRunner, DoFnSignature, Receiver
 from apache_beam.runners.dask.dask_runner import DaskOptions
@@ -406,6 +408,8 @@ class DaskRunner(BeamDaskRunner):
     def run_pipeline(self, pipeline, options):
         from dask import distributed
 
+        if options.view_as(StandardOptions).streaming:
+            raise UsageError("the DaskRunner runs batch pipelines only (--streaming given)")
         dask_options = options.view_as(DaskOptions).get_all_options(
             drop_default=True, current_only=True)
         bag_kwargs = DaskOptions._extract_bag_kwargs(dask_options)

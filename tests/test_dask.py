@@ -431,3 +431,16 @@ def test_what_the_dask_runner_cannot_run_is_refused_before_it_runs(cluster):
     _ = pipeline | beam.Create([("a", 1)]) | "Stateful" >> beam.ParDo(Count())
     with pytest.raises(UsageError, match="cannot run step 'Stateful': stateful DoFns"):
         pipeline.run()
+
+
+def test_streaming_is_refused_with_one_line():
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.errors import UsageError
+
+    pipeline = beam.Pipeline(options=PipelineOptions(
+        ["--runner", "runners.dask_runner.DaskRunner", "--streaming"]))
+    _ = pipeline | beam.Create([1])
+    with pytest.raises(UsageError, match="batch pipelines only"):
+        pipeline.run()
