@@ -7,6 +7,7 @@ from setuptools import setup
 # from setuptools 81 on); ImageAI 3 imports cv2 but declares no requirements at all.
 TF = ["tensorflow>=2.15", "tensorflow-hub>=0.16", "setuptools<81"]
 IMAGEAI = ["imageai>=3.0,<4", "opencv-python-headless>=4.8"]
+DASK = ["dask>=2024.1", "distributed>=2024.1"]
 
 setup(
     name="cctview-beam",
@@ -38,9 +39,12 @@ setup(
             "boto3>=1.34",
             *TF,
             *IMAGEAI,
+            *DASK,
         ],
         "tf": TF,
         "imageai": IMAGEAI,
+        # A dask.distributed cluster through runners/dask_runner.py (runners/README.md).
+        "dask": DASK,
     },
     entry_points={"console_scripts": ["cctview=pipelines.cli:main"]},
 )

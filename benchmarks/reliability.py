@@ -14,8 +14,10 @@ Runs, with a fixed seed:
 * transient faults in decode, matching and Parquet writing on the DirectRunner (the
   command is re-run until it succeeds) and on the BundleBasedDirectRunner (bundle
   retries), transient inference failures (retried frame by frame by the handlers),
-  and SDK worker processes SIGKILLed mid-run under ``multi_processing`` (then a re-run);
-  every final output is compared with a clean run's.
+  SDK worker processes SIGKILLed mid-run under ``multi_processing`` (then a re-run),
+  and Dask worker processes SIGKILLed mid-job on a ``dask scheduler`` + two ``dask
+  worker`` cluster (``--runner DaskRunner``); every final output is compared with a
+  clean run's.
 
   .venv/bin/python benchmarks/reliability.py            # ~4 minutes on 2 cores
 
@@ -464,7 +466,7 @@ def same(got, clean):
             and len(set(got["pairs"])) == len(got["pairs"]))
 
 
-def run_faults(world, tmp, rounds, kills):
+def run_faults(world, tmp, rounds, kills, dask_kills):
     rows = []
     clean_out = Path(tmp) / "clean"
     if cctview_run(world, clean_out) != 0:
@@ -537,7 +539,94 @@ def run_faults(world, tmp, rounds, kills):
     for trial in range(kills):
         rows.append(kill_trial(world, Path(tmp) / ("kill%d" % trial), clean,
                                delay=2.0 + 6.0 * trial))
+    if dask_kills:
+        rows += run_dask_kills(world, tmp, clean, dask_kills)
     return rows
+
+
+def run_dask_kills(world, tmp, clean, trials):
+    """Dask worker processes SIGKILLed at several points of a job; -> table rows.
+
+    A clean run on the same cluster is the reference (its match distances may differ
+    from the DirectRunner's in the last float bits: BLAS runs one thread per worker);
+    it must hold the DirectRunner's detections, pairs, dead letters and files."""
+    from test_dask import Cluster
+
+    rows = []
+    cluster = Cluster(Path(tempfile.mkdtemp(dir=tmp))).start()
+    try:
+        flags = ["--runner", "DaskRunner", "--dask_client_address", cluster.address]
+        started = time.time()
+        reference = Path(tmp) / "dask-clean"
+        rc = subprocess.run([CLI, "run", "--input", world, "--output", str(reference),
+                             *MODELS, *flags], capture_output=True, timeout=300).returncode
+        dask_clean = snapshot(reference)
+        ok = rc == 0 and all(dask_clean[k] == clean[k]
+                             for k in ("ids", "rows", "pairs", "dead", "files"))
+        rows.append({"kind": "Dask cluster (dask scheduler + 2 dask workers), clean run vs "
+                             "DirectRunner", "tried": 1, "crashed": 0 if ok else 1, "dead": 0,
+                     "reasons": "exit %d; detections, pairs, dead letters, files %s "
+                                "DirectRunner's; %.0f s" % (rc, "==" if ok else "!=",
+                                                            time.time() - started)})
+        for trial in range(trials):
+            victims = 2 if trial == trials - 1 else 1
+            rows.append(dask_kill_trial(cluster, world, Path(tmp) / ("dask-kill%d" % trial),
+                                        dask_clean, flags, done=1 + 7 * (trial % 2),
+                                        victims=victims))
+    finally:
+        cluster.stop()
+    return rows
+
+
+def _bundles(client):
+    """-> (bundles done, bundles running) on the cluster now."""
+    def count(dask_scheduler):
+        states = [t.state for t in dask_scheduler.tasks.values() if "run_bundle" in str(t.key)]
+        return states.count("memory"), states.count("processing")
+    return client.run_on_scheduler(count)
+
+
+def dask_kill_trial(cluster, world, out, clean, flags, done, victims):
+    """Starts `cctview run` on the cluster and SIGKILLs ``victims`` worker processes once
+    ``done`` bundles have finished and some run; the same command again if it failed."""
+    command = [CLI, "run", "--input", world, "--output", str(out), *MODELS, *flags]
+    started = time.time()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    killed, state = 0, (0, 0)
+    with cluster.client() as client:
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            state = _bundles(client)
+            if state[0] >= done and state[1]:
+                break
+            time.sleep(0.05)
+        pids = sorted(client.run(os.getpid).values())[:victims]
+    if process.poll() is None:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+        outcome = "killed run exit %d" % process.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        outcome = "killed run HUNG (stopped after 300 s)"
+    line = stderr.strip().splitlines()[-1:] if process.returncode else []
+    rerun = ""
+    if process.returncode != 0:
+        again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        rerun = "; re-run exit %d" % again.returncode
+    cluster.wait_for_workers(2)  # the nannies restart the killed worker processes
+    ok = killed == victims and same(snapshot(out), clean) and (not line or line[0].startswith(
+        "cctview run: error: dask job failed: "))
+    return {"kind": "Dask: %d of 2 worker processes SIGKILLed after %d bundles done "
+                    "(%d running)" % (killed, state[0], state[1]),
+            "tried": killed, "crashed": 0 if ok else 1, "dead": 0,
+            "reasons": "%s%s%s; outputs %s clean Dask run (no duplicates); %.0f s" % (
+                outcome, " (%s)" % line[0][:90] if line else "", rerun,
+                "==" if ok else "!=", time.time() - started)}
 
 
 def kill_trial(world, out, clean, delay):
@@ -650,6 +739,15 @@ duplicates. A row is marked BUG when it has crashes: a production bug.
   (both seen in the table). Run local multi-process jobs under a wall-clock limit
   (e.g. `timeout`) and re-run on failure or expiry: the re-run's outputs equal a clean
   run's. Dataflow replaces dead workers and retries their bundles itself.
+* `--runner DaskRunner` (runners/dask_runner.py) on a dask.distributed cluster: a
+  SIGKILLed worker process loses its running tasks and the results it held; the
+  scheduler re-runs them on the other worker and on the one its nanny restarts, and
+  the job finishes (the rows above, one worker or both killed). Output files are named
+  by partition and shard, so a re-run task rewrites the same file; counters travel
+  with task results, so re-run tasks count once. A task whose workers die 3 times
+  (`distributed.scheduler.allowed-failures`) fails the job with one line
+  (`dask job failed: KilledWorker ...`); re-running the command gives clean outputs.
+  An exception inside a DoFn is not retried by Dask: one line, then re-run.
 
 ## Bugs found by this script and its tests
 
@@ -687,7 +785,8 @@ def write_report(rows, command, seconds, path):
         "# Reliability",
         "",
         "Written by `benchmarks/reliability.py`; re-run it to refresh this file. Tests of the "
-        "same properties, smaller: `tests/test_hostile_input.py`, `tests/test_faults.py`.",
+        "same properties, smaller: `tests/test_hostile_input.py`, `tests/test_faults.py`, "
+        "`tests/test_dask.py`.",
         "",
         "- Command: `%s`" % command,
         "- Machine: %s" % machine(),
@@ -712,6 +811,9 @@ def main(argv=None):
                              "(default 3: the most a bundle survives on the "
                              "BundleBasedDirectRunner)")
     parser.add_argument("--kills", type=int, default=2, help="worker-kill trials (default 2)")
+    parser.add_argument("--dask-kills", type=int, default=3,
+                        help="Dask worker-kill trials (default 3; the last kills both "
+                             "workers; 0 without the dask extra)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-record", action="store_true", help="do not write RELIABILITY.md")
     parser.add_argument("--output", default=str(REPO / "RELIABILITY.md"))
@@ -737,7 +839,8 @@ def main(argv=None):
                       "--fps", "0.5"])
         rows += run_oddities(jpegs[0], tmp, str(world / "frames"))
         print("oddities done (%.0f s)" % (time.time() - started), flush=True)
-        rows += run_faults(str(world / "frames"), tmp, args.fault_rounds, args.kills)
+        rows += run_faults(str(world / "frames"), tmp, args.fault_rounds, args.kills,
+                           args.dask_kills)
     seconds = time.time() - started
     print(table(rows))
     print("took %.0f s" % seconds)

@@ -52,7 +52,8 @@ def _first_line(error: Exception) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def _is_local(uri: str) -> bool:
+def is_local(uri: str) -> bool:
+    """Whether ``uri`` is a path on this machine (no network needed to read it)."""
     scheme = urlparse(uri).scheme
     # A one-letter scheme is a Windows drive ("C:\\..."), not a URL.
     return scheme in ("", "file") or len(scheme) == 1
@@ -63,7 +64,7 @@ def open_uri(uri: str) -> bytes:
 
     Raises FileNotFoundError when nothing is there.
     """
-    if _is_local(uri):
+    if is_local(uri):
         path = urlparse(uri).path if uri.startswith("file://") else uri
         with open(os.path.expanduser(path), "rb") as f:
             return f.read()

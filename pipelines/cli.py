@@ -14,7 +14,7 @@ from typing import Callable, List, Optional, Sequence
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
 from pipelines import commands, demo, report, scale_world, synth
-from pipelines.errors import UsageError
+from pipelines.errors import JobFailed, UsageError
 from runners.presets import all_option_classes, expand_preset
 from pipelines.options import (
     CalibrateOptions,
@@ -117,7 +117,9 @@ def _command_parser(name: str, command: Command) -> _OneLineParser:
         epilog="Standard Beam pipeline options (--runner, --direct_num_workers, "
                "--direct_running_mode, --project, --region, --temp_location, --dry_run, "
                "--dataflow_service_options, --sdk_container_image, ...) may follow, and "
-               "--runner_preset direct|dataflow (runners/README.md).",
+               "--runner_preset direct|dataflow|dask; --runner DaskRunner "
+               "--dask_client_address tcp://HOST:PORT runs on a Dask cluster "
+               "(runners/README.md).",
     )
     for group in command.option_groups:
         group._add_argparse_args(parser)
@@ -176,6 +178,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as exc:
         print("cctview %s: error: %s" % (name, exc), file=sys.stderr)
         return 2
+    except JobFailed as exc:  # the engine's traceback is remote; its cause is chained
+        print("cctview %s: error: %s" % (name, exc), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -98,6 +98,22 @@ def _is_dry_run(options: PipelineOptions) -> bool:
     return bool(options.get_all_options().get("dry_run"))
 
 
+def _prepare_output(options: PipelineOptions, output: str, tables: List[str]) -> None:
+    """outputs.prepare, except under ``--dry_run``: nothing is cleared (a dry run leaves
+    earlier outputs alone), and an output in object storage is not probed either,
+    with one line saying so (a dry run builds the job offline)."""
+    _require(output, "--output")
+    if not _is_dry_run(options):
+        outputs.prepare(output, tables)
+        return
+    from models.weights import is_local  # imports torch: dry runs only
+
+    if is_local(output):
+        outputs.check_writable(output)
+    else:
+        print("dry run: output %s not checked (probing it needs the network)" % output)
+
+
 def _report(totals: Dict[str, int], output: str) -> None:
     shown = ["%s=%d" % (k, totals[k]) for k in SUMMARY_COUNTERS if k in totals]
     print("done: %s -> %s" % (", ".join(shown) or "no counters", output))
@@ -152,7 +168,7 @@ def extract(options: PipelineOptions) -> int:
     source = _frame_source(options)
     detect = _model_stage(options)
     tables = _detection_tables(options)
-    outputs.prepare(_require(out.output, "--output"), tables)
+    _prepare_output(options, out.output, tables)
     pipeline = beam.Pipeline(options=options)
     _detect_and_write(pipeline, options, source, detect)
     return _finish(options, pipeline, out.output, tables)
@@ -264,7 +280,7 @@ def run(options: PipelineOptions) -> int:
     detect = _model_stage(options)
     matcher = _match_stage(options)
     tables = _detection_tables(options) + ["matches"]
-    outputs.prepare(_require(out.output, "--output"), tables)
+    _prepare_output(options, out.output, tables)
     pipeline = beam.Pipeline(options=options)
     detections = _detect_and_write(pipeline, options, source, detect)
     _write_all({"matches": detections | "Match" >> matcher}, out.output, out.shards)
@@ -276,7 +292,7 @@ def import_cctview(options: PipelineOptions) -> int:
     out = options.view_as(OutputOptions)
     roots = _require(options.view_as(FrameInputOptions).input, "--input")
     tables = ["detections", "dead_letter"]
-    outputs.prepare(_require(out.output, "--output"), tables)
+    _prepare_output(options, out.output, tables)
     pipeline = beam.Pipeline(options=options)
     imported = pipeline | "ImportCCTView" >> ImportCCTView(
         roots, options.view_as(TimeZoneOptions).timezone)

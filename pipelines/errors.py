@@ -1,5 +1,12 @@
-"""The one error type that the CLI turns into a one-line message and exit status 2."""
+"""The error types that the CLI turns into a one-line message and a non-zero exit status."""
 
 
 class UsageError(Exception):
-    """Arguments, weights or locations that make a command impossible to run."""
+    """Arguments, weights or locations that make a command impossible to run (exit 2)."""
+
+
+class JobFailed(RuntimeError):
+    """A submitted job failed on its engine; the message is one line (exit 1).
+
+    Raised where the engine's own error is a remote traceback that says little to
+    whoever runs the command (the Dask runner); the cause stays chained for logs."""

@@ -130,8 +130,8 @@ class ModelOptions(PipelineOptions):
         parser.add_argument(
             "--model-threads", dest="model_threads", type=_count, default=0,
             help="CPU threads per model call. 0 (default): decided from the runner: 1 where "
-                 "it runs one bundle per core (Dataflow's CPU workers, DirectRunner with "
-                 "--direct_num_workers=0), cores/workers with --direct_num_workers > 1, "
+                 "it runs one bundle per core (Dataflow's CPU workers, Dask workers, "
+                 "DirectRunner with --direct_num_workers=0), cores/workers with --direct_num_workers > 1, "
                  "otherwise every core.")
         parser.add_argument(
             "--min-score", dest="min_score", type=_unit_float, default=0.25,

@@ -33,6 +33,8 @@ def model_threads(opts: ModelOptions) -> int:
     runner = str(opts.view_as(StandardOptions).runner or "DirectRunner")
     if "Dataflow" in runner:
         return 1  # one SDK process per vCPU on Dataflow's CPU workers
+    if "Dask" in runner:
+        return 1  # one task per Dask worker thread (runners/README.md: a thread per core)
     workers = opts.view_as(DirectOptions).direct_num_workers
     if workers == 0:
         return 1  # the DirectRunner's "one worker per core"
@@ -63,11 +65,28 @@ def embedder_options(opts: ModelOptions, threads: int = 0) -> dict:
     return {"sha256": opts.embedder_sha256, **_threads(opts.embedder, threads)}
 
 
+def _remote_weights(opts: ModelOptions) -> List[str]:
+    """The weight URIs that only the network can read (gs://, s3://, https://...)."""
+    from models.weights import is_local
+
+    return [uri for uri in (opts.detector_weights, opts.embedder_weights)
+            if uri and not is_local(uri)]
+
+
 def check_models(opts: ModelOptions) -> None:
-    """Builds both models once on the driver; any problem becomes a UsageError."""
+    """Builds both models once on the driver; any problem becomes a UsageError.
+
+    Under ``--dry_run`` with weights in object storage the check is skipped, with one
+    line saying so: a dry run builds the job offline, and reading ``gs://`` weights
+    without credentials or a network retried for two minutes before failing."""
     from models.registry import build_detector, build_embedder
     from models.weights import WeightsError
 
+    remote = _remote_weights(opts)
+    if remote and opts.get_all_options().get("dry_run"):
+        print("dry run: model weights not checked (reading %s needs the network)"
+              % ", ".join(remote))
+        return
     try:
         detector = build_detector(opts.detector, opts.detector_weights, "cpu",
                                   **detector_options(opts))

@@ -24,6 +24,12 @@ Rules, so that a preset never surprises whoever overrides part of it:
   temp location) are required: a preset used without them stops with one line
   naming what is missing, before anything is built.
 
+``--runner DaskRunner`` (or ``dask``, any case, ``--runner=...`` too) names the project's
+Dask runner, :class:`runners.dask_runner.DaskRunner`: Beam knows no short name for a
+Dask runner, and its own (``apache_beam.runners.dask.dask_runner.DaskRunner``) is
+refused with one line, because Beam 2.77's translation loses outputs of these
+pipelines (see ``runners/dask_runner.py``).
+
 Beam declares ``--dry_run`` as taking a value (a bare ``--dry_run`` is an argparse
 error that prints Beam's whole usage); :func:`expand_preset` turns a bare
 ``--dry_run`` into ``--dry_run=True`` so that the spelling everybody types works.
@@ -41,6 +47,10 @@ PRESET_FLAG = "--runner_preset"
 
 # Commands that build models, and so take --device (kept in step with pipelines.cli).
 MODEL_COMMANDS = ("extract", "run", "backfill")
+
+# --runner DaskRunner means this class; Beam's own is refused (runners/dask_runner.py).
+DASK_RUNNER = "runners.dask_runner.DaskRunner"
+BEAM_DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
 
 # Dataflow GPU: one NVIDIA T4 per worker VM, driver installed by Dataflow. Syntax from
 # https://cloud.google.com/dataflow/docs/gpu/use-gpus (type:...;count:...;install-nvidia-driver).
@@ -109,6 +119,14 @@ PRESETS: Dict[str, Preset] = {
             ("--region", "REGION"),
             ("--temp_location", "gs://BUCKET/tmp"),
         ),
+    ),
+    "dask": Preset(
+        name="dask",
+        summary="a dask.distributed cluster (dask scheduler + dask worker, "
+                "dask-kubernetes, dask-jobqueue) at --dask_client_address; one model "
+                "thread per task (give workers one thread per core).",
+        beam_flags=(("--runner", "DaskRunner"),),
+        required=(("--dask_client_address", "tcp://HOST:PORT of the dask scheduler"),),
     ),
 }
 
@@ -184,6 +202,44 @@ def _normalise_dry_run(argv: List[str]) -> List[str]:
     return out
 
 
+def _normalise_runner(argv: List[str]) -> List[str]:
+    """``--runner DaskRunner`` -> the project's Dask runner; Beam's own -> UsageError.
+
+    Every other token is kept as given, spelling included."""
+    out = []
+    for i, token in enumerate(argv):
+        if token.startswith("--runner="):
+            value = token.split("=", 1)[1]
+        elif i > 0 and argv[i - 1] == "--runner":
+            value = token
+        else:
+            out.append(token)
+            continue
+        if value == BEAM_DASK_RUNNER:
+            raise UsageError("--runner %s: Beam 2.77's Dask translation loses tagged outputs, "
+                             "timestamps and all sinks but the last; use --runner DaskRunner "
+                             "(runners/README.md)" % value)
+        if value.lower() in ("dask", "daskrunner"):
+            value = DASK_RUNNER
+        out.append("--runner=" + value if token.startswith("--runner=") else value)
+    return out
+
+
+def _register_dask_options() -> None:
+    """Imports Beam's DaskOptions (--dask_client_address, ...) so that they parse."""
+    try:
+        import apache_beam.runners.dask.dask_runner  # noqa: F401
+        import dask.distributed  # noqa: F401
+    except ImportError:
+        raise UsageError("the Dask runner needs the dask extra: pip install "
+                         "'cctview-beam[dask]'") from None
+
+
+def uses_dask(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` (after :func:`expand_preset`) runs on Dask or gives Dask flags."""
+    return DASK_RUNNER in argv or any(t.startswith("--dask_") for t in argv)
+
+
 def _pop_preset(argv: List[str]) -> Tuple[Optional[str], List[str]]:
     name, rest, i = None, [], 0
     while i < len(argv):
@@ -213,13 +269,17 @@ def expand_preset(argv: List[str]) -> List[str]:
     ``pipelines.cli.main`` receives it) or hold flags only (then model flags are
     added). Flags the user gave are kept as given and win over the preset's (see the
     module docstring for list-valued flags). Without ``--runner_preset`` the only
-    change is a bare ``--dry_run`` becoming ``--dry_run=True``. Raises UsageError for
-    an unknown preset or a required flag that is missing.
+    changes are a bare ``--dry_run`` becoming ``--dry_run=True`` and ``--runner
+    DaskRunner`` naming the project's Dask runner. Raises UsageError for an unknown
+    preset, a required flag that is missing, Beam's own DaskRunner, or Dask flags
+    without the dask extra installed.
     """
     argv = _normalise_dry_run(list(argv))
     name, rest = _pop_preset(argv)
+    if name == "dask" or uses_dask(_normalise_runner(rest)):
+        _register_dask_options()
     if name is None:
-        return rest
+        return _normalise_runner(rest)
     if name not in PRESETS:
         raise UsageError("unknown %s %r (one of: %s)" % (PRESET_FLAG, name, ", ".join(PRESETS)))
     preset = PRESETS[name]
@@ -244,7 +304,7 @@ def expand_preset(argv: List[str]) -> List[str]:
                 added.append("%s=%s" % (flag, ",".join(items)))
         elif action.dest not in given:
             added.append("%s=%s" % (flag, value))
-    return rest + added
+    return _normalise_runner(rest + added)
 
 
 def describe() -> str:

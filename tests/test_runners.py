@@ -278,3 +278,52 @@ def test_backfill_builds_its_first_job_on_dataflow_offline(gcs_server, dataflow_
                for n in names)
     assert list(_environment(job).service_options) == [T4_ACCELERATOR]
     assert not list(gcs_server.client.list_blobs(bucket, prefix="backfill/_backfill/"))
+
+
+def test_dry_run_does_not_read_weights_from_object_storage(gcs_server, dataflow_jobs, capsys):
+    """A user's dry run with gs:// weights: the weight check that needs the network is
+    skipped with one line, and the job is still built with those weights in it. (The
+    weights do not exist: checking them would stop the command.)"""
+    bucket = gcs_server()
+    detector, embedder = ("gs://%s/weights/%s.onnx" % (bucket, name)
+                          for name in ("yolox_nano", "osnet_x0_25"))
+    argv = expand_preset(
+        ["run", "--input", "gs://%s/frames/**" % bucket, "--output", "gs://%s/out" % bucket,
+         "--detector", "yolox", "--detector-weights", detector,
+         "--embedder", "onnx", "--embedder-weights", embedder] + _dataflow_flags(bucket))
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert ("dry run: model weights not checked (reading %s, %s needs the network)"
+            % (detector, embedder)) in out
+    assert "dry run: output gs://%s/out not checked (probing it needs the network)" % (
+        bucket) in out
+    assert "dry run: job built, nothing executed" in out
+    (job,) = dataflow_jobs
+    (handler,) = _inference_handlers(job)
+    assert handler._unkeyed._detector[:2] == ("yolox", detector)
+    assert handler._unkeyed._embedder[:2] == ("onnx", embedder)
+
+
+def test_without_dry_run_missing_weights_in_object_storage_stop_the_command(gcs_server,
+                                                                          capsys):
+    bucket = gcs_server()
+    code = cli.main(["extract", "--input", "gs://%s/frames/**" % bucket, "--output",
+                     "gs://%s/out" % bucket, "--detector", "yolox", "--detector-weights",
+                     "gs://%s/weights/none.onnx" % bucket, "--embedder", "color_histogram"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == ("cctview extract: error: weights not found: "
+                                 "gs://%s/weights/none.onnx" % bucket)
+
+
+def test_dry_run_leaves_earlier_outputs_alone(gcs_server, dataflow_jobs, tmp_path, capsys):
+    bucket = gcs_server()
+    earlier = tmp_path / "out" / "detections" / "part-00000.parquet"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"an earlier run's table")
+    argv = expand_preset(["extract", "--input", "gs://%s/frames/**" % bucket,
+                          "--output", str(tmp_path / "out"), "--detector", "background",
+                          "--embedder", "color_histogram"] + _dataflow_flags(bucket))
+    assert cli.main(argv) == 0
+    assert "dry run: job built, nothing executed" in capsys.readouterr().out
+    assert len(dataflow_jobs) == 1
+    assert earlier.read_bytes() == b"an earlier run's table"
