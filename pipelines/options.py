@@ -209,6 +209,20 @@ class MatchOptions(PipelineOptions):
                  "and only inside each link's dt band.")
 
 
+class EvaluateOptions(PipelineOptions):
+    """Which label-free control estimates the false matches (SPEC.md)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--control", dest="control", choices=("decoy", "shift"), default="decoy",
+            help="decoy (default): target-decoy competition, one run on camera a against "
+                 "camera b's detections plus b's detections of the other half of the "
+                 "period (decoys, never a true match): valid for matchers that adapt to "
+                 "their input (the learned policy); shift: the time-shift control, the "
+                 "whole configuration again with b shifted by half the span.")
+
+
 class CalibrateOptions(PipelineOptions):
     """When a dt peak counts as a camera link."""
 
