@@ -187,7 +187,11 @@ def match(options: PipelineOptions) -> int:
     pipeline = beam.Pipeline(options=options)
     matches = pipeline | "ReadDetections" >> source | "Match" >> matcher
     _write_all({"matches": matches}, out.output, out.shards)
-    return _finish(options, pipeline, out.output, tables)
+    summary = _summary_of(matcher, out.output)
+    code = _finish(options, pipeline, out.output, tables)
+    if summary and not _is_dry_run(options):
+        print(format_match_summary(_read_json(summary)))
+    return code
 
 
 def run(options: PipelineOptions) -> int:
@@ -330,3 +334,65 @@ def precision_notes(rows, min_precision: float) -> str:
             lines.append("%s: estimated precision %.2f is below %.2f" % (
                 pair, r["precision"], min_precision))
     return "\n".join(lines)
+
+
+SUMMARY_FILE = "match_summary.json"
+_REASONS = {
+    "too_little_data": "too few candidate pairs to train a score on",
+    "too_many_candidates": "more candidate pairs than one group may hold; use a shorter "
+                           "period",
+    "no_candidates": "no candidate pairs inside the links' bands",
+}
+
+
+def _summary_of(matcher, output: str):
+    """Writes a scored matcher's per-group summary (``group_stats``) to
+    ``OUTPUT/match_summary.json``; returns its path, or None for other matchers."""
+    stats = getattr(matcher, "group_stats", None)
+    if stats is None:
+        return None
+    target = output.rstrip("/") + "/" + SUMMARY_FILE
+    _ = (stats | "AllGroupStats" >> beam.combiners.ToList()
+         | "WriteSummary" >> beam.Map(_write_summary, target))
+    return target
+
+
+def _write_summary(records, target: str) -> None:
+    records = sorted(records, key=lambda r: (r["camera_a"], r["camera_b"], r["period"] or 0))
+    with FileSystems.create(target) as handle:
+        handle.write(json.dumps(records, indent=2).encode("utf-8"))
+
+
+def _read_json(path: str):
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read().decode("utf-8"))
+
+
+def format_match_summary(records) -> str:
+    """One line per camera pair and period of a scored matching: its matches and their
+    estimated precision, or why it has none and what ``--min-precision`` would give some."""
+    periods = {}
+    for r in records:
+        periods.setdefault((r["camera_a"], r["camera_b"]), []).append(r)
+    lines = []
+    for (a, b), recs in sorted(periods.items()):
+        for r in recs:
+            name = "%s / %s%s" % (a, b, "" if len(recs) == 1 else " (period %s)" % r["period"])
+            lines.append("%s: %s" % (name, _summary_text(r)))
+    return "\n".join(lines)
+
+
+def _summary_text(r: dict) -> str:
+    best = ("the best estimated precision is %.2f (excess %.0f, %d matches)" % (
+        r["best_precision"], r["best_excess"], r["best_matches"])
+        if "best_precision" in r else "no score threshold has a significant excess")
+    if not r["abstained"]:
+        return "%d matches, estimated precision %.2f (excess %.0f); %s" % (
+            r["matches"], r["est_precision"], r["est_excess"], best)
+    if r["reason"] != "precision_not_reached":
+        return "no matches: %s" % _REASONS.get(r["reason"], r["reason"])
+    if "best_precision" not in r:
+        return "no matches: %s" % best
+    return ("no matches: --min-precision %.2f is not reached; %s: --min-precision %.2f "
+            "would return matches" % (r["min_precision"], best,
+                                      r["min_precision_for_matches"]))

@@ -22,6 +22,10 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     if int(scores["links + learned"]) == 0:
         assert "the learned matcher abstained" in printed
     assert "Links found" in printed
+    # the learned step's summary: every linked camera pair says what it got, or why not
+    summary = re.findall(r"^(cam-\d+) / (cam-\d+): (\d+ matches, estimated precision|"
+                         r"no matches: )", printed, re.M)
+    assert summary, printed
     html = (out / "report" / "index.html").read_text()
     assert "<img" in html or "<table" in html
     for folder in ("run/detections", "run/matches", "linked", "linked-mutual/matches"):

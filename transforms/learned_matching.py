@@ -127,7 +127,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -135,6 +135,7 @@ from transforms import match_blocks as mb
 
 POLICY = "learned"
 NAMESPACE = "cctview.learned"
+STATS = "stats"  # LearnedLinkMatch's second output: one summary_record per group
 DEFAULT_TRAIN_SHIFTS = (0.25, 0.75)
 DEFAULT_CONTROL_SHIFTS = (0.125, 0.375, 0.625, 0.875)
 DEFAULT_MAX_CANDIDATES = 20_000_000
@@ -603,6 +604,28 @@ def pool_tracklet_scores(ta: np.ndarray, tb: np.ndarray, score: np.ndarray,
     return agg[inv].astype(np.float32)
 
 
+def threshold_curve(real_sel_scores: np.ndarray, control_sel_scores: Sequence[np.ndarray]):
+    """-> (thresholds descending, R, C): at each distinct score t of the real selection,
+    the selected real pairs with score >= t and the mean over the controls of the same
+    count."""
+    r = np.sort(np.asarray(real_sel_scores, np.float64))[::-1]
+    m = max(len(control_sel_scores), 1)
+    ctrl = [np.sort(np.asarray(s, np.float64)) for s in control_sel_scores]
+    # thresholds: each distinct real score (the lowest position of each value)
+    last = np.r_[r[1:] != r[:-1], True] if len(r) else np.zeros(0, bool)
+    thr = r[last]
+    R = (np.nonzero(last)[0] + 1).astype(np.float64)
+    C = np.zeros(len(thr))
+    for s in ctrl:
+        C += len(s) - np.searchsorted(s, thr, side="left")
+    return thr, R, C / m
+
+
+def _qualifies(R, C, m, min_significance):
+    excess = R - C
+    return (excess >= min_significance * np.sqrt(R + C / m)) & (excess > 0)
+
+
 def choose_threshold(real_sel_scores: np.ndarray, control_sel_scores: Sequence[np.ndarray],
                      min_precision: float, min_significance: float):
     """-> (threshold or None, R, C, precision) maximising R - C under the constraints.
@@ -610,22 +633,13 @@ def choose_threshold(real_sel_scores: np.ndarray, control_sel_scores: Sequence[n
     ``real_sel_scores``: scores of the greedy selection on the real candidates
     (descending); ``control_sel_scores``: the same for each control alignment.
     """
-    r = np.sort(np.asarray(real_sel_scores, np.float64))[::-1]
-    if len(r) == 0:
+    if len(real_sel_scores) == 0:
         return None, 0, 0.0, float("nan")
+    thr, R, C = threshold_curve(real_sel_scores, control_sel_scores)
     m = max(len(control_sel_scores), 1)
-    ctrl = [np.sort(np.asarray(s, np.float64)) for s in control_sel_scores]
-    # thresholds: each distinct real score (the lowest position of each value)
-    last = np.r_[r[1:] != r[:-1], True]
-    thr = r[last]
-    R = (np.nonzero(last)[0] + 1).astype(np.float64)
-    C = np.zeros(len(thr))
-    for s in ctrl:
-        C += len(s) - np.searchsorted(s, thr, side="left")
-    C /= m
     excess = R - C
     prec = excess / R
-    ok = (prec >= min_precision) & (excess >= min_significance * np.sqrt(R + C / m)) & (excess > 0)
+    ok = (prec >= min_precision) & _qualifies(R, C, m, min_significance)
     if not ok.any():
         best = int(np.argmax(excess))
         return None, int(R[best]), float(C[best]), float(prec[best])
@@ -633,6 +647,37 @@ def choose_threshold(real_sel_scores: np.ndarray, control_sel_scores: Sequence[n
     # max excess; ties -> the higher threshold (fewer pairs for the same excess)
     best = cand[np.lexsort((-thr[cand], -excess[cand]))[0]]
     return float(thr[best]), int(R[best]), float(C[best]), float(prec[best])
+
+
+def best_achievable(real_sel_scores: np.ndarray, control_sel_scores: Sequence[np.ndarray],
+                    min_significance: float) -> Optional[dict]:
+    """The threshold of highest estimated precision whose excess is significant (ties:
+    more excess): what ``min_precision`` could at most ask for. None if no threshold
+    has a significant excess."""
+    if len(real_sel_scores) == 0:
+        return None
+    thr, R, C = threshold_curve(real_sel_scores, control_sel_scores)
+    ok = np.nonzero(_qualifies(R, C, max(len(control_sel_scores), 1), min_significance))[0]
+    if len(ok) == 0:
+        return None
+    prec = (R - C) / R
+    k = ok[np.lexsort((-(R - C)[ok], -prec[ok]))[0]]
+    return {"precision": float(prec[k]), "excess": float(R[k] - C[k]), "matches": int(R[k]),
+            "threshold": float(thr[k])}
+
+
+def q_values(scores: np.ndarray, real_sel_scores: np.ndarray,
+             control_sel_scores: Sequence[np.ndarray]) -> np.ndarray:
+    """Per score: the estimated share of false pairs among the selected real pairs scoring
+    at least that much (C / R), made monotone (the least such share at any threshold at
+    or below the score, as q-values are) and clipped to [0, 1]."""
+    thr, R, C = threshold_curve(real_sel_scores, control_sel_scores)
+    if len(thr) == 0:
+        return np.full(len(scores), np.nan, np.float32)
+    fdr = np.clip(C / R, 0.0, 1.0)
+    q = np.minimum.accumulate(fdr[::-1])[::-1]  # thresholds descend: min over lower ones
+    pos = np.searchsorted(-thr, -np.asarray(scores, np.float64), side="right") - 1
+    return q[np.clip(pos, 0, len(q) - 1)].astype(np.float32)
 
 
 # ------------------------------------------------------------------- the matcher
@@ -786,7 +831,8 @@ def _match_linked_pair(a, b, bands, min_precision, folds, seed, max_candidates,
              "abstained": True, "reason": None, "candidates": 0, "control_candidates": 0.0,
              "threshold": None, "est_real": 0, "est_control": 0.0,
              "est_precision": float("nan"), "est_excess": 0.0, "matches": 0,
-             "audit": {f: 0 for f in audit_shifts}, "tracklets": trk_params is not None}
+             "audit": {f: 0 for f in audit_shifts}, "tracklets": trk_params is not None,
+             "best": None}
     if A.trk is not None:
         stats.update(tracklets_a=len(A.trk_ids), tracklets_b=len(B.trk_ids),
                      tracklet_emb_gate=[A.trk_emb_gate, B.trk_emb_gate])
@@ -889,7 +935,8 @@ def _match_linked_pair(a, b, bands, min_precision, folds, seed, max_candidates,
     real_pick = select(real, real_score, own=own_score)
     thr, R, C, prec = choose_threshold(real_score[real_pick], ctrl_sel, min_precision,
                                        min_significance)
-    stats.update(est_real=R, est_control=C, est_precision=prec, est_excess=R - C)
+    stats.update(est_real=R, est_control=C, est_precision=prec, est_excess=R - C,
+                 best=best_achievable(real_score[real_pick], ctrl_sel, min_significance))
     if thr is None:
         stats["reason"] = "precision_not_reached"
         return [], _done(stats, t0)
@@ -899,10 +946,11 @@ def _match_linked_pair(a, b, bands, min_precision, folds, seed, max_candidates,
         stats["audit"][f] = int(len(select(c, s_, thr, own)))
 
     picked = real_pick[real_score[real_pick] >= thr]
+    q = q_values(real_score[picked], real_score[real_pick], ctrl_sel)
     rank_a, _, rank_b, _ = ranks
     ws, we = (None, None) if window is None else (int(window[0]), int(window[1]))
     matches = []
-    for k in picked.tolist():
+    for k, q_k in zip(picked.tolist(), q.tolist()):
         i, j = int(real.ia[k]), int(real.ib[k])
         matches.append({
             "detection_id_a": str(A.ids[i]), "detection_id_b": str(B.ids[j]),
@@ -911,6 +959,7 @@ def _match_linked_pair(a, b, bands, min_precision, folds, seed, max_candidates,
             "dt_seconds": int(real.dt_ms[k]) / 1000.0, "distance": float(real.dist[k]),
             "policy": POLICY, "rank_a": int(rank_a[k]), "rank_b": int(rank_b[k]),
             "window_start_ms": ws, "window_end_ms": we, "score": float(real_score[k]),
+            "q_value": float(q_k),
         })
         if A.trk is not None:
             matches[-1].update(tracklet_id_a=str(A.trk_ids[A.trk[i]]),
@@ -923,6 +972,27 @@ def _match_linked_pair(a, b, bands, min_precision, folds, seed, max_candidates,
 def _done(stats: dict, t0: float) -> dict:
     stats["seconds"] = round(time.time() - t0, 3)
     return stats
+
+
+def summary_record(stats: dict) -> dict:
+    """A group's stats -> the plain record of the match summary (JSON-ready): what was
+    matched at which estimated precision, or why nothing was, with the best estimated
+    precision that any threshold reached and the ``--min-precision`` that returns it
+    (rounded down to two decimals, so the same threshold qualifies)."""
+    best = stats.get("best") or {}
+    out = {"camera_a": stats["camera_a"], "camera_b": stats["camera_b"],
+           "period": stats.get("period"), "matches": int(stats["matches"]),
+           "abstained": bool(stats["abstained"]), "reason": stats["reason"],
+           "min_precision": float(stats["min_precision"]),
+           "candidates": int(stats["candidates"])}
+    if not stats["abstained"]:
+        out.update(est_precision=round(float(stats["est_precision"]), 3),
+                   est_excess=round(float(stats["est_excess"]), 1))
+    if best:
+        out.update(best_precision=round(best["precision"], 3),
+                   best_excess=round(best["excess"], 1), best_matches=best["matches"],
+                   min_precision_for_matches=math.floor(best["precision"] * 100) / 100)
+    return out
 
 
 # --------------------------------------------------------------- periods and Beam
@@ -1081,6 +1151,7 @@ if beam is not None:
             self.candidates.inc(int(stats["candidates"]))
             if stats["abstained"]:
                 self.abstained.inc()
+            yield beam.pvalue.TaggedOutput(STATS, summary_record(stats))
             for m in matches:
                 yield (m["camera_id_a"], m["camera_id_b"], m["detection_id_b"]), m
 
@@ -1135,7 +1206,9 @@ if beam is not None:
         with both cameras present), learned_candidates (real candidate pairs),
         learned_matches (emitted), learned_abstained (groups that returned no matches
         because no threshold reached ``min_precision``, or too little/too much data). Equal to
-        :func:`match_linked_periods` on the same detections.
+        :func:`match_linked_periods` on the same detections. After it is applied,
+        ``group_stats`` is the PCollection of every group's :func:`summary_record`
+        (what each camera pair reached, or why it got no matches).
         """
 
         def __init__(self, links, min_precision: float = 0.7,
@@ -1157,12 +1230,15 @@ if beam is not None:
             self.match_kwargs = dict(match_kwargs, min_precision=float(min_precision))
 
         def expand(self, detections):
-            return (detections
-                    | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
-                    | "KeyByPairPeriod" >> beam.ParDo(_KeyByPairPeriod(self.pair_bands,
-                                                                       self.period_ms))
-                    | "GroupByPairPeriod" >> beam.GroupByKey()
-                    | "MatchGroups" >> beam.ParDo(_MatchGroups(self.pair_bands, self.period_ms,
-                                                               self.match_kwargs))
+            groups = (detections
+                      | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
+                      | "KeyByPairPeriod" >> beam.ParDo(_KeyByPairPeriod(self.pair_bands,
+                                                                         self.period_ms))
+                      | "GroupByPairPeriod" >> beam.GroupByKey()
+                      | "MatchGroups" >> beam.ParDo(_MatchGroups(
+                          self.pair_bands, self.period_ms, self.match_kwargs))
+                      .with_output_types(Tuple[Any, Any]).with_outputs(STATS, main="matches"))
+            self.group_stats = groups[STATS]
+            return (groups.matches
                     | "OneMatchPerB" >> beam.CombinePerKey(_BestForB())
                     | "Emit" >> beam.ParDo(_Emit()))
