@@ -270,14 +270,17 @@ def evaluate(options: PipelineOptions) -> int:
     max_gap = options.view_as(CandidateOptions).max_gap
     target = _require(options.view_as(OutputOptions).output, "--output")
     outputs.check_writable(target.rsplit("/", 1)[0] if "/" in target else ".")
+    min_precision = options.view_as(MatchOptions).min_precision
     if options.view_as(EvaluateOptions).control == "shift":
-        from transforms.evaluation import EvaluateWithControl as Evaluate
+        from transforms.evaluation import EvaluateWithControl
+        evaluation = EvaluateWithControl(make_matcher, cameras, links, max_gap)
     else:
-        from transforms.decoy import EvaluateWithDecoys as Evaluate
+        from transforms.decoy import EvaluateWithDecoys
+        evaluation = EvaluateWithDecoys(make_matcher, cameras, links, max_gap, min_precision)
     pipeline = beam.Pipeline(options=options)
     _ = (pipeline
          | "ReadDetections" >> source
-         | "Evaluate" >> Evaluate(make_matcher, cameras, links, max_gap)
+         | "Evaluate" >> evaluation
          | "AllRows" >> beam.combiners.ToList()
          | "WriteTable" >> beam.Map(_write_json, target))
     _run(pipeline)
@@ -287,7 +290,7 @@ def evaluate(options: PipelineOptions) -> int:
     with FileSystems.open(target) as handle:
         rows = json.loads(handle.read().decode("utf-8"))
     print(format_precision_table(rows))
-    notes = precision_notes(rows, options.view_as(MatchOptions).min_precision)
+    notes = precision_notes(rows, min_precision)
     if notes:
         print(notes)
     return 0
@@ -323,16 +326,24 @@ def format_precision_table(rows) -> str:
 
 def precision_notes(rows, min_precision: float) -> str:
     """One line per camera pair whose estimated precision is below ``min_precision``
-    or that got no matches: what the configuration reached, so no pair fails silently."""
+    or that got no matches: what the configuration reached and, for a scored policy,
+    the ``--min-precision`` of its best estimated precision, so no pair fails silently."""
     lines = []
     for r in rows:
         pair = "%s / %s" % (r["camera_a"], r["camera_b"])
         hits = r.get("target_hits", r.get("real", 0))
-        if not hits:
-            lines.append("%s: no matches" % pair)
-        elif r["precision"] < min_precision:
-            lines.append("%s: estimated precision %.2f is below %.2f" % (
-                pair, r["precision"], min_precision))
+        if hits and r["precision"] >= min_precision:
+            continue
+        text = ("no matches" if not hits else "estimated precision %.2f is below "
+                "--min-precision %.2f" % (r["precision"], min_precision))
+        if "best_min_precision" in r:
+            text += ("; the best estimated precision is %.2f (excess %.0f): --min-precision "
+                     "%.2f would return it" % (r["best_precision"], r["best_excess"],
+                                               r["best_min_precision"]))
+        elif "best_precision" in r:
+            text += "; the best estimated precision is %.2f (excess %.0f)" % (
+                r["best_precision"], r["best_excess"])
+        lines.append("%s: %s" % (pair, text))
     return "\n".join(lines)
 
 

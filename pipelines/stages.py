@@ -134,7 +134,9 @@ def matcher_factory(options):
     """-> (links -> matching PTransform), configured from the flags.
 
     A factory, because the evaluation runs the same configuration with the links
-    extended to its time-shifted control cameras.
+    extended to its time-shifted control cameras. The learned policy's factory is
+    marked ``scored`` and takes ``min_precision=`` (the evaluation runs it at 0 to see
+    every threshold at once).
     """
     from transforms.matching import MatchDetections
 
@@ -146,8 +148,11 @@ def matcher_factory(options):
         from transforms.learned_matching import LearnedLinkMatch
 
         tracklets = getattr(policy, "tracklets", "on") != "off"
-        return lambda links, cameras=None: LearnedLinkMatch(
-            links, min_precision=policy.min_precision, tracklets=tracklets)
+        def learned(links, cameras=None, min_precision=policy.min_precision):
+            return LearnedLinkMatch(links, min_precision=min_precision, tracklets=tracklets)
+
+        learned.scored = True  # its matches carry score and q_value
+        return learned
 
     def make(links, cameras=None):
         return MatchDetections(

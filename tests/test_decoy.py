@@ -87,8 +87,16 @@ def test_precision_curve_and_best_point():
     # half 0 decoys scale by 10/5, half 1 by 10/20
     assert [p["target_hits"] for p in curve] == [1, 2, 2, 3, 3, 4]
     assert curve[2]["false"] == 0.5 and curve[4]["false"] == 2.5
-    best = decoy.best_point(curve)
+    best = decoy.best_point(curve, min_significance=0.0)
     assert best["threshold"] == 0.8 and best["precision"] == 1.0
+    assert decoy.best_point(curve) is None  # no excess 3 standard errors above zero
+    # scored rows: what --min-precision 0.9 returns (q <= 0.1), and the flag for the best
+    q = [0.0, 0.0, 0.05, 0.05, 0.3, 0.3]
+    scored = [h + (qq,) for h, qq in zip(hits, q)]
+    counts = [("target", 0)] * 10 + [("target", 1)] * 10 + [("decoy", 0)] * 5 + [
+        ("decoy", 1)] * 20
+    row = decoy.summarize(("c1", "c2"), scored, counts, min_precision=0.9)
+    assert (row["target_hits"], row["decoy_hits"]) == (3, 1)
 
 
 def test_beam_transform_equals_the_in_memory_twin():

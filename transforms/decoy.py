@@ -24,6 +24,7 @@ times (b-side copies twice): evaluation costs more than matching, which is its p
 With scored matches (``score``), :func:`precision_curve` also gives, per pair, the
 precision of every score threshold from the same hits, and the best of them.
 """
+import math
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -123,13 +124,15 @@ def namespaces(pairs: Sequence[Tuple[str, str]]) -> Dict[Tuple[str, str], Tuple[
 
 
 def classify_hit(match: dict, spaces: dict, start_ms: int, span_ms: int):
-    """A match between virtual cameras -> ((camera_a, camera_b), kind, half, score), with
-    the pair's real camera ids; None for a match outside one pair's namespace."""
+    """A match between virtual cameras -> ((camera_a, camera_b), kind, half, score,
+    q_value), with the pair's real camera ids; None for a match outside one pair's
+    namespace."""
     pair = spaces.get((match["camera_id_a"], match["camera_id_b"]))
     if pair is None:
         return None
     kind = DECOY_KIND if match["detection_id_b"].endswith(DECOY) else TARGET
-    return (pair, kind, half_of(match["frame_ts_b_ms"], start_ms, span_ms), match.get("score"))
+    return (pair, kind, half_of(match["frame_ts_b_ms"], start_ms, span_ms), match.get("score"),
+            match.get("q_value"))
 
 
 def precision_row(pair, target_hits: Sequence[int], decoy_hits: Sequence[int],
@@ -150,13 +153,13 @@ def _false(decoy_hits: int, targets_b: int, decoys_b: int) -> float:
 
 def precision_curve(hits: Iterable[tuple], targets_b: Sequence[int],
                     decoys_b: Sequence[int]) -> List[dict]:
-    """Scored hits ``(kind, half, score)`` -> precision of every score threshold.
+    """Scored hits ``(kind, half, score, ...)`` -> precision of every score threshold.
 
     For each distinct target score t (descending): target hits and estimated false
     hits with score >= t, excess and precision. Hits without a score make no curve."""
     hits = [h for h in hits if h[2] is not None]
     scale = [targets_b[h] / decoys_b[h] if decoys_b[h] else 0.0 for h in (0, 1)]
-    events = sorted(((-float(s), kind, half) for kind, half, s in hits))
+    events = sorted(((-float(h[2]), h[0], h[1]) for h in hits))
     out, t_hits, false = [], 0, 0.0
     for k, (neg, kind, half) in enumerate(events):
         if kind == TARGET:
@@ -170,38 +173,54 @@ def precision_curve(hits: Iterable[tuple], targets_b: Sequence[int],
     return out
 
 
-def best_point(curve: Sequence[dict], min_excess: float = 1.0) -> Optional[dict]:
-    """The curve point of highest precision among those with at least ``min_excess``
-    estimated true matches (ties: more excess); None if there is none."""
-    ok = [p for p in curve if p["excess"] >= min_excess]
+def best_point(curve: Sequence[dict], min_significance: float = 3.0) -> Optional[dict]:
+    """The curve point of highest precision among those whose excess is at least
+    ``min_significance`` standard errors (``sqrt(target hits + false)``) above zero
+    (ties: more excess); None if there is none."""
+    ok = [p for p in curve if p["excess"] > 0
+          and p["excess"] >= min_significance * (p["target_hits"] + p["false"]) ** 0.5]
     return max(ok, key=lambda p: (p["precision"], p["excess"])) if ok else None
 
 
-def summarize(pair, hits: Sequence[tuple], counts: Sequence[tuple]) -> dict:
-    """``hits``: (kind, half, score) of the pair's matches; ``counts``: (kind, half) of
-    its b-side copies. -> the pair's row (with ``best_*`` from the score curve)."""
+def summarize(pair, hits: Sequence[tuple], counts: Sequence[tuple],
+              min_precision: Optional[float] = None) -> dict:
+    """``hits``: (kind, half, score, q_value) of the pair's matches; ``counts``: (kind,
+    half) of its b-side copies. -> the pair's row, with ``best_*`` from the score curve.
+
+    ``min_precision``: the hits come from a scored matcher run at every threshold
+    (``min_precision`` 0); the row's counts are those it returns at this
+    ``--min-precision`` (its matches with ``q_value <= 1 - min_precision``), and
+    ``best_min_precision`` is the flag value that returns the best point."""
+    scored = hits
+    if min_precision is not None:
+        hits = [h for h in hits if h[3] is not None and h[3] <= 1.0 - min_precision + 1e-6]
     target_hits, decoy_hits = [0, 0], [0, 0]
-    for kind, half, _ in hits:
-        (target_hits if kind == TARGET else decoy_hits)[half] += 1
+    for h in hits:
+        (target_hits if h[0] == TARGET else decoy_hits)[h[1]] += 1
     targets_b, decoys_b = [0, 0], [0, 0]
     for kind, half in counts:
         (targets_b if kind == TARGET else decoys_b)[half] += 1
     row = precision_row(pair, target_hits, decoy_hits, targets_b, decoys_b)
-    best = best_point(precision_curve(hits, targets_b, decoys_b))
+    best = best_point(precision_curve(scored, targets_b, decoys_b))
     if best is not None:
         row.update(best_precision=round(best["precision"], 3),
                    best_excess=round(best["excess"], 1),
                    best_threshold=round(best["threshold"], 4))
+        if min_precision is not None:
+            q = max(h[3] for h in scored if h[2] is not None and h[2] >= best["threshold"])
+            row["best_min_precision"] = max(0.0, math.floor((1.0 - q) * 100) / 100)
     return row
 
 
 def evaluate_in_memory(detections: Sequence[dict], make_matches, links: Optional[List[dict]],
-                       max_gap_s: float = 300.0, cameras: Optional[Sequence[str]] = None
+                       max_gap_s: float = 300.0, cameras: Optional[Sequence[str]] = None,
+                       min_precision: Optional[float] = None
                        ) -> Tuple[List[dict], List[dict]]:
     """The Beam transform's twin for lists: ``make_matches(detections, links)`` runs the
     matcher (e.g. ``match_blocks.match_arrays`` or ``match_linked_periods``) and returns
-    match dicts. -> (one row per evaluated pair, the target hits with the real camera
-    and detection ids, to score against a ground truth)."""
+    match dicts; ``min_precision``: see :func:`summarize` (then ``make_matches`` must run
+    a scored matcher at ``min_precision`` 0). -> (one row per evaluated pair, the target
+    hits with the real camera and detection ids, to score against a ground truth)."""
     detections = list(detections)
     cams = cameras if cameras is not None else sorted({d["camera_id"] for d in detections})
     pairs = evaluated_pairs(links, cams)
@@ -224,7 +243,7 @@ def evaluate_in_memory(detections: Sequence[dict], make_matches, links: Optional
             targets.append(dict(m, camera_id_a=c[0][0], camera_id_b=c[0][1],
                                 detection_id_a=original_id(m["detection_id_a"]),
                                 detection_id_b=original_id(m["detection_id_b"])))
-    return [summarize(p, hits[p], counts[p]) for p in pairs if counts[p]], targets
+    return [summarize(p, hits[p], counts[p], min_precision) for p in pairs if counts[p]], targets
 
 
 try:
@@ -239,17 +258,24 @@ if beam is not None:
 
         ``make_matcher(links, cameras)`` returns the matching PTransform to evaluate,
         given links between the pairs' virtual cameras (:func:`decoy_links`); ``links``
-        None evaluates every pair of ``cameras`` within ``max_gap_s``.
+        None evaluates every pair of ``cameras`` within ``max_gap_s``. A factory marked
+        ``scored`` (the learned policy) is run once at ``min_precision=0``, and each row
+        gives what ``min_precision`` returns and the best threshold (:func:`summarize`).
         """
 
         def __init__(self, make_matcher, cameras, links: Optional[List[dict]] = None,
-                     max_gap_s: float = 300.0):
+                     max_gap_s: float = 300.0, min_precision: Optional[float] = None):
             super().__init__()
             self._pairs = evaluated_pairs(links, cameras)
             self._roles = roles_of(self._pairs)
-            self._matcher = make_matcher(decoy_links(links, self._pairs, max_gap_s),
-                                         sorted({pair_camera(a, b, r) for a, b in self._pairs
-                                                 for r in "ab"}))
+            virtual = (decoy_links(links, self._pairs, max_gap_s),
+                       sorted({pair_camera(a, b, r) for a, b in self._pairs for r in "ab"}))
+            self._min_precision = None
+            if getattr(make_matcher, "scored", False):
+                self._min_precision = 0.0 if min_precision is None else float(min_precision)
+                self._matcher = make_matcher(*virtual, min_precision=0.0)
+            else:
+                self._matcher = make_matcher(*virtual)
 
         def expand(self, detections):
             roles, spaces = self._roles, namespaces(self._pairs)
@@ -271,16 +297,16 @@ if beam is not None:
                     | "Classify" >> beam.FlatMap(_hit, spaces, bounds))
             return ((counts, hits) | "Both" >> beam.Flatten()
                     | "ByPair" >> beam.GroupByKey()
-                    | "Summarize" >> beam.Map(_summarize_group))
+                    | "Summarize" >> beam.Map(_summarize_group, self._min_precision))
 
     def _hit(match, spaces, bounds):
         c = classify_hit(match, spaces, bounds[0], bounds[1])
         if c is not None:
             yield c[0], ("hit",) + c[1:]
 
-    def _summarize_group(element):
+    def _summarize_group(element, min_precision):
         pair, items = element
         hits, counts = [], []
         for item in items:
             (hits if item[0] == "hit" else counts).append(item[1:])
-        return summarize(pair, hits, counts)
+        return summarize(pair, hits, counts, min_precision)

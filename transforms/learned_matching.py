@@ -208,7 +208,7 @@ class _Side:
     tracklets are then linked on these (unshifted) timestamps; a shifted alignment
     moves b's detections, and so its tracklets, as a whole."""
 
-    def __init__(self, d: dict, tracklets: Optional[dict] = None):
+    def __init__(self, d: dict, tracklets: Optional[dict] = None, normalize: str = ""):
         ids = np.asarray([str(i) for i in d["ids"]], dtype=str)
         ts = np.asarray(d["ts_ms"], dtype=np.int64).reshape(-1)
         n = len(ids)
@@ -221,7 +221,9 @@ class _Side:
         order = np.lexsort((ids, ts))
         self.camera_id = str(d.get("camera_id", ""))
         self.ids, self.ts = ids[order], ts[order]
-        self.emb = np.ascontiguousarray(emb[order])
+        self.emb = np.ascontiguousarray(
+            normalize_embeddings(emb[order], "power" in normalize, "center" in normalize)
+            if normalize else emb[order])
         self.sq = np.einsum("ij,ij->i", self.emb, self.emb, dtype=np.float32)
         box = d.get("box")
         if box is None:
@@ -274,6 +276,28 @@ class _Side:
         if self._scale is None:
             self._scale = _local_scale(self, SCALE_K, SCALE_MIN_MS, SCALE_MAX_MS)
         return self._scale
+
+
+def normalize_embeddings(emb: np.ndarray, power: bool = True, center: bool = True) -> np.ndarray:
+    """One camera's embeddings -> signed square roots (power normalisation), minus the
+    camera's mean, L2-normalised (float32).
+
+    Why: a camera's colour cast, background and lens shift every crop's embedding
+    alike; subtracting the camera's mean removes that shared part (camera-bias removal,
+    as multi-camera re-identification systems do), and the square root stops the few
+    largest components (e.g. the background's colour bins in a histogram) from
+    dominating the distance. On the synthetic world at noise 1 (16 minutes, colour
+    histograms) the true match ranked first among a detection's band candidates for
+    71% of detections with raw embeddings, 74% with the mean removed, 84% with both
+    (a pooled PCA whitening on top lowered it to 76-80%)."""
+    x = np.asarray(emb, np.float32)
+    if len(x) == 0:
+        return x.copy()
+    if power:
+        x = np.sign(x) * np.sqrt(np.abs(x))
+    if center:
+        x = x - x.mean(axis=0, keepdims=True)
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def _local_scale(s: "_Side", k: int, lo_ms: int, hi_ms: int, max_chunk: int = 512) -> np.ndarray:
@@ -714,7 +738,7 @@ def match_linked_pair(a: dict, b: dict, bands, min_precision: float = 0.7, folds
                       scorer_params: Optional[dict] = None,
                       dt_jitter_s: Optional[float] = None, threads: int = 1,
                       tracklets=None, tracklet_pooling: Optional[str] = None,
-                      tracklet_selection: bool = False
+                      tracklet_selection: bool = False, normalize: str = ""
                       ) -> Tuple[List[dict], dict]:
     """Learned one-to-one matching of two linked cameras (see the module docstring).
 
@@ -794,7 +818,8 @@ def match_linked_pair(a: dict, b: dict, bands, min_precision: float = 0.7, folds
             float(min_significance), _check_shifts("train_shifts", train_shifts),
             _check_shifts("control_shifts", control_shifts),
             _check_shifts("audit_shifts", audit_shifts), window, tuple(features), params,
-            dt_jitter_s, trk_params, bool(tracklet_selection), tracklet_pooling)
+            dt_jitter_s, trk_params, bool(tracklet_selection), tracklet_pooling,
+            normalize)
 
 
 def _tracklet_params(tracklets) -> Optional[dict]:
@@ -820,11 +845,11 @@ def _tracklet_params(tracklets) -> Optional[dict]:
 def _match_linked_pair(a, b, bands, min_precision, folds, seed, max_candidates,
                        min_significance, train_shifts, control_shifts, audit_shifts, window,
                        features, params, dt_jitter_s, trk_params=None, trk_select=False,
-                       trk_pool=None):
+                       trk_pool=None, normalize=""):
     from models.pair_scorer import PairScorer
 
     t0 = time.time()
-    A, B = _Side(a, trk_params), _Side(b, trk_params)
+    A, B = _Side(a, trk_params, normalize), _Side(b, trk_params, normalize)
     bands_ms = bands_to_ms(bands)
     stats = {"camera_a": A.camera_id, "camera_b": B.camera_id, "n_a": len(A), "n_b": len(B),
              "bands_ms": bands_ms.tolist(), "folds": folds, "min_precision": min_precision,
