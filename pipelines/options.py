@@ -198,6 +198,13 @@ class MatchOptions(PipelineOptions):
                  "judge a pair of tracklets as a whole by its best-scoring detection pair; "
                  "adds tracklet_id_a/tracklet_id_b to the matches (default on).")
         parser.add_argument(
+            "--embedding-norm", dest="embedding_norm", choices=("none", "center", "power+center"),
+            default="none",
+            help="For --policy learned: per camera, 'center' subtracts the camera's mean "
+                 "embedding (its colour cast and background) before distances; "
+                 "'power+center' first takes signed square roots (for histogram-like "
+                 "embeddings such as color_histogram); none keeps them (default none).")
+        parser.add_argument(
             "--threshold", dest="threshold", type=float, default=None,
             help="Largest distance that may match (default: none).")
         parser.add_argument(

@@ -148,8 +148,12 @@ def matcher_factory(options):
         from transforms.learned_matching import LearnedLinkMatch
 
         tracklets = getattr(policy, "tracklets", "on") != "off"
+        norm = getattr(policy, "embedding_norm", "none")
+        norm = "" if norm == "none" else norm
+
         def learned(links, cameras=None, min_precision=policy.min_precision):
-            return LearnedLinkMatch(links, min_precision=min_precision, tracklets=tracklets)
+            return LearnedLinkMatch(links, min_precision=min_precision, tracklets=tracklets,
+                                    normalize=norm)
 
         learned.scored = True  # its matches carry score and q_value
         return learned

@@ -20,7 +20,7 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     assert int(scores["mutual NN, no links"]) > 0
     assert int(scores["links + mutual NN"]) > 0
     if int(scores["links + learned"]) == 0:
-        assert "the learned matcher abstained" in printed
+        assert "the learned matcher abstained on every linked camera pair" in printed
     assert "Links found" in printed
     # the learned step's summary: every linked camera pair says what it got, or why not
     summary = re.findall(r"^(cam-\d+) / (cam-\d+): (\d+ matches, estimated precision|"

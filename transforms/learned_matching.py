@@ -221,6 +221,7 @@ class _Side:
         order = np.lexsort((ids, ts))
         self.camera_id = str(d.get("camera_id", ""))
         self.ids, self.ts = ids[order], ts[order]
+        raw_sq = np.einsum("ij,ij->i", emb[order], emb[order], dtype=np.float32)
         self.emb = np.ascontiguousarray(
             normalize_embeddings(emb[order], "power" in normalize, "center" in normalize)
             if normalize else emb[order])
@@ -237,6 +238,9 @@ class _Side:
             lh = np.log(np.maximum(box[:, 3] - box[:, 1], 1.0))
             norms = np.sqrt(self.sq)
             self.log_norm = np.log(np.maximum(norms, 1e-12)).astype(np.float32)
+            # the features' norms are the input embeddings' (normalising makes these 1;
+            # the raw norm says how much a crop shows, e.g. tiny crops have small ones)
+            self.raw_log_norm = np.log(np.maximum(np.sqrt(raw_sq), 1e-12)).astype(np.float32)
         import torch
 
         self.emb_t = torch.from_numpy(self.emb)  # shares memory
@@ -517,7 +521,8 @@ def candidate_features(a: _Side, b: _Side, c: Candidates, features: Sequence[str
         if a.trk is None or b.trk is None:
             raise ValueError("tracklet features need tracklets=... (both sides linked)")
         cols.update(_tracklet_cols(a, b, c))
-    cols.update(distance=c.dist, dt_s=c.dt_ms / 1000.0, log_norm_a=na, log_norm_b=nb)
+    cols.update(distance=c.dist, dt_s=c.dt_ms / 1000.0, log_norm_a=a.raw_log_norm[c.ia],
+                log_norm_b=b.raw_log_norm[c.ib])
     for side, s_, idx in (("a", a, c.ia), ("b", b, c.ib)):
         g = s_.geo[idx]
         for k, name in enumerate(("cx", "cy", "log_w", "log_h")):
