@@ -144,3 +144,39 @@ def test_evaluate_command_both_controls(tmp_path, capsys):
     shift = json.loads((tmp_path / "shift.json").read_text())
     assert [(r["camera_a"], r["camera_b"]) for r in shift] == [("c1", "c2")] and "real" in shift[0]
     assert "| control |" in capsys.readouterr().out
+
+
+def test_scored_matcher_runs_once_at_every_threshold():
+    """The learned policy under decoys: one run at min_precision 0; the row is what
+    --min-precision returns (q_value <= 1 - min_precision), Beam == in memory, and on
+    planted pairs the estimate is high and below the truth + 0.05."""
+    from test_learned_matching import LINKS as LEARNED_LINKS, synth
+
+    from transforms import learned_matching as lm
+
+    dets = synth(seed=0, span_s=600)
+    vid = {d["detection_id"]: d["vid"] for d in dets}
+    dets = [{k: v for k, v in d.items() if k != "vid"} for d in dets]
+
+    def make(links, cameras=None, min_precision=0.7):
+        return lm.LearnedLinkMatch(links, min_precision=min_precision)
+
+    make.scored = True
+    p = beam.Pipeline(runner=FnApiRunner())
+    out = collect(p | beam.Create(dets, reshuffle=False)
+                  | decoy.EvaluateWithDecoys(make, ["cam-a", "cam-b"], LEARNED_LINKS, 120,
+                                             min_precision=0.7), "out")
+    p.run().wait_until_finish()
+    rows, targets = decoy.evaluate_in_memory(
+        dets, lambda d, links: lm.match_linked_periods(d, links, min_precision=0.0)[0],
+        LEARNED_LINKS, 120, min_precision=0.7)
+    assert out == rows and len(rows) == 1
+    row = rows[0]
+    returned = [m for m in targets if m["q_value"] <= 0.3 + 1e-6]
+    assert row["target_hits"] == len(returned) < len(targets) + 1
+    true = np.mean([vid[decoy.original_id(m["detection_id_a"])] ==
+                    vid[decoy.original_id(m["detection_id_b"])] for m in returned])
+    # not above the truth by more than 0.05 plus two standard errors of the decoy count
+    slack = 0.05 + 2 * np.sqrt(max(row["decoy_hits"], 1)) / row["target_hits"]
+    assert 0.7 <= row["precision"] <= true + slack, (row, true)
+    assert 0.0 <= row["best_min_precision"] <= 1.0 and row["best_precision"] >= row["precision"]
