@@ -306,14 +306,15 @@ def format_precision_table(rows) -> str:
     """The evaluate table: target-decoy rows (``target_hits``) or time-shift rows."""
     if rows and "target_hits" in rows[0]:
         lines = ["| camera_a | camera_b | target hits | decoy hits | est. false | excess "
-                 "| precision | best precision (excess) |",
-                 "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                 "| precision | best precision (excess) | excess at precision >= 0.8 / 0.9 |",
+                 "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in rows:
             best = ("%.2f (%.0f)" % (r["best_precision"], r["best_excess"])
                     if "best_precision" in r else "-")
-            lines.append("| %s | %s | %d | %d | %.1f | %.1f | %.2f | %s |" % (
+            at = r.get("excess_at_precision", {})
+            lines.append("| %s | %s | %d | %d | %.1f | %.1f | %.2f | %s | %.0f / %.0f |" % (
                 r["camera_a"], r["camera_b"], r["target_hits"], r["decoy_hits"], r["false"],
-                r["excess"], r["precision"], best))
+                r["excess"], r["precision"], best, at.get("0.8", 0), at.get("0.9", 0)))
         return "\n".join(lines)
     lines = ["| camera_a | camera_b | real | control | excess | precision |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]

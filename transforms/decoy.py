@@ -29,6 +29,7 @@ from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 DECOY = "~decoy"
+FRONTIER = (0.8, 0.9)  # rows give the most excess at an estimated precision of at least these
 TARGET, DECOY_KIND = "target", "decoy"
 
 
@@ -185,7 +186,9 @@ def best_point(curve: Sequence[dict], min_significance: float = 3.0) -> Optional
 def summarize(pair, hits: Sequence[tuple], counts: Sequence[tuple],
               min_precision: Optional[float] = None) -> dict:
     """``hits``: (kind, half, score, q_value) of the pair's matches; ``counts``: (kind,
-    half) of its b-side copies. -> the pair's row, with ``best_*`` from the score curve.
+    half) of its b-side copies. -> the pair's row, with ``best_*`` from the score curve
+    and ``excess_at_precision`` (the most estimated excess of any score threshold whose
+    estimated precision is at least each of ``FRONTIER``; 0 where none is).
 
     ``min_precision``: the hits come from a scored matcher run at every threshold
     (``min_precision`` 0); the row's counts are those it returns at this
@@ -201,7 +204,12 @@ def summarize(pair, hits: Sequence[tuple], counts: Sequence[tuple],
     for kind, half in counts:
         (targets_b if kind == TARGET else decoys_b)[half] += 1
     row = precision_row(pair, target_hits, decoy_hits, targets_b, decoys_b)
-    best = best_point(precision_curve(scored, targets_b, decoys_b))
+    curve = precision_curve(scored, targets_b, decoys_b)
+    points = curve or ([row] if row["target_hits"] else [])  # unscored: their one point
+    row["excess_at_precision"] = {
+        "%.1f" % level: round(max([p["excess"] for p in points if p["precision"] >= level],
+                                  default=0.0), 1) for level in FRONTIER}
+    best = best_point(curve)
     if best is not None:
         row.update(best_precision=round(best["precision"], 3),
                    best_excess=round(best["excess"], 1),
