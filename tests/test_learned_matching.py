@@ -164,6 +164,18 @@ def test_abstaining_pair_says_what_min_precision_would_match():
     assert "--min-precision %.2f would return matches" % record["min_precision_for_matches"] in text
 
 
+def test_normalize_embeddings_removes_the_camera_bias():
+    rng = np.random.default_rng(0)
+    ident = rng.random((50, 8)).astype(np.float32)
+    cast = np.array([3, 0, 0, 0, 0, 0, 0, 1], np.float32)  # one camera's colour cast
+    x = lm.normalize_embeddings(ident + cast, power=False)
+    y = lm.normalize_embeddings(ident, power=False)
+    assert np.allclose(x, y, atol=1e-5)  # the same crops, with and without the cast
+    assert np.allclose(np.linalg.norm(lm.normalize_embeddings(ident), axis=1), 1, atol=1e-5)
+    with pytest.raises(ValueError):
+        lm.match_linked_pair(*sides(synth(seed=1, span_s=60)), BANDS, normalize="whiten")
+
+
 def test_q_values_and_best_achievable():
     real = np.array([10.0, 9, 8, 7, 6, 5, 4, 3, 2, 1])
     ctrl = [np.array([8.5, 3.5, 2.5, 1.5]), np.array([6.5, 0.5])]

@@ -119,6 +119,26 @@ average for mutual nearest neighbours had also lowered precision (NOTES.md). The
 features stay available (``TRACKLET_FEATURES``), as does the binding
 (``tracklet_selection``).
 
+q-values and the summary
+========================
+Every match carries its ``score`` and ``q_value``: at each threshold t of the real
+selection, ``C(t) / R(t)`` is the estimated share of false pairs among the selected pairs
+scoring at least t; a match's q-value is the least such share at any threshold at or
+below its score (:func:`q_values`), so the matches with ``q_value <= 1 - p`` are what
+``min_precision=p`` returns (up to the significance condition). ``stats["best"]``
+(:func:`best_achievable`) is the threshold of highest estimated precision with a
+significant excess, also when the group abstains, and :func:`summary_record` turns a
+group's stats into the line ``cctview match`` prints per camera pair: what it matched,
+or why not and which ``--min-precision`` would return matches.
+
+Embedding normalisation (``normalize``)
+=======================================
+``"center"`` subtracts each side's mean embedding (camera-bias removal: the camera's
+colour cast, background and lens shift every crop alike), ``"power+center"`` first takes
+signed square roots; then embeddings are L2-normalised (:func:`normalize_embeddings`).
+The ``log_norm_*`` features keep the raw embeddings' norms (how much a crop shows).
+Measured by the target-decoy estimate on held-out data: BENCHMARKS.md, "Weak links".
+
 Nothing here knows camera ids or offsets: everything comes from the bands and the
 data. :class:`LearnedLinkMatch` is the Beam transform (groups per linked camera pair
 and period of the a-detection).
@@ -136,6 +156,7 @@ from transforms import match_blocks as mb
 POLICY = "learned"
 NAMESPACE = "cctview.learned"
 STATS = "stats"  # LearnedLinkMatch's second output: one summary_record per group
+NORMALIZATIONS = ("", "center", "power+center")
 DEFAULT_TRAIN_SHIFTS = (0.25, 0.75)
 DEFAULT_CONTROL_SHIFTS = (0.125, 0.375, 0.625, 0.875)
 DEFAULT_MAX_CANDIDATES = 20_000_000
@@ -787,13 +808,15 @@ def match_linked_pair(a: dict, b: dict, bands, min_precision: float = 0.7, folds
       tracklet_selection: with tracklets, a tracklet is matched with at most one
         tracklet of the other camera (see :func:`greedy_one_to_one`); off by default
         (it lowered the excess on the reference footage).
+      normalize: "" (off), "center" or "power+center" (see "Embedding normalisation").
 
     Returns ``(matches, stats)``: Match dicts (transforms/records.py) with policy
     ``learned``, L2 ``distance``, ``rank_a``/``rank_b`` (ranks by distance among all
     candidates of a / of b), the ``window`` and the ``score``; sorted by
     (detection_id_a, detection_id_b). ``stats``: ``candidates``, ``threshold``,
     ``est_real``/``est_control``/``est_excess``/``est_precision`` at the threshold (or at
-    the best excess when abstaining), ``abstained``, ``reason``, ``audit``, sizes, time.
+    the best excess when abstaining), ``best`` (:func:`best_achievable`), ``abstained``,
+    ``reason``, ``audit``, sizes, time. Matches carry ``q_value`` (:func:`q_values`).
     """
     from models.pair_scorer import _torch_threads
 
@@ -812,6 +835,8 @@ def match_linked_pair(a: dict, b: dict, bands, min_precision: float = 0.7, folds
         tracklet_pooling = None
     else:
         tracklet_pooling = {None: "max", "none": None}.get(tracklet_pooling, tracklet_pooling)
+    if normalize not in NORMALIZATIONS:
+        raise ValueError("normalize must be one of %s, got %r" % (NORMALIZATIONS, normalize))
     unknown = [f for f in features if f not in FEATURES]
     if unknown:
         raise ValueError("unknown features %s; known: %s" % (unknown, FEATURES))
