@@ -15,7 +15,6 @@ the true precision of the target hits.
   .venv/bin/python benchmarks/weak_links.py --record
 """
 import argparse
-import glob
 import json
 import sys
 import tempfile

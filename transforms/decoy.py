@@ -21,6 +21,11 @@ detections, and never meet a's decoys or another pair's (decoys of both cameras 
 pair, shifted alike, would hold true pairs). A camera in k evaluated pairs is copied k
 times (b-side copies twice): evaluation costs more than matching, which is its price.
 
+The matcher sees camera b at twice its density (targets and decoys compete for a's
+detections), so the estimate describes a slightly harder problem than the real run: on
+the synthetic world with ground truth it read at most a few hundredths above the true
+precision of the target hits, and usually below it (BENCHMARKS.md, "Ground truth").
+
 With scored matches (``score``), :func:`precision_curve` also gives, per pair, the
 precision of every score threshold from the same hits, and the best of them.
 """
