@@ -38,7 +38,10 @@ NOTE = ("How to read it: the decoy estimate is the one to trust for every config
         "'mapped' is the true precision among pairs whose two detections both overlap a "
         "true box. The decoy estimate's target hits come from a run with twice b's density "
         "(targets and decoys compete), so it describes a slightly harder problem than the "
-        "real run. " + 'For mutual NN and CCTView\'s rule the decoy estimate reads below the true precision at every noise level. For the learned default the decoy run is a different run from the real one (it trains with b\'s decoys and returns its own threshold\'s matches: at noise 1 an estimated excess of 63, where the real run returned 818 matches), so the truth beside it is not the truth of what the estimate describes; against the decoy run\'s own target hits (BENCHMARKS.md, "Weak links", and tests/test_decoy.py) it read 0.78 for a true 0.78 and 0.80 for a true 0.74 (pairs with a detection that overlaps no true box count as false there).')
+        "real run. For the learned default the decoy run is a different run from the real "
+        "one (it trains with b's decoys and picks its own threshold), so the truth beside it "
+        "is not the truth of what the estimate describes; benchmarks/weak_links.py compares "
+        "the estimate with the decoy run's own target hits.")
 
 
 def _run(argv):
