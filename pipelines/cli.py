@@ -20,6 +20,7 @@ from pipelines.options import (
     CalibrateOptions,
     CandidateOptions,
     DetectionInputOptions,
+    EvaluateOptions,
     FrameInputOptions,
     MatchOptions,
     ModelOptions,
@@ -27,8 +28,8 @@ from pipelines.options import (
     TimeZoneOptions,
 )
 
-_OWN_OPTIONS = (CalibrateOptions, CandidateOptions, DetectionInputOptions, FrameInputOptions,
-                MatchOptions, ModelOptions, OutputOptions, TimeZoneOptions)
+_OWN_OPTIONS = (CalibrateOptions, CandidateOptions, DetectionInputOptions, EvaluateOptions,
+                FrameInputOptions, MatchOptions, ModelOptions, OutputOptions, TimeZoneOptions)
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,10 @@ COMMANDS = {
          OutputOptions),
         commands.calibrate),
     "evaluate": Command(
-        "a matching configuration on real and time-shifted detections: estimated "
-        "precision per camera pair (SPEC.md's time-shift control)",
+        "a matching configuration's estimated precision per camera pair, without labels "
+        "(target-decoy competition, or --control shift)",
         (DetectionInputOptions, TimeZoneOptions, CandidateOptions, MatchOptions,
-         OutputOptions),
+         EvaluateOptions, OutputOptions),
         commands.evaluate),
     "import-cctview": Command(
         "CCTView output trees (--features.json + --detections.json) -> detections Parquet",

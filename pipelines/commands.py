@@ -263,13 +263,17 @@ def match(options: PipelineOptions) -> int:
             stage, prefix = _match_stage(options, chunk.owned_ms), "part-c%04d-" % chunk.index
         matches = pipeline | "ReadDetections" >> source | "Match" >> stage
         outputs.write(matches, out.output, "matches", out.shards, file_prefix=prefix)
+        summaries.append(_summary_of(stage, out.output))
 
+    summaries: list = []
     totals = _run_chunks(options, chunks, build, "match")
     if _is_dry_run(options):
         print("dry run: job built, nothing executed")
         return 0
     outputs.finish(out.output, tables)
     _report(totals, out.output)
+    for summary in filter(None, summaries):  # scored matchers: one job, one summary
+        print(format_match_summary(_read_json(summary)))
     return 0
 
 
@@ -381,9 +385,10 @@ def _read_parts(folder: str):
 
 
 def evaluate(options: PipelineOptions) -> int:
-    """Runs a matching configuration on real and time-shifted detections; prints precision."""
+    """Estimated precision of a matching configuration per camera pair, without labels:
+    target-decoy competition (default) or the time-shift control (``--control shift``)."""
+    from pipelines.options import EvaluateOptions
     from pipelines.stages import matcher_factory, read_links
-    from transforms.evaluation import EvaluateWithControl
 
     files, cameras = _detection_files(options, cameras=True)
     source = _detection_source(options, files)
@@ -392,10 +397,17 @@ def evaluate(options: PipelineOptions) -> int:
     max_gap = options.view_as(CandidateOptions).max_gap
     target = _require(options.view_as(OutputOptions).output, "--output")
     outputs.check_writable(target.rsplit("/", 1)[0] if "/" in target else ".")
+    min_precision = options.view_as(MatchOptions).min_precision
+    if options.view_as(EvaluateOptions).control == "shift":
+        from transforms.evaluation import EvaluateWithControl
+        evaluation = EvaluateWithControl(make_matcher, cameras, links, max_gap)
+    else:
+        from transforms.decoy import EvaluateWithDecoys
+        evaluation = EvaluateWithDecoys(make_matcher, cameras, links, max_gap, min_precision)
     pipeline = beam.Pipeline(options=options)
     _ = (pipeline
          | "ReadDetections" >> source
-         | "Evaluate" >> EvaluateWithControl(make_matcher, cameras, links, max_gap)
+         | "Evaluate" >> evaluation
          | "AllRows" >> beam.combiners.ToList()
          | "WriteTable" >> beam.Map(_write_json, target))
     _run(pipeline)
@@ -403,7 +415,11 @@ def evaluate(options: PipelineOptions) -> int:
         print("dry run: job built, nothing executed")
         return 0
     with FileSystems.open(target) as handle:
-        print(format_precision_table(json.loads(handle.read().decode("utf-8"))))
+        rows = json.loads(handle.read().decode("utf-8"))
+    print(format_precision_table(rows))
+    notes = precision_notes(rows, min_precision)
+    if notes:
+        print(notes)
     return 0
 
 
@@ -414,6 +430,19 @@ def _write_json(rows, target: str) -> None:
 
 
 def format_precision_table(rows) -> str:
+    """The evaluate table: target-decoy rows (``target_hits``) or time-shift rows."""
+    if rows and "target_hits" in rows[0]:
+        lines = ["| camera_a | camera_b | target hits | decoy hits | est. false | excess "
+                 "| precision | best precision (excess) | excess at precision >= 0.8 / 0.9 |",
+                 "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in rows:
+            best = ("%.2f (%.0f)" % (r["best_precision"], r["best_excess"])
+                    if "best_precision" in r else "-")
+            at = r.get("excess_at_precision", {})
+            lines.append("| %s | %s | %d | %d | %.1f | %.1f | %.2f | %s | %.0f / %.0f |" % (
+                r["camera_a"], r["camera_b"], r["target_hits"], r["decoy_hits"], r["false"],
+                r["excess"], r["precision"], best, at.get("0.8", 0), at.get("0.9", 0)))
+        return "\n".join(lines)
     lines = ["| camera_a | camera_b | real | control | excess | precision |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
@@ -421,3 +450,88 @@ def format_precision_table(rows) -> str:
             r["camera_a"], r["camera_b"], r["real"], r["control"], r["excess"],
             r["precision"]))
     return "\n".join(lines)
+
+
+def precision_notes(rows, min_precision: float) -> str:
+    """One line per camera pair whose estimated precision is below ``min_precision``
+    or that got no matches: what the configuration reached and, for a scored policy,
+    the ``--min-precision`` of its best estimated precision, so no pair fails silently."""
+    lines = []
+    for r in rows:
+        pair = "%s / %s" % (r["camera_a"], r["camera_b"])
+        hits = r.get("target_hits", r.get("real", 0))
+        if hits and r["precision"] >= min_precision:
+            continue
+        text = ("no matches" if not hits else "estimated precision %.2f is below "
+                "--min-precision %.2f" % (r["precision"], min_precision))
+        if "best_min_precision" in r:
+            text += ("; the best estimated precision is %.2f (excess %.0f): --min-precision "
+                     "%.2f would return it" % (r["best_precision"], r["best_excess"],
+                                               r["best_min_precision"]))
+        elif "best_precision" in r:
+            text += "; the best estimated precision is %.2f (excess %.0f)" % (
+                r["best_precision"], r["best_excess"])
+        lines.append("%s: %s" % (pair, text))
+    return "\n".join(lines)
+
+
+SUMMARY_FILE = "match_summary.json"
+_REASONS = {
+    "too_little_data": "too few candidate pairs to train a score on",
+    "too_many_candidates": "more candidate pairs than one group may hold; use a shorter "
+                           "period",
+    "no_candidates": "no candidate pairs inside the links' bands",
+}
+
+
+def _summary_of(matcher, output: str):
+    """Writes a scored matcher's per-group summary (``group_stats``) to
+    ``OUTPUT/match_summary.json``; returns its path, or None for other matchers."""
+    stats = getattr(matcher, "group_stats", None)
+    if stats is None:
+        return None
+    target = output.rstrip("/") + "/" + SUMMARY_FILE
+    _ = (stats | "AllGroupStats" >> beam.combiners.ToList()
+         | "WriteSummary" >> beam.Map(_write_summary, target))
+    return target
+
+
+def _write_summary(records, target: str) -> None:
+    records = sorted(records, key=lambda r: (r["camera_a"], r["camera_b"], r["period"] or 0))
+    with FileSystems.create(target) as handle:
+        handle.write(json.dumps(records, indent=2).encode("utf-8"))
+
+
+def _read_json(path: str):
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read().decode("utf-8"))
+
+
+def format_match_summary(records) -> str:
+    """One line per camera pair and period of a scored matching: its matches and their
+    estimated precision, or why it has none and what ``--min-precision`` would give some."""
+    periods = {}
+    for r in records:
+        periods.setdefault((r["camera_a"], r["camera_b"]), []).append(r)
+    lines = []
+    for (a, b), recs in sorted(periods.items()):
+        for r in recs:
+            name = "%s / %s%s" % (a, b, "" if len(recs) == 1 else " (period %s)" % r["period"])
+            lines.append("%s: %s" % (name, _summary_text(r)))
+    return "\n".join(lines)
+
+
+def _summary_text(r: dict) -> str:
+    best = ("the best estimated precision is %.2f (excess %.0f, %d matches)" % (
+        r["best_precision"], r["best_excess"], r["best_matches"])
+        if "best_precision" in r else "no score threshold has a significant excess")
+    if not r["abstained"]:
+        return "%d matches, estimated precision %.2f (excess %.0f); %s" % (
+            r["matches"], r["est_precision"], r["est_excess"], best)
+    if r["reason"] != "precision_not_reached":
+        return "no matches: %s" % _REASONS.get(r["reason"], r["reason"])
+    if "best_precision" not in r:
+        return "no matches: %s" % best
+    return ("no matches: --min-precision %.2f is not reached; %s: --min-precision %.2f "
+            "would return matches" % (r["min_precision"], best,
+                                      r["min_precision_for_matches"]))

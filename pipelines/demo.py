@@ -8,14 +8,14 @@
 3. ``calibrate``: camera links from the stored detections (no model runs again);
 4. ``match --links``: matches re-computed from the stored embeddings with the links,
    once with mutual nearest neighbours inside the links' bands and once with the
-   default learned matcher (which abstains when the footage is too short for it to
-   reach its precision target: a few minutes usually are);
+   default learned matcher on power-normalised, camera-centred embeddings (which
+   abstains where the footage is too short for it to reach its precision target, and
+   says so per camera pair);
 5. ``report``: a static HTML page of the linked matches (the learned ones when it
    matched, else the mutual ones).
 
 At the end it prints, per matching, pair precision and transit recall against the
-ground truth, next to the time-shift estimate of precision, and the links found next to
-the true ones.
+ground truth, and the links found next to the true ones.
 """
 import argparse
 import json
@@ -79,9 +79,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     _step("match --links --policy mutual: re-matched from stored embeddings",
           ["match", "--detections", run_dir + "/detections", "--links",
            linked + "/links.json", "--policy", "mutual", "--output", linked_mutual])
-    _step("match --links: the learned default, from the same embeddings",
+    _step("match --links: the learned default, from the same embeddings (colour "
+          "histograms: square roots, camera mean removed)",
           ["match", "--detections", run_dir + "/detections", "--links",
-           linked + "/links.json", "--output", linked])
+           linked + "/links.json", "--embedding-norm", "power+center", "--output", linked])
     with_mutual = ground_truth.score_matches(
         ground_truth.read_table(linked_mutual + "/matches"), vehicles, transits)
     learned = ground_truth.score_matches(
@@ -96,8 +97,10 @@ def run_from_args(args: argparse.Namespace) -> int:
             name, s["matches"], s["precision"], s["recall"], s["transits_found"],
             s["transits"]))
     if not learned["matches"]:
-        print("  (the learned matcher abstained: %g minutes are too few pairs for it to "
-              "reach its precision target; try --minutes 12)" % args.minutes)
+        print("  (the learned matcher abstained on every linked camera pair: the lines "
+              "after its step say what each pair reached and which --min-precision would "
+              "return matches; %g minutes are few pairs to learn from, try --minutes 16)"
+              % args.minutes)
     with open(world + "/ground_truth/links.json") as handle:
         true_links = json.load(handle)
     with open(linked + "/links.json") as handle:

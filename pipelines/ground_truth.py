@@ -6,6 +6,7 @@ to the same vehicle. Recall is counted per *transit*: a vehicle seen by two came
 (within ``max_gap_s``) is one transit of that camera pair, found when at least one true
 pair of it was emitted.
 """
+import os
 from collections import defaultdict
 from typing import Dict, Iterable, Optional
 
@@ -25,6 +26,13 @@ def _iou(box, boxes: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area + areas - inter, 1e-9)
 
 
+def frame_key(uri: str) -> str:
+    """A frame URI in one spelling: local paths absolute and normalised, so that the
+    detections of a run given a relative ``--output`` (relative frame URIs) meet the
+    ground truth (written with absolute ones); other filesystems' URIs unchanged."""
+    return uri if "://" in uri else os.path.normpath(os.path.abspath(uri))
+
+
 def load_truth(world: str):
     return pq.read_table(world.rstrip("/") + "/ground_truth/boxes.parquet").to_pylist()
 
@@ -34,10 +42,10 @@ def vehicle_of_detections(detections: Iterable[dict], truth: Iterable[dict],
     """detection_id -> vehicle_id, for detections that overlap a true box enough."""
     by_frame = defaultdict(list)
     for row in truth:
-        by_frame[row["frame_uri"]].append(row)
+        by_frame[frame_key(row["frame_uri"])].append(row)
     out = {}
     for det in detections:
-        rows = by_frame.get(det["frame_uri"])
+        rows = by_frame.get(frame_key(det["frame_uri"]))
         if not rows:
             continue
         ious = _iou(np.asarray(det["box_xyxy"], float),

@@ -208,6 +208,13 @@ class MatchOptions(PipelineOptions):
                  "judge a pair of tracklets as a whole by its best-scoring detection pair; "
                  "adds tracklet_id_a/tracklet_id_b to the matches (default on).")
         parser.add_argument(
+            "--embedding-norm", dest="embedding_norm", choices=("none", "center", "power+center"),
+            default="none",
+            help="For --policy learned: per camera, 'center' subtracts the camera's mean "
+                 "embedding (its colour cast and background) before distances; "
+                 "'power+center' first takes signed square roots (for histogram-like "
+                 "embeddings such as color_histogram); none keeps them (default none).")
+        parser.add_argument(
             "--threshold", dest="threshold", type=float, default=None,
             help="Largest distance that may match (default: none).")
         parser.add_argument(
@@ -217,6 +224,20 @@ class MatchOptions(PipelineOptions):
             "--links", dest="links", metavar="FILE",
             help="links.json from 'cctview calibrate': only linked camera pairs match, "
                  "and only inside each link's dt band.")
+
+
+class EvaluateOptions(PipelineOptions):
+    """Which label-free control estimates the false matches (SPEC.md)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--control", dest="control", choices=("decoy", "shift"), default="decoy",
+            help="decoy (default): target-decoy competition, one run on camera a against "
+                 "camera b's detections plus b's detections of the other half of the "
+                 "period (decoys, never a true match): valid for matchers that adapt to "
+                 "their input (the learned policy); shift: the time-shift control, the "
+                 "whole configuration again with b shifted by half the span.")
 
 
 class CalibrateOptions(PipelineOptions):

@@ -171,7 +171,9 @@ def matcher_factory(options):
     """-> (links[, owned_ms] -> matching PTransform), configured from the flags.
 
     A factory, because the evaluation runs the same configuration with the links
-    extended to its time-shifted control cameras.
+    extended to its time-shifted control cameras. The learned policy's factory is
+    marked ``scored`` and takes ``min_precision=`` (the evaluation runs it at 0 to see
+    every threshold at once).
     """
     from transforms.matching import MatchDetections
 
@@ -183,8 +185,15 @@ def matcher_factory(options):
         from transforms.learned_matching import LearnedLinkMatch
 
         tracklets = getattr(policy, "tracklets", "on") != "off"
-        return lambda links: LearnedLinkMatch(
-            links, min_precision=policy.min_precision, tracklets=tracklets)
+        norm = getattr(policy, "embedding_norm", "none")
+        norm = "" if norm == "none" else norm
+
+        def learned(links, min_precision=policy.min_precision):
+            return LearnedLinkMatch(links, min_precision=min_precision, tracklets=tracklets,
+                                    normalize=norm)
+
+        learned.scored = True  # its matches carry score and q_value
+        return learned
 
     def make(links, owned_ms=None):
         return MatchDetections(

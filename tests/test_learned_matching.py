@@ -128,6 +128,12 @@ def test_planted_pairs_found_with_high_true_precision(linked):
     # the estimate behind the threshold is what the stats say
     assert stats["est_real"] == len(matches)
     assert stats["est_precision"] >= 0.8
+    # q-values: monotone in the score, the last one the selection's estimated false share
+    by_score = sorted(matches, key=lambda m: -m["score"])
+    q = [m["q_value"] for m in by_score]
+    assert q == sorted(q) and 0.0 <= q[0] and q[-1] <= 1 - stats["est_precision"] + 1e-6
+    true_share = np.mean([vid[m["detection_id_a"]] != vid[m["detection_id_b"]] for m in by_score])
+    assert abs(q[-1] - true_share) < 0.15, (q[-1], true_share)
 
 
 def test_no_true_pairs_abstains_or_nearly():
@@ -136,6 +142,51 @@ def test_no_true_pairs_abstains_or_nearly():
     assert len(matches) <= 5
     if not matches:
         assert stats["abstained"] and stats["reason"] == "precision_not_reached"
+        record = lm.summary_record(dict(stats, period=0))
+        assert record["abstained"] and record["matches"] == 0
+
+
+def test_abstaining_pair_says_what_min_precision_would_match():
+    """A target above what weak data supports: no matches, and the summary names the
+    best estimated precision; asking for that much returns matches."""
+    a, b = sides(synth(seed=5, sigma=1.6))
+    none, stats = lm.match_linked_pair(a, b, BANDS, min_precision=0.9)
+    best = stats["best"]
+    assert not none and stats["abstained"] and best is not None and best["precision"] < 1.0
+    record = lm.summary_record(dict(stats, period=0))
+    again, stats2 = lm.match_linked_pair(a, b, BANDS,
+                                         min_precision=record["min_precision_for_matches"])
+    assert len(again) >= best["matches"] and not stats2["abstained"]
+    from pipelines.commands import format_match_summary
+
+    text = format_match_summary([record])
+    assert "no matches: --min-precision 0.90 is not reached" in text
+    assert "--min-precision %.2f would return matches" % record["min_precision_for_matches"] in text
+
+
+def test_normalize_embeddings_removes_the_camera_bias():
+    rng = np.random.default_rng(0)
+    ident = rng.random((50, 8)).astype(np.float32)
+    cast = np.array([3, 0, 0, 0, 0, 0, 0, 1], np.float32)  # one camera's colour cast
+    x = lm.normalize_embeddings(ident + cast, power=False)
+    y = lm.normalize_embeddings(ident, power=False)
+    assert np.allclose(x, y, atol=1e-5)  # the same crops, with and without the cast
+    assert np.allclose(np.linalg.norm(lm.normalize_embeddings(ident), axis=1), 1, atol=1e-5)
+    with pytest.raises(ValueError):
+        lm.match_linked_pair(*sides(synth(seed=1, span_s=60)), BANDS, normalize="whiten")
+
+
+def test_q_values_and_best_achievable():
+    real = np.array([10.0, 9, 8, 7, 6, 5, 4, 3, 2, 1])
+    ctrl = [np.array([8.5, 3.5, 2.5, 1.5]), np.array([6.5, 0.5])]
+    thr, R, C = lm.threshold_curve(real, ctrl)
+    assert R.tolist() == list(range(1, 11)) and C[2] == 0.5 and C[-1] == 2.5
+    q = lm.q_values(np.array([10.0, 8.0, 5.5, 1.0]), real, ctrl)
+    fdr = np.clip(C / R, 0, 1)
+    assert q.tolist() == pytest.approx([fdr[:].min(), fdr[2:].min(), fdr[5:].min(), fdr[9]])
+    best = lm.best_achievable(real, ctrl, 0.0)
+    assert best["precision"] == 1.0 and best["matches"] == 2  # ties -> more excess
+    assert lm.best_achievable(real, ctrl, 100.0) is None
 
 
 def test_deterministic_for_a_seed(linked):
@@ -278,8 +329,9 @@ def test_beam_equals_pure_across_period_boundary():
     check_one_to_one(want)
 
     p = beam.Pipeline(runner=FnApiRunner())
-    out = collect(p | beam.Create(beam_dets, reshuffle=False)
-                  | lm.LearnedLinkMatch(LINKS, period_s=600), "learned")
+    matcher = lm.LearnedLinkMatch(LINKS, period_s=600)
+    out = collect(p | beam.Create(beam_dets, reshuffle=False) | matcher, "learned")
+    summaries = collect(matcher.group_stats, "stats")
     result = p.run()
     result.wait_until_finish()
     got = sorted(out, key=mb.match_sort_key)
@@ -289,3 +341,5 @@ def test_beam_equals_pure_across_period_boundary():
     assert c.get("learned_abstained", 0) == sum(s["abstained"] for s in group_stats)
     assert c["learned_matches"] == len(want)
     assert c["learned_candidates"] == sum(s["candidates"] for s in group_stats)
+    assert sorted(summaries, key=lambda r: r["period"]) == [lm.summary_record(s)
+                                                           for s in group_stats]

@@ -53,28 +53,64 @@ def _bulk_half_width(excess: np.ndarray, available: np.ndarray, centre: int, hal
 
 def find_links(dt_real: Sequence[float], dt_control: Sequence[float], max_gap_s: float,
                controls: float = 1.0, bin_s: float = 1.0, min_support: int = 10,
-               min_significance: float = 5.0, max_links: int = 2) -> List[dict]:
+               min_significance: float = 5.0, max_links: int = 2,
+               mirror_significance: float = 3.0) -> List[dict]:
     """Peaks of the real dt histogram that stand above the control's.
 
     ``dt_control`` may pool ``controls`` independent control runs; its counts are
     divided by that number. The control is smoothed over +-30 s to estimate the
     background rate per bin (the control has no peaks by construction; smoothing
     lowers its noise) and scaled to the real histogram's median level. For every
-    centre and half-width (2 to 30 s), the real count R
-    in the band is compared with the background B by ``z = (R - B) / sqrt(B + 1)``;
-    the best (centre, half-width) is a link when ``z >= min_significance`` and the
-    excess ``R - B >= min_support``; its band is then widened to hold 90% of the
-    peak's excess (:func:`_bulk_half_width`), masked, and the next peak searched, up to
-    ``max_links``. Returns links without camera ids:
-    ``offset_s, spread_s, support (R), excess (R - B), significance (z)``.
+    centre and half-width (2 to 30 s), the real count R in the band is compared with
+    the background B by ``z = (R - B) / sqrt(B + 1)``; the best (centre, half-width) is a
+    link when ``z >= min_significance`` and the excess ``R - B >= min_support``. Its band
+    is masked (plus a margin of the narrowest half-width, so that a second link is a
+    peak of its own, not this one's shoulder) and the next peak searched, up to
+    ``max_links``. Then, for a pair with links of one sign of dt only, the *mirror* of
+    the strongest one (the other direction of traffic on the same road: dt near
+    ``-offset``) is tested alone, at ``mirror_significance``: one pre-specified window
+    needs no correction for searching the whole histogram, so a weaker opposite
+    carriageway is still found. Finally each band is widened to hold 90% of its peak's
+    excess (:func:`_bulk_half_width`), never past half the way to the pair's other
+    link. Returns links without camera ids, by offset: ``offset_s, spread_s, support
+    (R), excess (R - B), significance (z)``.
     """
     dt_real = np.asarray(dt_real, dtype=np.float64)
-    dt_control = np.asarray(dt_control, dtype=np.float64)
     n_bins = int(np.ceil(2 * max_gap_s / bin_s))
     edges = -max_gap_s + bin_s * np.arange(n_bins + 1)
-    centres = (edges[:-1] + edges[1:]) / 2
     real = np.histogram(dt_real, bins=edges)[0].astype(np.float64)
-    control = np.histogram(dt_control, bins=edges)[0] / max(controls, 1e-9)
+    background = _background(real, np.histogram(np.asarray(dt_control, np.float64),
+                                                 bins=edges)[0] / max(controls, 1e-9), bin_s)
+    available = np.ones(n_bins, dtype=bool)
+    margin = max(1, int(round(_HALF_WIDTHS_S[0] / bin_s)))
+    peaks = []  # (centre bin, core half-width in bins, z)
+    for _ in range(max_links):
+        z, i, half, r, b = _best_window(real, background, available, bin_s)
+        if not (z >= min_significance and r - b >= min_support):
+            break
+        peaks.append((i, half, z))
+        available[max(0, i - half - margin):min(n_bins, i + half + margin + 1)] = False
+    if peaks and len(peaks) < max_links and len({np.sign(edges[i] + bin_s / 2)
+                                                  for i, _, _ in peaks}) == 1:
+        mirror = _mirror_peak(real, background, available, peaks[0], edges, bin_s,
+                              mirror_significance, min_support)
+        if mirror is not None:
+            peaks.append(mirror)
+    smooth_bins = max(1, int(round(30.0 / bin_s)))
+    links = []
+    centres = sorted(i for i, _, _ in peaks)
+    for i, half, _ in peaks:
+        gaps = [abs(i - j) for j in centres if j != i]
+        reach = min([smooth_bins] + [g // 2 for g in gaps])
+        half = min(max(half, _bulk_half_width(real - background, np.ones(n_bins, bool), i,
+                                              min(half, reach), reach)), max(reach, 1))
+        links.append(_link(dt_real, real, background, edges, i, half, bin_s))
+    return sorted(links, key=lambda l: l["offset_s"])
+
+
+def _background(real: np.ndarray, control: np.ndarray, bin_s: float) -> np.ndarray:
+    """The control smoothed over +-30 s, scaled to the real histogram's typical level."""
+    n_bins = len(real)
     smooth_bins = max(1, int(round(30.0 / bin_s)))
     counts = _window_sums(control, smooth_bins)
     support_bins = _window_sums(np.ones_like(control), smooth_bins)
@@ -87,39 +123,64 @@ def find_links(dt_real: Sequence[float], dt_control: Sequence[float], max_gap_s:
     if typical_control > 0 and typical_real > 0:
         background = background * (typical_real / typical_control)
     floor = max(background.mean(), 0.5 / n_bins)  # never a zero background
-    background = np.maximum(background, 0.25 * floor)
-    available = np.ones(n_bins, dtype=bool)
-    links = []
-    for _ in range(max_links):
-        best = None
-        for half_width in _HALF_WIDTHS_S:
-            half = max(1, int(round(half_width / bin_s)))
-            r = _window_sums(np.where(available, real, 0.0), half)
-            b = _window_sums(np.where(available, background, 0.0), half)
-            blocked = _window_sums((~available).astype(np.float64), half) > 0
-            z = np.where(blocked, -np.inf, (r - b) / np.sqrt(b + 1.0))
-            i = int(np.argmax(z))
-            if best is None or z[i] > best[0]:
-                best = (float(z[i]), i, half, float(r[i]), float(b[i]))
-        z, i, half, r, b = best
-        if not (z >= min_significance and r - b >= min_support):
-            break
-        half = _bulk_half_width(real - background, available, i, half, smooth_bins)
-        lo, hi = max(0, i - half), min(n_bins, i + half + 1)
-        r = float(real[lo:hi].sum())
-        b = float(background[lo:hi].sum())
-        in_band = (dt_real >= edges[lo]) & (dt_real < edges[hi])
-        offset = float(np.median(dt_real[in_band])) if in_band.any() else float(centres[i])
-        links.append({
-            "offset_s": round(offset, 3),
-            "spread_s": round((half + 0.5) * bin_s, 3),
-            "support": int(r),
-            "excess": round(r - b, 1),
-            "significance": round(float((r - b) / np.sqrt(b + 1.0)), 2),
-        })
-        # A second link must be a peak of its own, not the shoulder of this one.
-        available[max(0, lo - half):min(n_bins, hi + half)] = False
-    return links
+    return np.maximum(background, 0.25 * floor)
+
+
+def _best_window(real, background, available, bin_s, half_widths_s=_HALF_WIDTHS_S,
+                 allowed=None, min_excess=-np.inf):
+    """-> (z, centre bin, half-width bins, R, B) of the most significant window that
+    touches no masked bin (and, with ``allowed``, whose centre is allowed, and whose
+    excess is at least ``min_excess``)."""
+    best = (-np.inf, 0, 1, 0.0, 0.0)
+    for half_width in half_widths_s:
+        half = max(1, int(round(half_width / bin_s)))
+        r = _window_sums(np.where(available, real, 0.0), half)
+        b = _window_sums(np.where(available, background, 0.0), half)
+        blocked = _window_sums((~available).astype(np.float64), half) > 0
+        if allowed is not None:
+            blocked |= ~allowed
+        blocked |= r - b < min_excess
+        z = np.where(blocked, -np.inf, (r - b) / np.sqrt(b + 1.0))
+        i = int(np.argmax(z))
+        if z[i] > best[0]:
+            best = (float(z[i]), i, half, float(r[i]), float(b[i]))
+    return best
+
+
+def _mirror_peak(real, background, available, peak, edges, bin_s, min_z, min_support):
+    """The other direction of a link's road: the most significant window with an excess
+    of at least ``min_support``, centred within the peak's core half-width of
+    ``-offset`` and no wider than the peak's core; None if its significance is under
+    ``min_z``."""
+    i, half, _ = peak
+    centre_s = -(edges[i] + bin_s / 2)
+    centres = (edges[:-1] + edges[1:]) / 2
+    allowed = np.abs(centres - centre_s) <= half * bin_s
+    if not allowed.any():
+        return None
+    widths = [w for w in _HALF_WIDTHS_S if w <= half * bin_s] or [_HALF_WIDTHS_S[0]]
+    z, j, h, r, b = _best_window(real, background, available, bin_s, widths, allowed,
+                                 min_support)
+    if not (z >= min_z and r - b >= min_support):
+        return None
+    return j, h, z
+
+
+def _link(dt_real, real, background, edges, i, half, bin_s) -> dict:
+    n_bins = len(real)
+    lo, hi = max(0, i - half), min(n_bins, i + half + 1)
+    r = float(real[lo:hi].sum())
+    b = float(background[lo:hi].sum())
+    in_band = (dt_real >= edges[lo]) & (dt_real < edges[hi])
+    centre = (edges[i] + edges[i + 1]) / 2
+    offset = float(np.median(dt_real[in_band])) if in_band.any() else float(centre)
+    return {
+        "offset_s": round(offset, 3),
+        "spread_s": round((half + 0.5) * bin_s, 3),
+        "support": int(r),
+        "excess": round(r - b, 1),
+        "significance": round(float((r - b) / np.sqrt(b + 1.0)), 2),
+    }
 
 
 def links_of_pairs(pair_dts: Dict[Tuple[str, str], dict], max_gap_s: float,

@@ -119,6 +119,26 @@ average for mutual nearest neighbours had also lowered precision (NOTES.md). The
 features stay available (``TRACKLET_FEATURES``), as does the binding
 (``tracklet_selection``).
 
+q-values and the summary
+========================
+Every match carries its ``score`` and ``q_value``: at each threshold t of the real
+selection, ``C(t) / R(t)`` is the estimated share of false pairs among the selected pairs
+scoring at least t; a match's q-value is the least such share at any threshold at or
+below its score (:func:`q_values`), so the matches with ``q_value <= 1 - p`` are what
+``min_precision=p`` returns (up to the significance condition). ``stats["best"]``
+(:func:`best_achievable`) is the threshold of highest estimated precision with a
+significant excess, also when the group abstains, and :func:`summary_record` turns a
+group's stats into the line ``cctview match`` prints per camera pair: what it matched,
+or why not and which ``--min-precision`` would return matches.
+
+Embedding normalisation (``normalize``)
+=======================================
+``"center"`` subtracts each side's mean embedding (camera-bias removal: the camera's
+colour cast, background and lens shift every crop alike), ``"power+center"`` first takes
+signed square roots; then embeddings are L2-normalised (:func:`normalize_embeddings`).
+The ``log_norm_*`` features keep the raw embeddings' norms (how much a crop shows).
+Measured by the target-decoy estimate on held-out data: BENCHMARKS.md, "Weak links".
+
 Nothing here knows camera ids or offsets: everything comes from the bands and the
 data. :class:`LearnedLinkMatch` is the Beam transform (groups per linked camera pair
 and period of the a-detection).
@@ -127,7 +147,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -135,6 +155,8 @@ from transforms import match_blocks as mb
 
 POLICY = "learned"
 NAMESPACE = "cctview.learned"
+STATS = "stats"  # LearnedLinkMatch's second output: one summary_record per group
+NORMALIZATIONS = ("", "center", "power+center")
 DEFAULT_TRAIN_SHIFTS = (0.25, 0.75)
 DEFAULT_CONTROL_SHIFTS = (0.125, 0.375, 0.625, 0.875)
 DEFAULT_MAX_CANDIDATES = 20_000_000
@@ -207,7 +229,7 @@ class _Side:
     tracklets are then linked on these (unshifted) timestamps; a shifted alignment
     moves b's detections, and so its tracklets, as a whole."""
 
-    def __init__(self, d: dict, tracklets: Optional[dict] = None):
+    def __init__(self, d: dict, tracklets: Optional[dict] = None, normalize: str = ""):
         ids = np.asarray([str(i) for i in d["ids"]], dtype=str)
         ts = np.asarray(d["ts_ms"], dtype=np.int64).reshape(-1)
         n = len(ids)
@@ -220,7 +242,10 @@ class _Side:
         order = np.lexsort((ids, ts))
         self.camera_id = str(d.get("camera_id", ""))
         self.ids, self.ts = ids[order], ts[order]
-        self.emb = np.ascontiguousarray(emb[order])
+        raw_sq = np.einsum("ij,ij->i", emb[order], emb[order], dtype=np.float32)
+        self.emb = np.ascontiguousarray(
+            normalize_embeddings(emb[order], "power" in normalize, "center" in normalize)
+            if normalize else emb[order])
         self.sq = np.einsum("ij,ij->i", self.emb, self.emb, dtype=np.float32)
         box = d.get("box")
         if box is None:
@@ -234,6 +259,9 @@ class _Side:
             lh = np.log(np.maximum(box[:, 3] - box[:, 1], 1.0))
             norms = np.sqrt(self.sq)
             self.log_norm = np.log(np.maximum(norms, 1e-12)).astype(np.float32)
+            # the features' norms are the input embeddings' (normalising makes these 1;
+            # the raw norm says how much a crop shows, e.g. tiny crops have small ones)
+            self.raw_log_norm = np.log(np.maximum(np.sqrt(raw_sq), 1e-12)).astype(np.float32)
         import torch
 
         self.emb_t = torch.from_numpy(self.emb)  # shares memory
@@ -273,6 +301,28 @@ class _Side:
         if self._scale is None:
             self._scale = _local_scale(self, SCALE_K, SCALE_MIN_MS, SCALE_MAX_MS)
         return self._scale
+
+
+def normalize_embeddings(emb: np.ndarray, power: bool = True, center: bool = True) -> np.ndarray:
+    """One camera's embeddings -> signed square roots (power normalisation), minus the
+    camera's mean, L2-normalised (float32).
+
+    Why: a camera's colour cast, background and lens shift every crop's embedding
+    alike; subtracting the camera's mean removes that shared part (camera-bias removal,
+    as multi-camera re-identification systems do), and the square root stops the few
+    largest components (e.g. the background's colour bins in a histogram) from
+    dominating the distance. On the synthetic world at noise 1 (16 minutes, colour
+    histograms) the true match ranked first among a detection's band candidates for
+    71% of detections with raw embeddings, 74% with the mean removed, 84% with both
+    (a pooled PCA whitening on top lowered it to 76-80%)."""
+    x = np.asarray(emb, np.float32)
+    if len(x) == 0:
+        return x.copy()
+    if power:
+        x = np.sign(x) * np.sqrt(np.abs(x))
+    if center:
+        x = x - x.mean(axis=0, keepdims=True)
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def _local_scale(s: "_Side", k: int, lo_ms: int, hi_ms: int, max_chunk: int = 512) -> np.ndarray:
@@ -492,7 +542,8 @@ def candidate_features(a: _Side, b: _Side, c: Candidates, features: Sequence[str
         if a.trk is None or b.trk is None:
             raise ValueError("tracklet features need tracklets=... (both sides linked)")
         cols.update(_tracklet_cols(a, b, c))
-    cols.update(distance=c.dist, dt_s=c.dt_ms / 1000.0, log_norm_a=na, log_norm_b=nb)
+    cols.update(distance=c.dist, dt_s=c.dt_ms / 1000.0, log_norm_a=a.raw_log_norm[c.ia],
+                log_norm_b=b.raw_log_norm[c.ib])
     for side, s_, idx in (("a", a, c.ia), ("b", b, c.ib)):
         g = s_.geo[idx]
         for k, name in enumerate(("cx", "cy", "log_w", "log_h")):
@@ -603,6 +654,28 @@ def pool_tracklet_scores(ta: np.ndarray, tb: np.ndarray, score: np.ndarray,
     return agg[inv].astype(np.float32)
 
 
+def threshold_curve(real_sel_scores: np.ndarray, control_sel_scores: Sequence[np.ndarray]):
+    """-> (thresholds descending, R, C): at each distinct score t of the real selection,
+    the selected real pairs with score >= t and the mean over the controls of the same
+    count."""
+    r = np.sort(np.asarray(real_sel_scores, np.float64))[::-1]
+    m = max(len(control_sel_scores), 1)
+    ctrl = [np.sort(np.asarray(s, np.float64)) for s in control_sel_scores]
+    # thresholds: each distinct real score (the lowest position of each value)
+    last = np.r_[r[1:] != r[:-1], True] if len(r) else np.zeros(0, bool)
+    thr = r[last]
+    R = (np.nonzero(last)[0] + 1).astype(np.float64)
+    C = np.zeros(len(thr))
+    for s in ctrl:
+        C += len(s) - np.searchsorted(s, thr, side="left")
+    return thr, R, C / m
+
+
+def _qualifies(R, C, m, min_significance):
+    excess = R - C
+    return (excess >= min_significance * np.sqrt(R + C / m)) & (excess > 0)
+
+
 def choose_threshold(real_sel_scores: np.ndarray, control_sel_scores: Sequence[np.ndarray],
                      min_precision: float, min_significance: float):
     """-> (threshold or None, R, C, precision) maximising R - C under the constraints.
@@ -610,22 +683,13 @@ def choose_threshold(real_sel_scores: np.ndarray, control_sel_scores: Sequence[n
     ``real_sel_scores``: scores of the greedy selection on the real candidates
     (descending); ``control_sel_scores``: the same for each control alignment.
     """
-    r = np.sort(np.asarray(real_sel_scores, np.float64))[::-1]
-    if len(r) == 0:
+    if len(real_sel_scores) == 0:
         return None, 0, 0.0, float("nan")
+    thr, R, C = threshold_curve(real_sel_scores, control_sel_scores)
     m = max(len(control_sel_scores), 1)
-    ctrl = [np.sort(np.asarray(s, np.float64)) for s in control_sel_scores]
-    # thresholds: each distinct real score (the lowest position of each value)
-    last = np.r_[r[1:] != r[:-1], True]
-    thr = r[last]
-    R = (np.nonzero(last)[0] + 1).astype(np.float64)
-    C = np.zeros(len(thr))
-    for s in ctrl:
-        C += len(s) - np.searchsorted(s, thr, side="left")
-    C /= m
     excess = R - C
     prec = excess / R
-    ok = (prec >= min_precision) & (excess >= min_significance * np.sqrt(R + C / m)) & (excess > 0)
+    ok = (prec >= min_precision) & _qualifies(R, C, m, min_significance)
     if not ok.any():
         best = int(np.argmax(excess))
         return None, int(R[best]), float(C[best]), float(prec[best])
@@ -633,6 +697,37 @@ def choose_threshold(real_sel_scores: np.ndarray, control_sel_scores: Sequence[n
     # max excess; ties -> the higher threshold (fewer pairs for the same excess)
     best = cand[np.lexsort((-thr[cand], -excess[cand]))[0]]
     return float(thr[best]), int(R[best]), float(C[best]), float(prec[best])
+
+
+def best_achievable(real_sel_scores: np.ndarray, control_sel_scores: Sequence[np.ndarray],
+                    min_significance: float) -> Optional[dict]:
+    """The threshold of highest estimated precision whose excess is significant (ties:
+    more excess): what ``min_precision`` could at most ask for. None if no threshold
+    has a significant excess."""
+    if len(real_sel_scores) == 0:
+        return None
+    thr, R, C = threshold_curve(real_sel_scores, control_sel_scores)
+    ok = np.nonzero(_qualifies(R, C, max(len(control_sel_scores), 1), min_significance))[0]
+    if len(ok) == 0:
+        return None
+    prec = (R - C) / R
+    k = ok[np.lexsort((-(R - C)[ok], -prec[ok]))[0]]
+    return {"precision": float(prec[k]), "excess": float(R[k] - C[k]), "matches": int(R[k]),
+            "threshold": float(thr[k])}
+
+
+def q_values(scores: np.ndarray, real_sel_scores: np.ndarray,
+             control_sel_scores: Sequence[np.ndarray]) -> np.ndarray:
+    """Per score: the estimated share of false pairs among the selected real pairs scoring
+    at least that much (C / R), made monotone (the least such share at any threshold at
+    or below the score, as q-values are) and clipped to [0, 1]."""
+    thr, R, C = threshold_curve(real_sel_scores, control_sel_scores)
+    if len(thr) == 0:
+        return np.full(len(scores), np.nan, np.float32)
+    fdr = np.clip(C / R, 0.0, 1.0)
+    q = np.minimum.accumulate(fdr[::-1])[::-1]  # thresholds descend: min over lower ones
+    pos = np.searchsorted(-thr, -np.asarray(scores, np.float64), side="right") - 1
+    return q[np.clip(pos, 0, len(q) - 1)].astype(np.float32)
 
 
 # ------------------------------------------------------------------- the matcher
@@ -669,7 +764,7 @@ def match_linked_pair(a: dict, b: dict, bands, min_precision: float = 0.7, folds
                       scorer_params: Optional[dict] = None,
                       dt_jitter_s: Optional[float] = None, threads: int = 1,
                       tracklets=None, tracklet_pooling: Optional[str] = None,
-                      tracklet_selection: bool = False
+                      tracklet_selection: bool = False, normalize: str = ""
                       ) -> Tuple[List[dict], dict]:
     """Learned one-to-one matching of two linked cameras (see the module docstring).
 
@@ -713,13 +808,15 @@ def match_linked_pair(a: dict, b: dict, bands, min_precision: float = 0.7, folds
       tracklet_selection: with tracklets, a tracklet is matched with at most one
         tracklet of the other camera (see :func:`greedy_one_to_one`); off by default
         (it lowered the excess on the reference footage).
+      normalize: "" (off), "center" or "power+center" (see "Embedding normalisation").
 
     Returns ``(matches, stats)``: Match dicts (transforms/records.py) with policy
     ``learned``, L2 ``distance``, ``rank_a``/``rank_b`` (ranks by distance among all
     candidates of a / of b), the ``window`` and the ``score``; sorted by
     (detection_id_a, detection_id_b). ``stats``: ``candidates``, ``threshold``,
     ``est_real``/``est_control``/``est_excess``/``est_precision`` at the threshold (or at
-    the best excess when abstaining), ``abstained``, ``reason``, ``audit``, sizes, time.
+    the best excess when abstaining), ``best`` (:func:`best_achievable`), ``abstained``,
+    ``reason``, ``audit``, sizes, time. Matches carry ``q_value`` (:func:`q_values`).
     """
     from models.pair_scorer import _torch_threads
 
@@ -738,6 +835,8 @@ def match_linked_pair(a: dict, b: dict, bands, min_precision: float = 0.7, folds
         tracklet_pooling = None
     else:
         tracklet_pooling = {None: "max", "none": None}.get(tracklet_pooling, tracklet_pooling)
+    if normalize not in NORMALIZATIONS:
+        raise ValueError("normalize must be one of %s, got %r" % (NORMALIZATIONS, normalize))
     unknown = [f for f in features if f not in FEATURES]
     if unknown:
         raise ValueError("unknown features %s; known: %s" % (unknown, FEATURES))
@@ -749,7 +848,8 @@ def match_linked_pair(a: dict, b: dict, bands, min_precision: float = 0.7, folds
             float(min_significance), _check_shifts("train_shifts", train_shifts),
             _check_shifts("control_shifts", control_shifts),
             _check_shifts("audit_shifts", audit_shifts), window, tuple(features), params,
-            dt_jitter_s, trk_params, bool(tracklet_selection), tracklet_pooling)
+            dt_jitter_s, trk_params, bool(tracklet_selection), tracklet_pooling,
+            normalize)
 
 
 def _tracklet_params(tracklets) -> Optional[dict]:
@@ -775,18 +875,19 @@ def _tracklet_params(tracklets) -> Optional[dict]:
 def _match_linked_pair(a, b, bands, min_precision, folds, seed, max_candidates,
                        min_significance, train_shifts, control_shifts, audit_shifts, window,
                        features, params, dt_jitter_s, trk_params=None, trk_select=False,
-                       trk_pool=None):
+                       trk_pool=None, normalize=""):
     from models.pair_scorer import PairScorer
 
     t0 = time.time()
-    A, B = _Side(a, trk_params), _Side(b, trk_params)
+    A, B = _Side(a, trk_params, normalize), _Side(b, trk_params, normalize)
     bands_ms = bands_to_ms(bands)
     stats = {"camera_a": A.camera_id, "camera_b": B.camera_id, "n_a": len(A), "n_b": len(B),
              "bands_ms": bands_ms.tolist(), "folds": folds, "min_precision": min_precision,
              "abstained": True, "reason": None, "candidates": 0, "control_candidates": 0.0,
              "threshold": None, "est_real": 0, "est_control": 0.0,
              "est_precision": float("nan"), "est_excess": 0.0, "matches": 0,
-             "audit": {f: 0 for f in audit_shifts}, "tracklets": trk_params is not None}
+             "audit": {f: 0 for f in audit_shifts}, "tracklets": trk_params is not None,
+             "best": None}
     if A.trk is not None:
         stats.update(tracklets_a=len(A.trk_ids), tracklets_b=len(B.trk_ids),
                      tracklet_emb_gate=[A.trk_emb_gate, B.trk_emb_gate])
@@ -889,7 +990,8 @@ def _match_linked_pair(a, b, bands, min_precision, folds, seed, max_candidates,
     real_pick = select(real, real_score, own=own_score)
     thr, R, C, prec = choose_threshold(real_score[real_pick], ctrl_sel, min_precision,
                                        min_significance)
-    stats.update(est_real=R, est_control=C, est_precision=prec, est_excess=R - C)
+    stats.update(est_real=R, est_control=C, est_precision=prec, est_excess=R - C,
+                 best=best_achievable(real_score[real_pick], ctrl_sel, min_significance))
     if thr is None:
         stats["reason"] = "precision_not_reached"
         return [], _done(stats, t0)
@@ -899,10 +1001,11 @@ def _match_linked_pair(a, b, bands, min_precision, folds, seed, max_candidates,
         stats["audit"][f] = int(len(select(c, s_, thr, own)))
 
     picked = real_pick[real_score[real_pick] >= thr]
+    q = q_values(real_score[picked], real_score[real_pick], ctrl_sel)
     rank_a, _, rank_b, _ = ranks
     ws, we = (None, None) if window is None else (int(window[0]), int(window[1]))
     matches = []
-    for k in picked.tolist():
+    for k, q_k in zip(picked.tolist(), q.tolist()):
         i, j = int(real.ia[k]), int(real.ib[k])
         matches.append({
             "detection_id_a": str(A.ids[i]), "detection_id_b": str(B.ids[j]),
@@ -911,6 +1014,7 @@ def _match_linked_pair(a, b, bands, min_precision, folds, seed, max_candidates,
             "dt_seconds": int(real.dt_ms[k]) / 1000.0, "distance": float(real.dist[k]),
             "policy": POLICY, "rank_a": int(rank_a[k]), "rank_b": int(rank_b[k]),
             "window_start_ms": ws, "window_end_ms": we, "score": float(real_score[k]),
+            "q_value": float(q_k),
         })
         if A.trk is not None:
             matches[-1].update(tracklet_id_a=str(A.trk_ids[A.trk[i]]),
@@ -923,6 +1027,27 @@ def _match_linked_pair(a, b, bands, min_precision, folds, seed, max_candidates,
 def _done(stats: dict, t0: float) -> dict:
     stats["seconds"] = round(time.time() - t0, 3)
     return stats
+
+
+def summary_record(stats: dict) -> dict:
+    """A group's stats -> the plain record of the match summary (JSON-ready): what was
+    matched at which estimated precision, or why nothing was, with the best estimated
+    precision that any threshold reached and the ``--min-precision`` that returns it
+    (rounded down to two decimals, so the same threshold qualifies)."""
+    best = stats.get("best") or {}
+    out = {"camera_a": stats["camera_a"], "camera_b": stats["camera_b"],
+           "period": stats.get("period"), "matches": int(stats["matches"]),
+           "abstained": bool(stats["abstained"]), "reason": stats["reason"],
+           "min_precision": float(stats["min_precision"]),
+           "candidates": int(stats["candidates"])}
+    if not stats["abstained"]:
+        out.update(est_precision=round(float(stats["est_precision"]), 3),
+                   est_excess=round(float(stats["est_excess"]), 1))
+    if best:
+        out.update(best_precision=round(best["precision"], 3),
+                   best_excess=round(best["excess"], 1), best_matches=best["matches"],
+                   min_precision_for_matches=math.floor(best["precision"] * 100) / 100)
+    return out
 
 
 # --------------------------------------------------------------- periods and Beam
@@ -1081,6 +1206,7 @@ if beam is not None:
             self.candidates.inc(int(stats["candidates"]))
             if stats["abstained"]:
                 self.abstained.inc()
+            yield beam.pvalue.TaggedOutput(STATS, summary_record(stats))
             for m in matches:
                 yield (m["camera_id_a"], m["camera_id_b"], m["detection_id_b"]), m
 
@@ -1135,7 +1261,9 @@ if beam is not None:
         with both cameras present), learned_candidates (real candidate pairs),
         learned_matches (emitted), learned_abstained (groups that returned no matches
         because no threshold reached ``min_precision``, or too little/too much data). Equal to
-        :func:`match_linked_periods` on the same detections.
+        :func:`match_linked_periods` on the same detections. After it is applied,
+        ``group_stats`` is the PCollection of every group's :func:`summary_record`
+        (what each camera pair reached, or why it got no matches).
         """
 
         def __init__(self, links, min_precision: float = 0.7,
@@ -1157,12 +1285,15 @@ if beam is not None:
             self.match_kwargs = dict(match_kwargs, min_precision=float(min_precision))
 
         def expand(self, detections):
-            return (detections
-                    | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
-                    | "KeyByPairPeriod" >> beam.ParDo(_KeyByPairPeriod(self.pair_bands,
-                                                                       self.period_ms))
-                    | "GroupByPairPeriod" >> beam.GroupByKey()
-                    | "MatchGroups" >> beam.ParDo(_MatchGroups(self.pair_bands, self.period_ms,
-                                                               self.match_kwargs))
+            groups = (detections
+                      | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
+                      | "KeyByPairPeriod" >> beam.ParDo(_KeyByPairPeriod(self.pair_bands,
+                                                                         self.period_ms))
+                      | "GroupByPairPeriod" >> beam.GroupByKey()
+                      | "MatchGroups" >> beam.ParDo(_MatchGroups(
+                          self.pair_bands, self.period_ms, self.match_kwargs))
+                      .with_output_types(Tuple[Any, Any]).with_outputs(STATS, main="matches"))
+            self.group_stats = groups[STATS]
+            return (groups.matches
                     | "OneMatchPerB" >> beam.CombinePerKey(_BestForB())
                     | "Emit" >> beam.ParDo(_Emit()))

@@ -53,6 +53,8 @@ MATCHES_SCHEMA = pa.schema([
     ("window_end", _TS),
     ("tracklet_id_a", pa.string()),
     ("tracklet_id_b", pa.string()),
+    ("score", pa.float32()),
+    ("q_value", pa.float32()),
 ])
 
 DEAD_LETTER_SCHEMA = pa.schema([
@@ -106,6 +108,8 @@ def match_row(m):
         "window_end": None if m.get("window_end_ms") is None else _utc(m["window_end_ms"]),
         "tracklet_id_a": m.get("tracklet_id_a"),
         "tracklet_id_b": m.get("tracklet_id_b"),
+        "score": None if m.get("score") is None else float(m["score"]),
+        "q_value": None if m.get("q_value") is None else float(m["q_value"]),
     }
 
 
