@@ -249,7 +249,7 @@ def match(options: PipelineOptions) -> int:
     else:  # the learned matcher trains on the whole period: one job
         chunks = plan_chunks(spans, 0, 1, 0)
     tables = ["matches"]
-    outputs.prepare(_require(out.output, "--output"), tables)
+    _prepare_output(options, out.output, tables)
     files = [s.path for s in spans]
 
     def build(pipeline, chunk):
