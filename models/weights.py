@@ -98,7 +98,7 @@ def local_file(uri: str, sha256: Optional[str] = None, suffix: str = "") -> Iter
     that only open paths (ImageAI). The file is checked against ``sha256``
     (:func:`load_bytes`); a local file is then used in place, a remote one copied to a
     temporary file ending in ``suffix``, removed afterwards."""
-    if _is_local(uri):
+    if is_local(uri):
         path = os.path.expanduser(urlparse(uri).path if uri.startswith("file://") else uri)
         if not os.path.isfile(path):
             raise WeightsError("weights not found: %s" % uri)
@@ -150,7 +150,7 @@ def local_folder(uri: str, sha256: Optional[str] = None) -> Iterator[str]:
     """A local folder holding the weights folder at ``uri`` (local or any Beam filesystem
     URI) while the block runs; a remote folder is copied to a temporary one, removed
     afterwards. With ``sha256`` the folder must have that :func:`folder_sha256`."""
-    if _is_local(uri):
+    if is_local(uri):
         path = os.path.expanduser(urlparse(uri).path if uri.startswith("file://") else uri)
         if not os.path.isdir(path):
             raise WeightsError("weights folder not found: %s" % uri)
