@@ -83,17 +83,24 @@ def _classified(match):
         yield result
 
 
+class DataSpan(beam.PTransform):
+    """Detection dicts -> one ``(first ms, span ms)`` element: the period they cover
+    (span = last - first + 1 s), for use as a singleton side input."""
+
+    def expand(self, detections):
+        times = detections | "Times" >> beam.Map(lambda d: d["frame_ts_ms"])
+        return ((times | "Earliest" >> beam.CombineGlobally(min).without_defaults(),
+                 times | "Latest" >> beam.CombineGlobally(max).without_defaults())
+                | "Bounds" >> beam.Flatten()
+                | "ToList" >> beam.combiners.ToList()
+                | "Span" >> beam.Map(lambda ts: (min(ts), max(ts) - min(ts) + 1000)))
+
+
 class WithShiftedControl(beam.PTransform):
     """Detections -> the detections plus their half-span-shifted virtual copies."""
 
     def expand(self, detections):
-        times = detections | "Times" >> beam.Map(lambda d: d["frame_ts_ms"])
-        bounds = beam.pvalue.AsSingleton(
-            (times | "Earliest" >> beam.CombineGlobally(min).without_defaults(),
-             times | "Latest" >> beam.CombineGlobally(max).without_defaults())
-            | "Bounds" >> beam.Flatten()
-            | "ToList" >> beam.combiners.ToList()
-            | "Span" >> beam.Map(lambda ts: (min(ts), max(ts) - min(ts) + 1000)))
+        bounds = beam.pvalue.AsSingleton(detections | "DataSpan" >> DataSpan())
         shifted = detections | "ShiftedCopies" >> beam.Map(
             lambda d, b: shift_for_control(d, b[0], b[1]), bounds)
         return (detections, shifted) | "RealAndShifted" >> beam.Flatten()

@@ -265,6 +265,7 @@ except ImportError:  # pragma: no cover
     beam = None
 
 if beam is not None:
+    from transforms.control import DataSpan
 
     class EvaluateWithDecoys(beam.PTransform):
         """Detections -> one row per evaluated camera pair (see :func:`summarize`).
@@ -291,13 +292,7 @@ if beam is not None:
 
         def expand(self, detections):
             roles, spaces = self._roles, namespaces(self._pairs)
-            times = detections | "Times" >> beam.Map(lambda d: d["frame_ts_ms"])
-            bounds = beam.pvalue.AsSingleton(
-                (times | "Earliest" >> beam.CombineGlobally(min).without_defaults(),
-                 times | "Latest" >> beam.CombineGlobally(max).without_defaults())
-                | "Bounds" >> beam.Flatten()
-                | "ToList" >> beam.combiners.ToList()
-                | "Span" >> beam.Map(lambda ts: (min(ts), max(ts) - min(ts) + 1000)))
+            bounds = beam.pvalue.AsSingleton(detections | "DataSpan" >> DataSpan())
             counts = (detections
                       | "BSideCounts" >> beam.FlatMap(
                           lambda d, b: [(p, ("n", k, h)) for p, k, h in
