@@ -2,8 +2,8 @@
 
 For each camera pair, the dt of its mutual-nearest-neighbour pairs within
 ``+-max_gap`` is histogrammed twice: on the real data and on a time-shifted control
-(camera b's timestamps moved ``2 * max_gap`` later, circularly within the period: the
-same traffic density, no true pairs within the band). A peak that stands significantly above the control becomes a
+(camera b's timestamps circularly shifted by half the period: the same traffic
+density, no true pairs). A peak that stands significantly above the control becomes a
 link (SPEC.md, links.json). Both directions of traffic may give a link each.
 
 :func:`find_links` is the pure statistics; :class:`CalibrationPairs` is the Beam
@@ -219,21 +219,20 @@ def _dts_by_kind(element):
     return pair, dts
 
 
-def control_shift_ms(max_gap_s: float, span_ms: int) -> int:
-    """How far calibration's control moves camera b within a period of ``span_ms``:
-    ``2 * max_gap`` (a vehicle seen at both cameras within ``max_gap`` then never lands
-    in the control's band, nor after the circular wrap), half the period where that is
-    shorter than ``4 * max_gap``."""
-    shift = int(round(2000 * float(max_gap_s)))
-    return shift if 2 * shift <= span_ms else max(1, span_ms // 2)
+def control_shift_ms(span_ms: int) -> int:
+    """How far calibration's control moves camera b, circularly within a period of
+    ``span_ms``: half of it (SPEC.md's time-shift control; a shift of only
+    ``2 * max_gap`` would let the control share more of the shuffled copies, but read
+    chance peaks on noise that the half-period shift does not)."""
+    return max(1, int(span_ms) // 2)
 
 
 class CalibrationPairs(beam.PTransform):
     """Detections (dicts or column chunks) -> ``((camera_a, camera_b), {"real": [dt],
     "control": [dt]})``: the dt of every mutual-nearest-neighbour pair of each camera
-    pair within ``+-max_gap_s``, for real and against camera b moved
-    :func:`control_shift_ms` later, circularly within ``span_ms=(lo, hi)`` (the
-    period of the data, read on the driver), from one pass of the matcher.
+    pair within ``+-max_gap_s``, for real and against camera b shifted by half of
+    ``span_ms=(lo, hi)`` (the period of the data, read on the driver), circularly,
+    from one pass of the matcher.
 
     The control pairs are computed in the same blocks, from the same shuffled copies,
     as the real ones (:class:`transforms.matching.ShiftedControl`): it costs the
@@ -250,7 +249,7 @@ class CalibrationPairs(beam.PTransform):
         links = [{"camera_a": a, "camera_b": b, "offset_s": 0.0, "spread_s": float(max_gap_s)}
                  for i, a in enumerate(cameras) for b in cameras[i + 1:]]
         lo, hi = int(span_ms[0]), int(span_ms[1])
-        control = ShiftedControl(control_shift_ms(max_gap_s, hi - lo), lo, hi - lo)
+        control = ShiftedControl(control_shift_ms(hi - lo), lo, hi - lo)
         self._match = dict(policy="mutual", metric=metric, window_s=window_s, links=links,
                            owned_ms=owned_ms, control=control)
 

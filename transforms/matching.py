@@ -33,9 +33,9 @@ directions come out of the same distances).
 3. ``GroupBlocks`` (``GroupByKey``, key = block start) then ``ComputeBlocks``: every
    camera pair of the block is computed with numpy (tiled matrix products, memory
    bounded by the tile), its two Sides built in float32 arrays reused from pair to
-   pair. A camera pair of a block above
-   ``max_candidates_per_block`` query x reference cells is split into query chunks
-   that go through a ``Reshuffle`` so that they spread over workers.
+   pair. (Splitting a large pair into separately shuffled parts would copy its
+   references in float32 into the shuffle: more memory for no gain, since the tiles
+   already bound a pair's working memory and blocks are the unit of parallelism.)
 4. ``all`` emits its pairs; ``assignment`` runs the Hungarian algorithm per (window,
    pair) and a per-key combine keeps, for each camera-B detection, its lowest
    (distance, detection_id_a) assignment. ``topk``/``mutual``: each A detection's
@@ -316,17 +316,13 @@ class ShiftedControl:
                         self.shift(batch.ts), batch.emb, batch.camera_id + SHIFTED)
 
 
-def _copied(side: mb.Side) -> mb.Side:
-    return mb.Side(side.camera_id, side.ids.copy(), side.ts.copy(), side.emb.copy())
-
-
 class _ComputeBlocks(_ComputeBlock):
     """(block start, [encoded Batch]) -> the results of every camera pair of the block
     (as :class:`_ComputeBlock`), its Sides in this worker's reused workspace.
 
-    A camera pair above ``max_cells`` query x reference cells is split into query
-    chunks instead, emitted (on fresh arrays) to the tagged output ``split`` to be
-    reshuffled.
+    For ``assignment``, a camera pair above ``max_cells`` query x reference cells is
+    solved in query chunks (its semantics; the other policies' results do not depend on
+    it, and their tiles bound the memory anyway).
     """
 
     def __init__(self, bands, policy, metric, threshold, top_k, window_ms, block_ms,
@@ -345,16 +341,14 @@ class _ComputeBlocks(_ComputeBlock):
         for q, r in self._pairs(int(start), [mb.decode_batch(p) for p in parts]):
             self.blocks.inc()
             self.block_cells.update(len(q) * len(r))
-            if len(q) * len(r) > self.max_cells:
+            split = [(q, r)]
+            if self.policy == "assignment" and len(q) * len(r) > self.max_cells:
                 split = mb.split_block(
                     q, r, self.bands.intervals(q.camera_id, base_camera(r.camera_id)),
                     self.max_cells)
-                if len(split) > 1:
-                    self.blocks_split.inc()
-                    for sq, sr in split:
-                        yield beam.pvalue.TaggedOutput("split", (_copied(sq), _copied(sr)))
-                    continue
-            yield from self.compute(q, r)
+                self.blocks_split.inc(len(split) > 1)
+            for sq, sr in split:
+                yield from self.compute(sq, sr)
 
     def _pairs(self, start: int, batches):
         """(queries of camera A in the block, references of camera B in their reach) for
@@ -464,9 +458,10 @@ class MatchDetections(beam.PTransform):
       links: None or a list of links.json objects (validated, e.g. by
         :func:`transforms.links.load_links`): only linked camera pairs, only inside the
         links' dt bands.
-      max_candidates_per_block: a camera pair of a block with more query x reference
-        cells is split into query chunks that are reshuffled across workers (see
-        ``assignment`` for its effect there; none on the other policies).
+      max_candidates_per_block: for ``assignment``, a camera pair of a block with more
+        query x reference cells is solved in consecutive query chunks (see
+        ``assignment`` in :mod:`transforms.match_blocks`); no effect on the other
+        policies.
       block_s: span of the blocks of ``all``/``topk``/``mutual`` (a performance knob
         with no effect on results); None: the smallest multiple of ``window_s`` that
         covers the widest candidate band.
@@ -530,15 +525,9 @@ class MatchDetections(beam.PTransform):
         whole = (keyed
                  | "GroupBlocks" >> beam.GroupByKey()
                  | "ComputeBlocks" >> beam.ParDo(
-                     _ComputeBlocks(max_cells=self.max_cells,
-                                    control=self.control,
-                                    **compute)).with_outputs(
-                         "split", "partials", main="matches"))
-        split = (whole.split
-                 | "SpreadSplitBlocks" >> beam.Reshuffle()
-                 | "ComputeSplitBlocks" >> beam.ParDo(_ComputeBlock(**compute)).with_outputs(
-                     "partials", main="matches"))
-        matches = (whole.matches, split.matches) | "FlattenBlocks" >> beam.Flatten()
+                     _ComputeBlocks(max_cells=self.max_cells, control=self.control,
+                                    **compute)).with_outputs("partials", main="matches"))
+        matches = whole.matches
         count = _CountMatches(self.owned_ms)
         if p == "assignment":
             return (matches
@@ -548,8 +537,7 @@ class MatchDetections(beam.PTransform):
                     | "CountMatches" >> beam.ParDo(count))
         if p == "all":
             return matches | "CountMatches" >> beam.ParDo(count)
-        merged = ((whole.partials, split.partials)
-                  | "FlattenPartials" >> beam.Flatten()
+        merged = (whole.partials
                   | "GroupNeighbours" >> beam.GroupByKey()
                   | "MergeNeighbours" >> beam.ParDo(
                       _MergeNeighbours(p, self.top_k, self.window_ms)))
