@@ -102,9 +102,8 @@ def test_precision_curve_and_best_point():
 def test_beam_transform_equals_the_in_memory_twin():
     dets, _ = world(seed=3, vehicles=400, span_s=900)
 
-    def make(links, cameras=None):
-        return MatchDetections(policy="mutual", links=links, max_gap_s=120, window_s=600,
-                               cameras=cameras)
+    def make(links):
+        return MatchDetections(policy="mutual", links=links, max_gap_s=120, window_s=600)
 
     p = beam.Pipeline(runner=FnApiRunner())
     out = collect(p | beam.Create(dets, reshuffle=False)
