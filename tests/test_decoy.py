@@ -157,7 +157,7 @@ def test_scored_matcher_runs_once_at_every_threshold():
     vid = {d["detection_id"]: d["vid"] for d in dets}
     dets = [{k: v for k, v in d.items() if k != "vid"} for d in dets]
 
-    def make(links, cameras=None, min_precision=0.7):
+    def make(links, min_precision=0.7):
         return lm.LearnedLinkMatch(links, min_precision=min_precision)
 
     make.scored = True
