@@ -63,10 +63,15 @@ Layout of ``DIR``
   (a rename; server-side on object stores) and then writes the marker. Anything a
   killed job left is removed before its partition is redone.
 
-Progress: one line per job (the partition it extracted: frames, detections, dead
-letters; the partition it completed: matches; seconds, frames/s, ETA), a line every
-``--progress-every`` seconds while a job runs on an asynchronous runner (Dataflow),
-and at the end the Beam counters summed over all jobs.
+Progress: inside each job, a line on stderr every ``--progress-every`` seconds (10
+by default): the job's partition, frames done of those listed and detections matched
+of those batched, rate and ETA (:mod:`pipelines.progress`, on every runner); one line
+per finished job (the partition it extracted: frames, detections, dead letters; the
+partition it completed: matches; seconds, frames/s, the backfill's ETA); ``--quiet``
+silences both. At the end, the Beam counters summed over all jobs, after a sentence
+that accounts for every listed file: each partition lists the hour folders it
+overlaps, so a file of another partition's time is listed and skipped here
+(``files_outside_range``); it is read by its own partition, none is lost.
 """
 import argparse
 import concurrent.futures
@@ -106,7 +111,7 @@ MATCH_TABLES = ("matches",)
 _NOT_FINGERPRINTED = {"device", "batch_size", "input", "start", "end"}
 # Counters shown first in the final summary, in this order; the others follow.
 _SUMMARY_FIRST = ("frames_listed", "frames_decoded", "frames_dead_lettered",
-                  "frames_inferred", "detections", "detections_read", "candidate_pairs",
+                  "frames_inferred", "files_outside_range", "detections", "detections_read", "candidate_pairs",
                   "matches_emitted", "detections_rows_written", "matches_rows_written",
                   "dead_letter_rows_written")
 
@@ -342,9 +347,9 @@ def _parser() -> argparse.ArgumentParser:
                              "plus the backfill's state in _backfill/.")
     parser.add_argument("--chunk", default="1h",
                         help="Partition length: 15m, 1h, 6h, 1d, ... (default 1h).")
-    parser.add_argument("--progress-every", dest="progress_every", type=float, default=60.0,
+    parser.add_argument("--progress-every", dest="progress_every", type=float, default=10.0,
                         metavar="S", help="Seconds between progress lines while a job "
-                                          "runs on an asynchronous runner (default 60).")
+                                          "runs (default 10; --quiet: none).")
     return parser
 
 
@@ -414,27 +419,17 @@ def _counters(result) -> Dict[str, int]:
     return totals
 
 
-def run_and_watch(pipeline, every_s: float, say) -> Dict[str, int]:
-    """Runs ``pipeline`` to the end; while it runs asynchronously, reports every ``every_s``.
-
-    The DirectRunner returns from ``run()`` when the job is done; Dataflow returns at
-    once, and ``wait_until_finish(duration=ms)`` polls it, so a long partition shows
-    frames/s and counts as they grow.
-    """
+def run_and_watch(pipeline, watch=None) -> Dict[str, int]:
+    """Runs ``pipeline`` to the end; -> its counters. ``watch``, the backfill's
+    :class:`pipelines.progress.Progress`, prints the job's line while it runs: from the
+    workers' ticks, or (Dataflow, whose ``run()`` returns at once) from the job's
+    metrics, polled."""
     from apache_beam.runners.runner import PipelineState
 
-    started = time.time()
     result = pipeline.run()
+    if watch is not None:
+        watch.attach(result)
     state = getattr(result, "state", PipelineState.DONE)
-    while state is not None and not PipelineState.is_terminal(state):
-        state = result.wait_until_finish(duration=int(every_s * 1000))
-        if state is not None and not PipelineState.is_terminal(state):
-            seen = _counters(result)
-            elapsed = time.time() - started
-            frames = seen.get("frames_decoded", 0)
-            say("  ... %.0f s: %d frames decoded (%.1f/s), %d detections, %d dead letters"
-                % (elapsed, frames, frames / max(elapsed, 1e-9), seen.get("detections", 0),
-                   seen.get("frames_dead_lettered", 0)))
     state = result.wait_until_finish() or state
     if state not in (None, PipelineState.DONE, "DONE"):
         raise RuntimeError("job ended in state %s" % state)
@@ -539,6 +534,8 @@ class Backfill:
         self.match_settings = _settings(options, (CandidateOptions, MatchOptions),
                                         {"links_sha256": links_digest, "policy": policy})
         self.model_options = options.view_as(ModelOptions)
+        self.quiet = bool(options.get_all_options().get("quiet"))
+        self.watch = None  # the progress line, while run() runs
         self._detect = None
         self._match = None
         self.extracted: Dict[str, str] = {}   # partition name -> commit id
@@ -767,10 +764,12 @@ class Backfill:
         for target in match:
             self.store.clear(target, MATCH_TABLES, SUCCESS)
         started = time.time()
+        if self.watch is not None:
+            self.watch.start_job(self._job_label(extract, match, index, total),
+                                 self._phases(extract, match))
         pipeline = self.build(extract, match, index)
         # No pipeline: partitions to match whose contexts hold no detections at all.
-        counters = run_and_watch(pipeline, self.config.progress_every, self.say) \
-            if pipeline is not None else {}
+        counters = run_and_watch(pipeline, self.watch) if pipeline is not None else {}
         seconds = time.time() - started
         for name, value in counters.items():
             self.totals[name] = self.totals.get(name, 0) + value
@@ -785,10 +784,34 @@ class Backfill:
         speed = ""
         if extract is not None:
             speed = ", %.1f frames/s" % (counters.get("frames_listed", 0) / max(seconds, 1e-9))
-        self.say("[%d/%d] %s | %.1f s%s, ETA %s" % (
-            index, total, " | ".join(parts), seconds, speed, dt.timedelta(seconds=round(eta))))
+        if not self.quiet:
+            self.say("[%d/%d] %s | %.1f s%s, ETA %s" % (
+                index, total, " | ".join(parts), seconds, speed,
+                dt.timedelta(seconds=round(eta))))
+
+    @staticmethod
+    def _job_label(extract, match, index: int, total: int) -> str:
+        what = [("extract %s" % extract.label) if extract else ""]
+        if match:
+            what.append("match %s" % (match[0].label if len(match) == 1 else
+                                      "%d partitions" % len(match)))
+        return "backfill [%d/%d] %s" % (index, total, ", ".join(w for w in what if w))
+
+    @staticmethod
+    def _phases(extract, match):
+        from pipelines import progress
+
+        phases = (progress.FRAMES,) if extract is not None else ()
+        return phases + ((progress.MATCHING,) if match else ())
 
     def run(self) -> int:
+        from pipelines import progress
+
+        with progress.Progress(self.options, "backfill", (), self.config.progress_every,
+                               quiet=self.quiet) as self.watch:
+            return self._run()
+
+    def _run(self) -> int:
         self.check_output()
         self.load_state()
         total = self.jobs_left()
@@ -849,6 +872,11 @@ class Backfill:
         matches = sum(m.get("matches", 0) for m in self.done.values())
         self.say("backfill done: %d partition(s), %d job(s) in %.1f s; %d matches in the "
                  "range -> %s" % (len(self.plan), jobs, seconds, matches, self.config.output))
+        from pipelines.progress import frame_accounting
+
+        accounting = frame_accounting(self.totals, backfill=True)
+        if accounting:
+            self.say(accounting)
         names = [n for n in _SUMMARY_FIRST if n in self.totals]
         names += sorted(n for n in self.totals if n not in names)
         self.say("counters (summed over this run's jobs): %s" % (

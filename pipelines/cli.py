@@ -25,11 +25,13 @@ from pipelines.options import (
     MatchOptions,
     ModelOptions,
     OutputOptions,
+    ProgressOptions,
     TimeZoneOptions,
 )
 
 _OWN_OPTIONS = (CalibrateOptions, CandidateOptions, DetectionInputOptions, EvaluateOptions,
-                FrameInputOptions, MatchOptions, ModelOptions, OutputOptions, TimeZoneOptions)
+                FrameInputOptions, MatchOptions, ModelOptions, OutputOptions, ProgressOptions,
+                TimeZoneOptions)
 
 
 @dataclass(frozen=True)
@@ -48,28 +50,29 @@ class Command:
 COMMANDS = {
     "extract": Command(
         "frames -> detections with embeddings (and dead letters)",
-        (FrameInputOptions, TimeZoneOptions, ModelOptions, OutputOptions),
+        (FrameInputOptions, TimeZoneOptions, ModelOptions, OutputOptions, ProgressOptions),
         commands.extract),
     "match": Command(
         "stored detections -> cross-camera match pairs; no model runs",
-        (DetectionInputOptions, TimeZoneOptions, CandidateOptions, MatchOptions, OutputOptions),
+        (DetectionInputOptions, TimeZoneOptions, CandidateOptions, MatchOptions, OutputOptions,
+         ProgressOptions),
         commands.match),
     "run": Command(
         "extract and match in one pipeline: frames -> detections and matches",
         (FrameInputOptions, TimeZoneOptions, ModelOptions, CandidateOptions, MatchOptions,
-         OutputOptions),
+         OutputOptions, ProgressOptions),
         commands.run),
     "calibrate": Command(
         "stored detections -> links.json: camera links (transit-time offsets) found in "
         "the data",
         (DetectionInputOptions, TimeZoneOptions, CandidateOptions, CalibrateOptions,
-         OutputOptions),
+         OutputOptions, ProgressOptions),
         commands.calibrate),
     "evaluate": Command(
         "a matching configuration's estimated precision per camera pair, without labels "
         "(target-decoy competition, or --control shift)",
         (DetectionInputOptions, TimeZoneOptions, CandidateOptions, MatchOptions,
-         EvaluateOptions, OutputOptions),
+         EvaluateOptions, OutputOptions, ProgressOptions),
         commands.evaluate),
     "import-cctview": Command(
         "CCTView output trees (--features.json + --detections.json) -> detections Parquet",

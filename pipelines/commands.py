@@ -1,9 +1,13 @@
-"""The sub-commands: validate flags, assemble a pipeline, run it, report its counters."""
+"""The sub-commands: validate flags, assemble a pipeline, run it, report its counters.
+
+While a job runs, a progress line goes to stderr about every 10 s
+(:mod:`pipelines.progress`; ``--quiet`` silences it): its reporter is opened before the
+pipeline is built, so that the DoFns' counters tick to it."""
 import json
 import logging
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -11,6 +15,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.runners.runner import PipelineState
 
 from pipelines import outputs
+from pipelines import progress
 from pipelines.errors import UsageError
 from pipelines.options import (
     CalibrateOptions,
@@ -20,6 +25,7 @@ from pipelines.options import (
     MatchOptions,
     ModelOptions,
     OutputOptions,
+    ProgressOptions,
     TimeZoneOptions,
 )
 from transforms import parquet_io
@@ -31,7 +37,7 @@ from transforms.layout import FrameLayout, optional_range
 
 _LOG = logging.getLogger(__name__)
 SUMMARY_COUNTERS = (
-    "frames_listed", "frames_decoded", "frames_dead_lettered", "frames_out_of_range",
+    "frames_listed", "frames_decoded", "frames_dead_lettered", "files_outside_range",
     "frames_inferred", "frames_with_detections", "frames_without_detections",
     "frames_inference_failed", "inference_batches_retried_one_by_one",
     "frames_detection_limit_hit", "detections",
@@ -77,8 +83,20 @@ def _match_stage(options: PipelineOptions, owned_ms=None):
     return match_stage(options, owned_ms)
 
 
-def _run(pipeline: beam.Pipeline) -> Dict[str, int]:
+def _progress(options: PipelineOptions, label: str, phases) -> progress.Progress:
+    """The command's progress reporter (a context manager: open it before building)."""
+    return progress.Progress(options, label, phases,
+                             quiet=options.view_as(ProgressOptions).quiet)
+
+
+def _quiet(options: PipelineOptions) -> bool:
+    return bool(options.view_as(ProgressOptions).quiet)
+
+
+def _run(pipeline: beam.Pipeline, watch: Optional[progress.Progress] = None) -> Dict[str, int]:
     result = pipeline.run()
+    if watch is not None:
+        watch.attach(result)  # runners whose run() returns while the job runs
     state = result.wait_until_finish()
     if state not in (PipelineState.DONE, None) and state != "DONE":
         raise RuntimeError("pipeline ended in state %s" % state)
@@ -117,6 +135,9 @@ def _prepare_output(options: PipelineOptions, output: str, tables: List[str]) ->
 def _report(totals: Dict[str, int], output: str) -> None:
     shown = ["%s=%d" % (k, totals[k]) for k in SUMMARY_COUNTERS if k in totals]
     print("done: %s -> %s" % (", ".join(shown) or "no counters", output))
+    accounting = progress.frame_accounting(totals)
+    if accounting:
+        print(accounting)
     sys.stdout.flush()
 
 
@@ -125,8 +146,9 @@ def _write_all(pcolls: Dict[str, object], output: str, shards: int) -> None:
         outputs.write(pcoll, output, table, shards)
 
 
-def _finish(options, pipeline, output: str, tables: List[str]) -> int:
-    totals = _run(pipeline)
+def _finish(options, pipeline, output: str, tables: List[str],
+            watch: Optional[progress.Progress] = None) -> int:
+    totals = _run(pipeline, watch)
     if _is_dry_run(options):
         print("dry run: job built, nothing executed")
         return 0
@@ -169,9 +191,10 @@ def extract(options: PipelineOptions) -> int:
     detect = _model_stage(options)
     tables = _detection_tables(options)
     _prepare_output(options, out.output, tables)
-    pipeline = beam.Pipeline(options=options)
-    _detect_and_write(pipeline, options, source, detect)
-    return _finish(options, pipeline, out.output, tables)
+    with _progress(options, "extract", progress.EXTRACT) as watch:
+        pipeline = beam.Pipeline(options=options)
+        _detect_and_write(pipeline, options, source, detect)
+        return _finish(options, pipeline, out.output, tables, watch)
 
 
 def _detection_spans(options: PipelineOptions, cameras: bool = False) -> List[FileSpan]:
@@ -216,23 +239,34 @@ def _chunk_plan(options: PipelineOptions, spans, margin_ms: int, align_ms: int):
     return plan_chunks(spans, margin_ms, align_ms, rows)
 
 
-def _run_chunks(options: PipelineOptions, chunks, build, what: str) -> Dict[str, int]:
+def _run_chunks(options: PipelineOptions, chunks, build, what: str,
+                phases=progress.MATCH) -> Dict[str, int]:
     """Runs ``build(pipeline, chunk)`` for every chunk, one job each; summed counters.
-    A line on stderr per finished chunk when there are several."""
+    The progress line while each runs (its reading total from the files' metadata) and
+    a line on stderr per finished chunk when there are several."""
     totals: Dict[str, int] = {}
     started = time.time()
-    for chunk in chunks:
-        pipeline = beam.Pipeline(options=options)
-        build(pipeline, chunk)
-        for name, value in _run(pipeline).items():
-            totals[name] = totals.get(name, 0) + value
-        if len(chunks) > 1:
-            done = chunk.index + 1
-            elapsed = time.time() - started
-            print("%s: chunk %d/%d done (%d detections read), %.0f s, ETA %.0f s"
-                  % (what, done, len(chunks), chunk.rows, elapsed,
-                     elapsed / done * (len(chunks) - done)), file=sys.stderr)
+    with _progress(options, what, phases) as watch:
+        for chunk in chunks:
+            label = what if len(chunks) == 1 else "%s, chunk %d/%d" % (
+                what, chunk.index + 1, len(chunks))
+            watch.start_job(label, phases, {"reading": chunk.rows})
+            pipeline = beam.Pipeline(options=options)
+            build(pipeline, chunk)
+            for name, value in _run(pipeline, watch).items():
+                totals[name] = totals.get(name, 0) + value
+            _chunk_done(options, chunks, chunk, started, what)
     return totals
+
+
+def _chunk_done(options, chunks, chunk, started: float, what: str) -> None:
+    """A line on stderr per finished chunk when there are several (not with --quiet)."""
+    if len(chunks) > 1 and not _quiet(options):
+        done = chunk.index + 1
+        elapsed = time.time() - started
+        print("%s: chunk %d/%d done (%d detections read), %.0f s, ETA %.0f s"
+              % (what, done, len(chunks), chunk.rows, elapsed,
+                 elapsed / done * (len(chunks) - done)), file=sys.stderr)
 
 
 def match(options: PipelineOptions) -> int:
@@ -266,7 +300,9 @@ def match(options: PipelineOptions) -> int:
         summaries.append(_summary_of(stage, out.output))
 
     summaries: list = []
-    totals = _run_chunks(options, chunks, build, "match")
+    # The learned matcher's groups tick no counter: its line shows the reading.
+    phases = progress.MATCH if isinstance(matcher, MatchDetections) else (progress.READING,)
+    totals = _run_chunks(options, chunks, build, "match", phases)
     if _is_dry_run(options):
         print("dry run: job built, nothing executed")
         return 0
@@ -285,10 +321,12 @@ def run(options: PipelineOptions) -> int:
     matcher = _match_stage(options)
     tables = _detection_tables(options) + ["matches"]
     _prepare_output(options, out.output, tables)
-    pipeline = beam.Pipeline(options=options)
-    detections = _detect_and_write(pipeline, options, source, detect)
-    _write_all({"matches": detections | "Match" >> matcher}, out.output, out.shards)
-    return _finish(options, pipeline, out.output, tables)
+    phases = progress.RUN if getattr(matcher, "accepts_columns", False) else progress.EXTRACT
+    with _progress(options, "run", phases) as watch:
+        pipeline = beam.Pipeline(options=options)
+        detections = _detect_and_write(pipeline, options, source, detect)
+        _write_all({"matches": detections | "Match" >> matcher}, out.output, out.shards)
+        return _finish(options, pipeline, out.output, tables, watch)
 
 
 def import_cctview(options: PipelineOptions) -> int:
@@ -404,13 +442,15 @@ def evaluate(options: PipelineOptions) -> int:
     else:
         from transforms.decoy import EvaluateWithDecoys
         evaluation = EvaluateWithDecoys(make_matcher, cameras, links, max_gap, min_precision)
-    pipeline = beam.Pipeline(options=options)
-    _ = (pipeline
-         | "ReadDetections" >> source
-         | "Evaluate" >> evaluation
-         | "AllRows" >> beam.combiners.ToList()
-         | "WriteTable" >> beam.Map(_write_json, target))
-    _run(pipeline)
+    phases = (progress.READING,) if getattr(make_matcher, "scored", False) else progress.MATCH
+    with _progress(options, "evaluate", phases) as watch:
+        pipeline = beam.Pipeline(options=options)
+        _ = (pipeline
+             | "ReadDetections" >> source
+             | "Evaluate" >> evaluation
+             | "AllRows" >> beam.combiners.ToList()
+             | "WriteTable" >> beam.Map(_write_json, target))
+        _run(pipeline, watch)
     if _is_dry_run(options):
         print("dry run: job built, nothing executed")
         return 0

@@ -269,6 +269,18 @@ class OutputOptions(PipelineOptions):
             help="Parquet files per hour partition (default 1); raise it for many cameras.")
 
 
+class ProgressOptions(PipelineOptions):
+    """Whether the command says how far it is while it works (pipelines/progress.py)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--quiet", dest="quiet", action="store_true",
+            help="No progress lines on stderr while the job runs (by default one about "
+                 "every 10 s: items done of the listed total, rate, ETA); the counters "
+                 "at the end are still printed.")
+
+
 class DetectionInputOptions(PipelineOptions):
     """Stored detections to match."""
 

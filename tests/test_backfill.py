@@ -270,31 +270,43 @@ def test_backfill_equals_one_run_for_a_detector_that_sees_one_frame_at_a_time(tm
     assert len(list((tmp_path / "bf" / "_backfill").glob("*/_SUCCESS"))) == 2
 
 
-def test_asynchronous_jobs_report_progress_while_they_run():
-    """Dataflow's run() returns at once; the backfill polls it and prints frames/s."""
+def test_asynchronous_jobs_report_progress_while_they_run(monkeypatch):
+    """Dataflow's run() returns at once; the backfill's line polls the job's metrics."""
     from types import SimpleNamespace
 
+    from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.runners.runner import PipelineState
+
+    from pipelines import progress
+
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0.05")
 
     class Result:
         def __init__(self):
             self.state, self.polls = PipelineState.RUNNING, 0
 
         def wait_until_finish(self, duration=None):
-            self.polls += 1
-            if duration is None or self.polls >= 3:
-                self.state = PipelineState.DONE
+            import time
+
+            time.sleep(0.3)  # the job runs: the line is printed meanwhile
+            self.state = PipelineState.DONE
             return self.state
 
         def metrics(self):
+            self.polls += 1
             counter = SimpleNamespace(key=SimpleNamespace(metric=SimpleNamespace(
-                name="frames_decoded")), committed=None, attempted=10 * self.polls)
+                name="frames_inferred")), committed=None, attempted=10 * self.polls)
             return SimpleNamespace(query=lambda: {"counters": [counter]})
 
     lines = []
-    totals = backfill.run_and_watch(SimpleNamespace(run=Result), 0.001, lines.append)
-    assert totals == {"frames_decoded": 40}  # read after the final wait_until_finish()
-    assert len(lines) == 2 and "20 frames decoded" in lines[-1] and "/s)" in lines[-1]
+    options = PipelineOptions(["--runner", "DataflowRunner"])
+    with progress.Progress(options, "backfill", (progress.FRAMES,), stream=SimpleNamespace(
+            write=lines.append, flush=lambda: None)) as watch:
+        totals = backfill.run_and_watch(SimpleNamespace(run=Result), watch)
+    shown = [l for l in lines if l.strip()]
+    assert totals["frames_inferred"] >= 10  # read after the final wait_until_finish()
+    assert shown and all(l.startswith("backfill: frames ") for l in shown)
+    assert any("/s" in l for l in shown)
 
 
 def test_a_file_without_capture_time_is_dead_lettered_by_one_partition():

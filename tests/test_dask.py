@@ -42,7 +42,7 @@ MINUTE = ["--timezone", "America/New_York", "--start", "2020-05-05T13:10:00",
 MODEL_FLAGS = ["--detector", "yolox", "--detector-weights", str(MODELS / "yolox_nano.onnx"),
                "--embedder", "onnx", "--embedder-weights", str(MODELS / "osnet_x0_25.onnx"),
                "--model-threads", "1"]
-COUNTED = ("frames_listed", "frames_decoded", "frames_dead_lettered", "frames_out_of_range",
+COUNTED = ("frames_listed", "frames_decoded", "frames_dead_lettered", "files_outside_range",
            "frames_inferred", "frames_with_detections", "frames_without_detections",
            "detections", "detections_read", "candidate_pairs", "matches_emitted")
 

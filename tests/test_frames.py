@@ -174,7 +174,7 @@ def test_time_range_lists_only_hours_in_range(tmp_path):
     frames, dead, count = _run([str(tmp_path)], layout, start_ms=start, end_ms=end)
     # Only hour 10 holds frames (10:00 and 10:30); 11 has none; 10:00 is before start.
     assert count["objects_listed"] == 4  # 2 cameras x (10:00, 10:30): nothing else listed
-    assert count["frames_out_of_range"] == 2
+    assert count["files_outside_range"] == 2
     assert sorted((f["camera_id"], f["frame_ts_ms"]) for f in frames) == [
         (c, int(dt.datetime(2021, 6, 2, 10, 30, tzinfo=dt.timezone.utc).timestamp() * 1000))
         for c in cams]

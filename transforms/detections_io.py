@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import TimestampedValue
+from transforms import progress
 
 NAMESPACE = "cctview"
 REQUIRED_COLUMNS = ("camera_id", "frame_ts", "detection_id", "embedding")
@@ -153,7 +154,7 @@ class _ReadFileFn(beam.DoFn):
         self._batch_rows = batch_rows
         self._as_columns = as_columns
         self._time_range = time_range
-        self.rows = Metrics.counter(NAMESPACE, "detections_read")
+        self.rows = progress.counter(NAMESPACE, "detections_read")
 
     def process(self, path):
         with FileSystems.open(path) as handle:

@@ -3,8 +3,12 @@
 Listing, path parsing and decoding happen here; every file that is listed ends either
 as a frame or as a dead letter with its reason, and the counters ``frames_listed``,
 ``frames_decoded`` and ``frames_dead_lettered`` reconcile exactly
-(listed = decoded + dead-lettered). Files outside ``--start/--end`` are not listed
-frames; they are counted in ``frames_out_of_range``.
+(listed = decoded + dead-lettered). Files outside ``--start/--end`` are not frames of
+the run: the CCTView layout lists whole hour folders, and the files of those folders
+outside the range are counted in ``files_outside_range`` and skipped (in a backfill,
+those of a neighbouring partition, which reads them itself). ``objects_listed`` counts
+every listed object; these counters also tick to the driver's progress line
+(:mod:`transforms.progress`).
 """
 import io
 import logging
@@ -22,6 +26,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import TimestampedValue
 from PIL import Image, UnidentifiedImageError
 
+from transforms import progress
 from transforms.layout import (
     FrameLayout,
     PathParseError,
@@ -143,8 +148,8 @@ class DecodeFrameFn(beam.DoFn):
         self._min_side = min_side
         self.listed = Metrics.counter(NAMESPACE, "frames_listed")
         self.decoded = Metrics.counter(NAMESPACE, "frames_decoded")
-        self.dead = Metrics.counter(NAMESPACE, "frames_dead_lettered")
-        self.out_of_range = Metrics.counter(NAMESPACE, "frames_out_of_range")
+        self.dead = progress.counter(NAMESPACE, "frames_dead_lettered")
+        self.out_of_range = progress.counter(NAMESPACE, "files_outside_range")
 
     def _dead(self, uri, stage, reason, error):
         self.dead.inc()
@@ -192,9 +197,9 @@ class _CountListed(beam.DoFn):
     becomes a dead letter here, with its bytes escaped."""
 
     def __init__(self):
-        self.objects = Metrics.counter(NAMESPACE, "objects_listed")
+        self.objects = progress.counter(NAMESPACE, "objects_listed")
         self.listed = Metrics.counter(NAMESPACE, "frames_listed")
-        self.dead = Metrics.counter(NAMESPACE, "frames_dead_lettered")
+        self.dead = progress.counter(NAMESPACE, "frames_dead_lettered")
 
     def process(self, metadata):
         self.objects.inc()

@@ -18,6 +18,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.transforms.window import TimestampedValue
 
 from models.handlers import FailedInference
+from transforms import progress
 from transforms.backgrounds import EstimateBackgrounds
 from transforms.records import dead_letter, detection_id
 
@@ -57,7 +58,7 @@ class _ToDetectionsFn(beam.DoFn):
         self._embedder = embedder
         self._max_detections = max_detections
         self._write_crops = write_crops
-        self.inferred = Metrics.counter(NAMESPACE, "frames_inferred")
+        self.inferred = progress.counter(NAMESPACE, "frames_inferred")
         self.with_dets = Metrics.counter(NAMESPACE, "frames_with_detections")
         self.without_dets = Metrics.counter(NAMESPACE, "frames_without_detections")
         self.detections = Metrics.counter(NAMESPACE, "detections")
@@ -96,7 +97,7 @@ class _FailedBatchFn(beam.DoFn):
     own failures frame by frame) -> one dead letter per frame in it."""
 
     def __init__(self):
-        self.failed = Metrics.counter(NAMESPACE, "frames_inference_failed")
+        self.failed = progress.counter(NAMESPACE, "frames_inference_failed")
 
     def process(self, element):
         batch, error = element
@@ -111,7 +112,7 @@ class _SplitFailedFn(beam.DoFn):
     own (:class:`models.handlers.FailedInference`)."""
 
     def __init__(self):
-        self.failed = Metrics.counter(NAMESPACE, "frames_inference_failed")
+        self.failed = progress.counter(NAMESPACE, "frames_inference_failed")
 
     def process(self, element):
         key, result = element

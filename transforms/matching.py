@@ -62,7 +62,9 @@ Metrics (namespace ``cctview.matching``): counters ``candidate_pairs`` (each uno
 candidate pair counted once, before threshold), ``distance_cells`` (cells computed),
 ``block_compute_ms`` (worker time spent computing blocks' distances and neighbours),
 ``blocks``, ``blocks_split``, ``matches_emitted``, ``detections_batched`` (detections
-in), ``embedding_copies_shuffled`` (detection rows sent to blocks: divided by
+in), ``detections_computed`` (each batched detection once: when its own block is
+computed, or at routing when no block needs it there; with ``detections_batched`` the
+progress line's matching phase, :mod:`transforms.progress`), ``embedding_copies_shuffled`` (detection rows sent to blocks: divided by
 ``detections_batched`` it is the copies of each embedding that cross the shuffle),
 ``shuffled_bytes`` (bytes of block parts and partials sent to a ``GroupByKey``);
 distribution ``block_cells`` (query x reference cells per camera pair and block).
@@ -85,6 +87,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import match_blocks as mb
+from transforms import progress
 from transforms.control import SHIFTED, base_camera
 from transforms.detections_io import DetectionColumns
 
@@ -136,7 +139,7 @@ class _BatchDetections(beam.DoFn):
     def __init__(self, block_ms: int, max_size: int):
         self.block_ms = int(block_ms)
         self.max_size = int(max_size)
-        self.detections = Metrics.counter(NAMESPACE, "detections_batched")
+        self.detections = progress.counter(NAMESPACE, "detections_batched")
         self._buffers: dict = {}
 
     def start_bundle(self):
@@ -197,6 +200,7 @@ class _RouteToBlocks(beam.DoFn):
         self.control = control
         self.copies = Metrics.counter(NAMESPACE, "embedding_copies_shuffled")
         self.bytes = Metrics.counter(NAMESPACE, "shuffled_bytes")
+        self.computed = progress.counter(NAMESPACE, "detections_computed")
 
     def process(self, data):
         batch = mb.decode_batch(data)
@@ -211,6 +215,7 @@ class _RouteToBlocks(beam.DoFn):
                 roles.append(self.control.shift(batch.ts))
             for ts in roles:
                 self._reach(targets, ts, iv)
+        at_own = 0  # rows that go to their own block, counted computed there
         for start, keep in sorted(targets.items()):
             if keep is None or keep.all():
                 part, rows = data, len(batch)
@@ -218,9 +223,11 @@ class _RouteToBlocks(beam.DoFn):
                 part, rows = mb.encode_batch(batch.take(keep)), int(keep.sum())
             else:
                 continue
+            at_own += rows if start == own else 0
             self.copies.inc(rows)
             self.bytes.inc(len(part))
             yield start, part
+        self.computed.inc(len(batch) - at_own)
 
     def _reach(self, targets: dict, ts: np.ndarray, iv: np.ndarray) -> None:
         """Adds, per block whose reach holds some of the times ``ts`` (sorted, or two
@@ -333,12 +340,14 @@ class _ComputeBlocks(_ComputeBlock):
         self.blocks = Metrics.counter(NAMESPACE, "blocks")
         self.blocks_split = Metrics.counter(NAMESPACE, "blocks_split")
         self.block_cells = Metrics.distribution(NAMESPACE, "block_cells")
+        self.computed = progress.counter(NAMESPACE, "detections_computed")
 
     def process(self, element):
         start, parts = element
         if self._workspace is None:
             self._workspace = mb.Workspace()
-        for q, r in self._pairs(int(start), [mb.decode_batch(p) for p in parts]):
+        batches = [mb.decode_batch(p) for p in parts]
+        for q, r in self._pairs(int(start), batches):
             self.blocks.inc()
             self.block_cells.update(len(q) * len(r))
             split = [(q, r)]
@@ -349,6 +358,7 @@ class _ComputeBlocks(_ComputeBlock):
                 self.blocks_split.inc(len(split) > 1)
             for sq, sr in split:
                 yield from self.compute(sq, sr)
+        self.computed.inc(sum(len(b) for b in batches if b.window_start_ms == int(start)))
 
     def _pairs(self, start: int, batches):
         """(queries of camera A in the block, references of camera B in their reach) for

@@ -1,0 +1,165 @@
+"""The progress line: counters that tick from the workers to the driver, the line's
+format, the end-of-run accounting of frames, and real commands on real frames printing
+lines with done/total, rate and ETA on stderr (and none with --quiet)."""
+import os
+import pickle
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import FRAMES, REFERENCE, REPO, require_shared
+from pipelines import progress
+from transforms import progress as ticks
+
+CLI = Path(sys.executable).parent / "cctview"
+LINE = re.compile(r"^(extract|match|run|calibrate)[^:]*: \w+ [\d,]+/[\d,]+")
+
+
+def _progress_lines(stderr: str, command: str):
+    return [l for l in stderr.splitlines() if l.startswith(command) and LINE.match(l)]
+
+
+def test_line_shows_done_of_total_rate_and_eta_of_the_phase_under_way():
+    counts = {"objects_listed": 1100, "files_outside_range": 100, "frames_inferred": 400,
+              "frames_dead_lettered": 2, "detections_batched": 0}
+    line = progress.format_line("run", progress.RUN, counts, {}, {"frames": 8.0})
+    assert line.startswith("run: frames 402/1,000 (40%), 8.0/s, ETA 1m15s | matching 0/0")
+    # once matching moves, frames are complete whatever their counters say
+    counts.update(detections_batched=3000, detections_computed=30)
+    line = progress.format_line("run", progress.RUN, counts, {}, {"matching": 10.0})
+    assert "frames 402/402 (100%)" in line and "matching 30/3,000 detections (1%), 10.0/s, ETA 4m57s" in line
+    # a total known from file metadata, before anything is counted
+    line = progress.format_line("match", progress.MATCH, {}, {"reading": 5000}, {})
+    assert line == "match: reading 0/5,000 detections (0%), starting | matching 0/0 detections"
+    done = {"detections_read": 10, "detections_batched": 10, "detections_computed": 10}
+    assert progress.format_line("match", progress.MATCH, done, {}, {}).endswith(
+        "writing outputs")
+
+
+def test_end_counters_account_for_every_listed_file():
+    totals = {"objects_listed": 12, "frames_listed": 10, "frames_inferred": 8,
+              "frames_with_detections": 7, "frames_without_detections": 1,
+              "frames_dead_lettered": 1, "frames_inference_failed": 1,
+              "files_outside_range": 2}
+    text = progress.frame_accounting(totals)
+    assert text.startswith("frames: 10 listed = 8 inferred (7 with detections, 1 without) "
+                           "+ 1 dead-lettered before inference + 1 dead-lettered by a failed")
+    assert "2 files in the listed hour folders lie outside --start/--end" in text
+    assert "unaccounted" not in text
+    in_backfill = progress.frame_accounting(totals, backfill=True)
+    assert "another partition reads" in in_backfill and "none" not in in_backfill[:20]
+    assert "unaccounted" in progress.frame_accounting(dict(totals, frames_listed=11))
+    assert progress.frame_accounting({"detections_read": 3}) is None
+
+
+def test_a_pickled_counter_ticks_to_the_open_receiver(monkeypatch):
+    monkeypatch.setenv(progress.INTERVAL_ENV, "60")
+    assert ticks.counter("ns", "plain").__class__.__name__ != "ProgressCounter"
+    with progress.Progress(None, "test", (progress.READING,)) as watch:
+        made = ticks.counter("ns", "detections_read")
+        assert isinstance(made, ticks.ProgressCounter)
+        copy = pickle.loads(pickle.dumps(made))  # as a worker unpickles a DoFn
+        for _ in range(5):
+            copy.inc(3)
+        deadline = time.time() + 5
+        while watch.counts().get("detections_read") != 15 and time.time() < deadline:
+            time.sleep(0.05)
+        assert watch.counts() == {"detections_read": 15}
+        watch.start_job("next", (progress.READING,))  # a new job counts from zero
+        assert watch.counts() == {"detections_read": 0}
+    assert ticks.current_channel() is None
+
+
+def test_an_asynchronous_runner_is_polled_for_its_metrics(monkeypatch, capsys):
+    """Dataflow: no receiver (its workers cannot reach this machine), run() returns at
+    once, and the line reads the running job's attempted counters."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0.05")
+
+    class Result:
+        def metrics(self):
+            counter = SimpleNamespace(key=SimpleNamespace(metric=SimpleNamespace(
+                name="detections_read")), committed=None, attempted=40)
+            return SimpleNamespace(query=lambda: {"counters": [counter]})
+
+    options = PipelineOptions(["--runner", "DataflowRunner"])
+    assert progress.receiver_host(options) is None
+    assert progress.receiver_host(PipelineOptions([])) == "127.0.0.1"
+    with progress.Progress(options, "match", (progress.READING,)) as watch:
+        watch.start_job("match", (progress.READING,), {"reading": 100})
+        watch.attach(Result())
+        time.sleep(0.4)
+    err = capsys.readouterr().err
+    assert "match: reading 40/100 detections (40%)" in err and "ETA" in err
+
+
+def _cctview(*args, env=None, timeout=300):
+    run = subprocess.run([str(CLI), *args], cwd=REPO, capture_output=True, text=True,
+                         timeout=timeout, env=dict(os.environ, **(env or {})))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def test_extract_on_the_multi_process_direct_runner_prints_progress(tmp_path):
+    require_shared(FRAMES)
+    run = _cctview("extract", "--input", str(FRAMES), "--timezone", "America/New_York",
+                   "--start", "2020-05-05T13:10", "--end", "2020-05-05T13:11",
+                   "--detector", "background", "--embedder", "color_histogram",
+                   "--output", str(tmp_path / "out"),
+                   "--direct_running_mode", "multi_processing", "--direct_num_workers", "2",
+                   env={progress.INTERVAL_ENV: "0.3"})
+    lines = _progress_lines(run.stderr, "extract")
+    assert lines, run.stderr[-2000:]
+    listed = int(re.search(r"frames_listed=(\d+)", run.stdout).group(1))
+    assert 90 < listed < 120  # one minute of three cameras
+    # the total excludes the skipped files of the hour folder outside the minute
+    assert any("/%d (" % listed in l for l in lines), lines
+    moving = [l for l in lines if re.search(r"frames [1-9][\d,]*/[\d,]+ \(\d+%\), [\d.,]+/s, "
+                                            r"ETA \d", l)]
+    assert moving, lines
+    assert "frames: %d listed = %d inferred" % (listed, listed) in run.stdout
+
+
+@pytest.fixture(scope="module")
+def reference_minutes(tmp_path_factory):
+    """Three minutes of each camera's reference detections."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    require_shared(REFERENCE)
+    root = tmp_path_factory.mktemp("reference-3min")
+    start, end = (pa.scalar(dt.datetime(2020, 5, 5, 13, m), pa.timestamp("ms"))
+                  for m in (10, 13))
+    for path in sorted(REFERENCE.glob("*.parquet")):
+        whole = pq.read_table(path)
+        keep = pc.and_(pc.greater_equal(whole["frame_ts"], start),
+                       pc.less(whole["frame_ts"], end))
+        pq.write_table(whole.filter(keep), root / path.name)
+    return root
+
+
+def test_match_prints_progress_in_process_and_quiet_silences_it(reference_minutes, tmp_path,
+                                                                monkeypatch, capsys):
+    from pipelines.cli import main
+
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0.1")
+    args = ["match", "--detections", str(reference_minutes), "--timezone", "America/New_York",
+            "--direct_running_mode", "multi_threading", "--direct_num_workers", "2"]
+    assert main(args + ["--output", str(tmp_path / "loud")]) == 0
+    err = capsys.readouterr().err
+    lines = _progress_lines(err, "match")
+    assert lines and all(" detections" in l for l in lines), err[-2000:]
+    assert any(re.search(r"reading [1-9][\d,]*/", l) or re.search(r"matching [1-9]", l)
+               for l in lines), lines
+    assert main(args + ["--output", str(tmp_path / "quiet"), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert not _progress_lines(captured.err, "match") and "done: " in captured.out
