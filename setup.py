@@ -37,6 +37,9 @@ setup(
             "gcp-storage-emulator>=2024.8",
             "moto[server]>=5",
             "boto3>=1.34",
+            # drives the Debian chromium + chromium-driver that .ci/run installs
+            # (tests/test_report.py: the report in a headless browser)
+            "selenium>=4.20",
             *TF,
             *IMAGEAI,
             *DASK,

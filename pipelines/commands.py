@@ -307,6 +307,7 @@ def match(options: PipelineOptions) -> int:
         print("dry run: job built, nothing executed")
         return 0
     outputs.finish(out.output, tables)
+    _write_match_settings(options, out.output)
     _report(totals, out.output)
     for summary in filter(None, summaries):  # scored matchers: one job, one summary
         print(format_match_summary(_read_json(summary)))
@@ -326,7 +327,18 @@ def run(options: PipelineOptions) -> int:
         pipeline = beam.Pipeline(options=options)
         detections = _detect_and_write(pipeline, options, source, detect)
         _write_all({"matches": detections | "Match" >> matcher}, out.output, out.shards)
-        return _finish(options, pipeline, out.output, tables, watch)
+        code = _finish(options, pipeline, out.output, tables, watch)
+    if not _is_dry_run(options):
+        _write_match_settings(options, out.output)
+    return code
+
+
+def _write_match_settings(options: PipelineOptions, output: str) -> None:
+    """OUTPUT/match_settings.json: the matching configuration, for ``cctview report``."""
+    from pipelines.stages import MATCH_SETTINGS_FILE, match_settings
+
+    with FileSystems.create(output.rstrip("/") + "/" + MATCH_SETTINGS_FILE) as handle:
+        handle.write(json.dumps(match_settings(options), indent=1).encode("utf-8"))
 
 
 def import_cctview(options: PipelineOptions) -> int:

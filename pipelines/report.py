@@ -1,17 +1,32 @@
-"""cctview report: a static HTML page of a run's outputs that a person can open.
+"""cctview report: one HTML page, plus its images, that answers what a user must judge.
 
-It reads ``detections/``, ``matches/`` and ``dead_letter/`` under ``--input`` (and
-``links.json`` there or beside, if any) and writes ``index.html`` with PNG charts and a
-gallery into ``--output``: counts per camera, counts per camera pair, a dt histogram per
-camera pair, and matched crops side by side (the best and the borderline matches by
-distance). Crops are cut from the frames named in ``frame_uri``; a frame that cannot be
-read shows as a grey tile, never as an error.
+It reads ``detections/``, ``matches/`` and ``dead_letter/`` under ``--input`` (the
+detections may live elsewhere: ``--detections``), the run's ``match_settings.json``
+(written by ``match`` and ``run``: its policy, bands, links) and ``links.json`` (from
+the settings, ``--links``, or beside the tables), and writes ``index.html`` and
+``images/*.png`` into ``--output``. The page uses no script, font or style sheet from
+anywhere else, so it reads offline. In order:
 
-The report is the one place where crops are written, because a person asked for it;
-keep report folders as private as the detections themselves.
+1. the counts: detections per camera, matches per camera pair;
+2. per camera pair, the **estimated precision and excess** of the run's configuration
+   by target-decoy competition (:mod:`pipelines.report_estimate`; or the rows of a
+   ``cctview evaluate`` table given with ``--evaluation``), and whether the excess is
+   significant, i.e. whether the estimate can be trusted;
+3. per camera pair, the **dt histogram of the matches against the control's** (the
+   decoy hits, weighted as in the estimate: what the matcher finds where no true pair
+   exists), with the links' bands shaded;
+4. the **links table** (offset, spread, band, support, significance);
+5. the **score and q-value distributions** of a scored policy (``learned``);
+6. the **match gallery**: per pair, the best and the borderline matches with the two
+   crops side by side;
+7. the **dead letters by stage and reason**, with an example file of each.
+
+Crops are cut from the frames named in ``frame_uri`` when the report is built; a frame
+that cannot be read shows as a grey tile. The pipeline itself never writes crops unless
+``--write-crops`` asks: the gallery images are the only crops the report writes, and
+``--gallery 0`` writes none. Keep report folders as private as the detections.
 """
 import argparse
-import base64
 import html
 import io
 import json
@@ -19,28 +34,53 @@ from collections import Counter
 from typing import Dict, List, Optional
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as ds
 from apache_beam.io.filesystems import FileSystems
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from pipelines import report_charts as charts
+from pipelines import report_estimate
 from pipelines.errors import UsageError
 
-GALLERY_SIZE = 12
-CROP_SIZE = (96, 72)
+__all__ = ["GALLERY_SIZE", "add_arguments", "build_report", "run_from_args"]
+
+GALLERY_SIZE = 8
+STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1200px;color:#222}"
+         "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;"
+         "padding:2px 8px;text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}"
+         ".gallery{display:flex;flex-wrap:wrap}figure{margin:4px;font-size:11px}"
+         ".pair{border-top:1px solid #ddd;margin-top:1.5em}.warn{color:#a40}"
+         ".ok{color:#060}.key span{display:inline-block;width:1em;height:.8em;"
+         "margin:0 .3em 0 1em}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True,
                         help="a run's output folder (holding detections/, matches/, ...)")
-    parser.add_argument("--output", required=True, help="folder to write index.html into")
+    parser.add_argument("--output", required=True,
+                        help="folder to write index.html and images/ into")
     parser.add_argument("--detections", default=None,
                         help="detections folder, when not INPUT/detections (e.g. matches "
                              "re-computed by 'cctview match' into their own folder)")
+    parser.add_argument("--links", default=None,
+                        help="links.json to draw and list (default: the run's own, from "
+                             "INPUT/match_settings.json, else INPUT/links.json)")
+    parser.add_argument("--evaluation", default=None,
+                        help="a 'cctview evaluate' table (JSON) to show instead of the "
+                             "report's own target-decoy estimate")
+    parser.add_argument("--max-estimate-detections", type=int,
+                        default=report_estimate.DEFAULT_MAX_DETECTIONS,
+                        help="estimate precision in memory only up to this many "
+                             "detections (default %d); above, pass --evaluation"
+                             % report_estimate.DEFAULT_MAX_DETECTIONS)
     parser.add_argument("--gallery", type=int, default=GALLERY_SIZE,
-                        help="matches shown in each gallery (default %d)" % GALLERY_SIZE)
+                        help="matches in each gallery (default %d; 0: no crops are "
+                             "written at all)" % GALLERY_SIZE)
 
 
-def _table(folder: str):
+# ------------------------------------------------------------------ reading
+def _table(folder: str) -> Optional[pa.Table]:
     if not FileSystems.exists(folder):
         return None
     try:
@@ -49,35 +89,48 @@ def _table(folder: str):
         return None
 
 
-def _png(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+def _read_json(path: Optional[str]):
+    if not path or not FileSystems.exists(path):
+        return None
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read().decode("utf-8"))
 
 
-def histogram_png(values: List[float], lo: float, hi: float, bins: int = 60,
-                  marks: Optional[List[float]] = None) -> Image.Image:
-    """A bar chart of ``values`` over [lo, hi], drawn with PIL (no plotting library)."""
-    width, height, pad = 480, 160, 24
-    counts = np.histogram(values, bins=bins, range=(lo, hi))[0]
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    top = max(int(counts.max()) if len(counts) else 0, 1)
-    bar = (width - 2 * pad) / bins
-    for i, c in enumerate(counts):
-        x0 = pad + i * bar
-        y0 = height - pad - (height - 2 * pad) * c / top
-        draw.rectangle([x0, y0, x0 + bar - 1, height - pad], fill=(52, 101, 164))
-    zero = pad + (0 - lo) / (hi - lo) * (width - 2 * pad)
-    draw.line([zero, pad, zero, height - pad], fill=(150, 150, 150))
-    for mark in marks or []:
-        x = pad + (mark - lo) / (hi - lo) * (width - 2 * pad)
-        draw.line([x, pad, x, height - pad], fill=(204, 0, 0))
-    draw.line([pad, height - pad, width - pad, height - pad], fill="black")
-    draw.text((pad, height - pad + 4), "%+g s" % lo, fill="black")
-    draw.text((width - pad - 40, height - pad + 4), "%+g s" % hi, fill="black")
-    draw.text((pad, 4), "max %d per bin" % top, fill="black")
-    return image
+def _ms(table: pa.Table, column: str) -> List[int]:
+    values = table[column]
+    if pa.types.is_timestamp(values.type):
+        values = values.cast(pa.timestamp("ms", values.type.tz)).cast(pa.int64())
+    return [int(v) for v in values.to_pylist()]
+
+
+def _detection_dicts(table: Optional[pa.Table]) -> List[dict]:
+    """Detections as dicts with ``frame_ts_ms`` (embeddings included when present)."""
+    if table is None or not table.num_rows:
+        return []
+    ts = _ms(table, "frame_ts")
+    rows = table.drop_columns([c for c in ("date", "hour") if c in table.column_names])
+    out = rows.to_pylist()
+    for row, t in zip(out, ts):
+        row["frame_ts_ms"] = t
+    return out
+
+
+# ------------------------------------------------------------------ writing
+class _Images:
+    """PNG files under OUTPUT/images/, referenced by relative paths."""
+
+    def __init__(self, output_dir: str):
+        self.folder = output_dir.rstrip("/") + "/images"
+        self.count = 0
+
+    def save(self, image: Image.Image, name: str) -> str:
+        self.count += 1
+        relative = "images/%02d-%s.png" % (self.count, name)
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG", optimize=True)
+        with FileSystems.create(self.folder.rsplit("/", 1)[0] + "/" + relative) as handle:
+            handle.write(buffer.getvalue())
+        return relative
 
 
 class _Crops:
@@ -91,91 +144,232 @@ class _Crops:
             try:
                 with FileSystems.open(uri) as handle:
                     self._frames[uri] = Image.open(io.BytesIO(handle.read())).convert("RGB")
-            except Exception:  # a moved or unreadable frame: show a grey tile
+            except Exception:  # pylint: disable=broad-except  # moved or unreadable frame
                 self._frames[uri] = None
         frame = self._frames[uri]
         if frame is None or box is None:
-            return Image.new("RGB", CROP_SIZE, (200, 200, 200))
+            return charts.grey_tile()
         x1, y1, x2, y2 = [float(v) for v in box]
         return frame.crop((int(x1), int(y1), max(int(x2), int(x1) + 1),
-                           max(int(y2), int(y1) + 1))).resize(CROP_SIZE)
+                           max(int(y2), int(y1) + 1)))
 
 
-def _gallery(title: str, rows: List[dict], dets: Dict[str, dict], crops: _Crops) -> str:
-    cells = []
-    for m in rows:
-        a, b = dets.get(m["detection_id_a"], {}), dets.get(m["detection_id_b"], {})
-        pair = Image.new("RGB", (2 * CROP_SIZE[0] + 4, CROP_SIZE[1]), "white")
-        pair.paste(crops.crop(a.get("frame_uri"), a.get("box_xyxy")), (0, 0))
-        pair.paste(crops.crop(b.get("frame_uri"), b.get("box_xyxy")), (CROP_SIZE[0] + 4, 0))
-        cells.append(
-            '<figure><img src="%s" alt="match"><figcaption>%s &rarr; %s<br>dt %+.1f s, '
-            'distance %.3f</figcaption></figure>' % (
-                _png(pair), html.escape(m["camera_id_a"]), html.escape(m["camera_id_b"]),
-                m["dt_seconds"], m["distance"]))
-    return "<h3>%s</h3><div class=gallery>%s</div>" % (html.escape(title), "".join(cells))
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def _table_html(header: List[str], rows: List[List[str]], left: int = 2) -> str:
+    head = "".join('<th%s>%s</th>' % (' class=l' if i < left else "", _e(h))
+                   for i, h in enumerate(header))
+    body = "".join("<tr>%s</tr>" % "".join(
+        '<td%s>%s</td>' % (' class=l' if i < left else "", cell) for i, cell in enumerate(r))
+        for r in rows)
+    return "<table><tr>%s</tr>%s</table>" % (head, body)
+
+
+# ------------------------------------------------------------------ sections
+def _counts(dets: List[dict], by_pair: Dict[tuple, List[dict]]) -> str:
+    per_camera = Counter(d["camera_id"] for d in dets)
+    frames = Counter(c for c, _ in {(d["camera_id"], d.get("frame_uri")) for d in dets})
+    parts = []
+    if dets:
+        parts.append("<h2>Detections</h2>" + _table_html(
+            ["camera", "frames with detections", "detections"],
+            [[_e(c), "%d" % frames[c], "%d" % n] for c, n in sorted(per_camera.items())], 1))
+    if by_pair:
+        parts.append("<h2>Matches</h2>" + _table_html(
+            ["camera a", "camera b", "matches", "median dt (s)"],
+            [[_e(a), _e(b), "%d" % len(ms), "%+.1f" % float(np.median(
+                [m["dt_seconds"] for m in ms]))] for (a, b), ms in sorted(by_pair.items())]))
+    return "".join(parts)
+
+
+def _precision(rows: List[dict], source: str) -> str:
+    if not rows:
+        return "<h2>Estimated precision</h2><p class=warn>%s</p>" % _e(source)
+    out = []
+    for r in rows:
+        trusted = report_estimate.significant(r)
+        verdict = ('<span class=ok>significant</span>' if trusted else
+                   '<span class=warn>not significant: too few matches to judge</span>')
+        hits, false = r.get("target_hits", 0), r.get("false", 0.0)
+        error = "%.2f" % ((hits + false) ** 0.5 / hits) if hits else "-"
+        out.append([_e(r["camera_a"]), _e(r["camera_b"]), "%d" % hits,
+                    "%d" % r.get("decoy_hits", 0), "%.1f" % false,
+                    "%.1f" % r.get("excess", 0.0), "%.2f" % r.get("precision", 0.0), error,
+                    verdict])
+    return ("<h2>Estimated precision (target-decoy)</h2><p>%s Camera b's detections of the "
+            "other half of the period compete as decoys; matches on them are false by "
+            "construction and estimate the false matches among the real ones. "
+            "<b>excess</b> = target hits - estimated false: the estimated true matches; "
+            "<b>precision</b> = excess / target hits. Trust a row when its excess is "
+            "significant (at least 3 standard errors, sqrt(hits + false), above zero); "
+            "+- is the precision's standard error from those counts alone.</p>"
+            % _e(source)) + _table_html(
+        ["camera a", "camera b", "target hits", "decoy hits", "est. false", "excess",
+         "precision", "+- (1 s.e.)", "judgement"], out)
+
+
+def _pair_section(a: str, b: str, ms: List[dict], decoys: List[dict], links: List[dict],
+                  images: _Images, settings: Optional[dict]) -> str:
+    bands = charts.band_list(links, a, b)
+    ctrl = [d for d in decoys if d["camera_id_a"] == a and d["camera_id_b"] == b]
+    dts = [m["dt_seconds"] for m in ms]
+    reach = max([abs(v) for v in dts + [d["dt_seconds"] for d in ctrl]]
+                + [abs(x) for band in bands for x in band] + [1.0])
+    if settings and not bands:
+        reach = max(reach, float(settings.get("max_gap_s") or reach))
+    image = charts.histogram(dts, -reach, reach, control=(
+        [d["dt_seconds"] for d in ctrl], [d["weight"] for d in ctrl]), bands=bands)
+    src = images.save(image, "dt-%s-%s" % (a, b))
+    return ('<div class=pair><h2>%s &rarr; %s</h2><p class=key>dt = t(%s) - t(%s), %d '
+            'matches<span style="background:#3465a4"></span>matches'
+            '<span style="background:#cc0000"></span>control (decoy hits, weighted)'
+            '<span style="background:#d6eece"></span>link bands</p>'
+            '<img src="%s" alt="dt histogram %s / %s" width=%d height=%d></div>' % (
+                _e(a), _e(b), _e(b), _e(a), len(ms), src, _e(a), _e(b),
+                image.width, image.height))
+
+
+def _links(links: List[dict]) -> str:
+    if not links:
+        return "<h2>Links</h2><p>No links: every camera pair was matched within --max-gap.</p>"
+    return "<h2>Links</h2>" + _table_html(
+        ["camera a", "camera b", "offset (s)", "spread (s)", "band (s)", "support",
+         "significance"],
+        [[_e(l["camera_a"]), _e(l["camera_b"]), "%+.1f" % l["offset_s"],
+          "%.1f" % l["spread_s"], "[%+.1f, %+.1f]" % (l["offset_s"] - l["spread_s"],
+                                                      l["offset_s"] + l["spread_s"]),
+          "%s" % l.get("support", "-"), "%.1f" % l["significance"]
+          if "significance" in l else "-"] for l in links])
+
+
+def _scores(matches: List[dict], images: _Images) -> str:
+    parts = []
+    for column, title in (("score", "score"), ("q_value", "q-value (estimated share of false "
+                                                "matches at this score or higher)")):
+        values = [m[column] for m in matches if m.get(column) is not None]
+        if not values:
+            continue
+        lo, hi = (0.0, 1.0) if column == "q_value" else (min(values), max(values))
+        image = charts.histogram(values, lo, hi if hi > lo else lo + 1.0, bins=40, unit="",
+                                 zero_line=False)
+        parts.append('<h3>%s</h3><img src="%s" alt="%s distribution" width=%d height=%d>'
+                     % (_e(title), images.save(image, column), column, image.width,
+                        image.height))
+    if not parts:
+        return ""
+    return "<h2>Score and q-value</h2>" + "".join(parts)
+
+
+def _gallery(a: str, b: str, ms: List[dict], dets: Dict[str, dict], crops: _Crops,
+             images: _Images, size: int) -> str:
+    scored = any(m.get("score") is not None for m in ms)
+    key = (lambda m: (-m["score"], m["detection_id_a"])) if scored else \
+        (lambda m: (m["distance"], m["detection_id_a"]))
+    ordered = sorted(ms, key=key)
+    what = "score" if scored else "distance"
+    parts = []
+    for title, rows in (("best matches (%s)" % what, ordered[:size]),
+                        ("borderline matches (%s)" % what, ordered[size:][-size:][::-1])):
+        cells = []
+        for m in rows:
+            da, db = dets.get(m["detection_id_a"], {}), dets.get(m["detection_id_b"], {})
+            pair = charts.crop_pair(crops.crop(da.get("frame_uri"), da.get("box_xyxy")),
+                                    crops.crop(db.get("frame_uri"), db.get("box_xyxy")))
+            extra = ", score %.2f" % m["score"] if scored else ""
+            cells.append('<figure><img src="%s" alt="match" width=%d height=%d><figcaption>'
+                         'dt %+.1f s, distance %.3f%s</figcaption></figure>' % (
+                             images.save(pair, "crops"), pair.width, pair.height,
+                             m["dt_seconds"], m["distance"], extra))
+        if cells:
+            parts.append("<h3>%s &rarr; %s: %s</h3><div class=gallery>%s</div>" % (
+                _e(a), _e(b), _e(title), "".join(cells)))
+    return "".join(parts)
+
+
+def _dead_letters(dead: Optional[pa.Table]) -> str:
+    if dead is None or not dead.num_rows:
+        return "<h2>Dead letters</h2><p>None: every listed frame was used.</p>"
+    rows = dead.select([c for c in ("stage", "reason", "uri") if c in dead.column_names])
+    groups: Dict[tuple, List[str]] = {}
+    for r in rows.to_pylist():
+        groups.setdefault((r.get("stage"), r.get("reason")), []).append(r.get("uri"))
+    return "<h2>Dead letters by reason</h2>" + _table_html(
+        ["stage", "reason", "files", "example"],
+        [[_e(s), _e(reason), "%d" % len(uris), '<span class=l>%s</span>' % _e(sorted(uris)[0])]
+         for (s, reason), uris in sorted(groups.items(), key=lambda kv: -len(kv[1]))])
+
+
+# ------------------------------------------------------------------ the page
+def _estimate(dets, settings, evaluation_path, max_detections):
+    """-> (rows, decoy hits, a sentence saying where the rows come from)."""
+    if evaluation_path:
+        rows = _read_json(evaluation_path) or []
+        rows = [r for r in rows if "target_hits" in r] or rows
+        return rows, [], "From %s (cctview evaluate)." % evaluation_path
+    if settings is None:
+        return [], [], ("No estimate: the run has no match_settings.json (written by "
+                        "'cctview match' and 'cctview run'); run 'cctview evaluate' and pass "
+                        "its table with --evaluation.")
+    if not dets or dets[0].get("embedding") is None:
+        return [], [], "No estimate: the detections carry no embeddings."
+    if len(dets) > max_detections:
+        return [], [], ("No estimate: %d detections are more than the report estimates in "
+                        "memory (--max-estimate-detections %d); run 'cctview evaluate' with "
+                        "the run's flags and pass its table with --evaluation."
+                        % (len(dets), max_detections))
+    rows, decoys = report_estimate.estimate(dets, settings)
+    return rows, decoys, ("Estimated here for the run's configuration (policy %s), on its "
+                          "%d detections." % (settings.get("policy"), len(dets)))
 
 
 def build_report(input_dir: str, output_dir: str, gallery: int = GALLERY_SIZE,
-                 detections_dir: Optional[str] = None) -> str:
-    """Writes ``output_dir/index.html``; returns its path."""
+                 detections_dir: Optional[str] = None, links_path: Optional[str] = None,
+                 evaluation_path: Optional[str] = None,
+                 max_estimate_detections: int = report_estimate.DEFAULT_MAX_DETECTIONS) -> str:
+    """Writes ``output_dir/index.html`` and ``output_dir/images/``; returns the page's path."""
+    from pipelines.stages import MATCH_SETTINGS_FILE
+
     input_dir = input_dir.rstrip("/")
     detections = _table(detections_dir or input_dir + "/detections")
     matches = _table(input_dir + "/matches")
     dead = _table(input_dir + "/dead_letter")
     if detections is None and matches is None:
         raise UsageError("no detections/ or matches/ under %s" % input_dir)
-    links = []
-    if FileSystems.exists(input_dir + "/links.json"):
-        with FileSystems.open(input_dir + "/links.json") as handle:
-            links = json.loads(handle.read().decode("utf-8"))
-    parts = ["<h1>cctview report</h1><p>%s</p>" % html.escape(input_dir)]
-    det_rows = detections.drop_columns(
-        [c for c in ("embedding",) if c in detections.column_names]).to_pylist() \
-        if detections is not None else []
-    dets = {d["detection_id"]: d for d in det_rows}
-    if det_rows:
-        per_camera = Counter(d["camera_id"] for d in det_rows)
-        frames = Counter(camera for camera, _ in {(d["camera_id"], d["frame_uri"])
-                                                  for d in det_rows})
-        parts.append("<h2>Detections</h2><table><tr><th>camera</th><th>frames with "
-                     "detections</th><th>detections</th></tr>%s</table>" % "".join(
-                         "<tr><td>%s</td><td>%d</td><td>%d</td></tr>" % (
-                             html.escape(c), frames[c], n) for c, n in sorted(per_camera.items())))
-    if dead is not None and dead.num_rows:
-        reasons = Counter(dead["reason"].to_pylist())
-        parts.append("<h2>Dead letters</h2><p>%s</p>" % ", ".join(
-            "%s: %d" % (html.escape(r), n) for r, n in reasons.most_common()))
-    match_rows = matches.to_pylist() if matches is not None else []
-    if match_rows:
-        crops = _Crops()
-        by_pair: Dict[tuple, List[dict]] = {}
-        for m in match_rows:
-            by_pair.setdefault((m["camera_id_a"], m["camera_id_b"]), []).append(m)
-        parts.append("<h2>Matches per camera pair</h2><table><tr><th>camera a</th><th>camera b"
-                     "</th><th>matches</th><th>median dt (s)</th></tr>%s</table>" % "".join(
-                         "<tr><td>%s</td><td>%s</td><td>%d</td><td>%+.1f</td></tr>" % (
-                             html.escape(a), html.escape(b), len(ms),
-                             float(np.median([m["dt_seconds"] for m in ms])))
-                         for (a, b), ms in sorted(by_pair.items())))
+    settings = report_estimate.read_settings(input_dir + "/" + MATCH_SETTINGS_FILE)
+    links = (_read_json(links_path) if links_path else None)
+    if links is None:
+        links = (settings or {}).get("links") or _read_json(input_dir + "/links.json") or []
+    dets = _detection_dicts(detections)
+    rows, decoys, source = _estimate(dets, settings, evaluation_path, max_estimate_detections)
+    by_id = {d["detection_id"]: d for d in dets}
+    match_rows = []
+    if matches is not None and matches.num_rows:
+        match_rows = matches.drop_columns(
+            [c for c in ("date", "hour") if c in matches.column_names]).to_pylist()
+    by_pair: Dict[tuple, List[dict]] = {}
+    for m in match_rows:
+        by_pair.setdefault((m["camera_id_a"], m["camera_id_b"]), []).append(m)
+    images, crops = _Images(output_dir), _Crops()
+    parts = ["<h1>cctview report</h1><p>%s%s</p>" % (
+        _e(input_dir), "" if not settings else " &middot; policy %s" % _e(settings["policy"]))]
+    parts.append(_counts(dets, by_pair))
+    parts.append(_precision(rows, source))
+    pairs = sorted(set(by_pair) | {(r["camera_a"], r["camera_b"]) for r in rows})
+    for a, b in pairs:
+        parts.append(_pair_section(a, b, by_pair.get((a, b), []), decoys, links, images,
+                                   settings))
+    parts.append(_links(links))
+    parts.append(_scores(match_rows, images))
+    if gallery > 0 and by_pair:
+        parts.append("<h2>Match gallery</h2><p>Crops cut from the frames now; camera a "
+                     "left, camera b right.</p>")
         for (a, b), ms in sorted(by_pair.items()):
-            dts = [m["dt_seconds"] for m in ms]
-            reach = max(abs(min(dts)), abs(max(dts)), 1.0)
-            marks = [l["offset_s"] for l in links if l["camera_a"] == a and l["camera_b"] == b]
-            ordered = sorted(ms, key=lambda m: (m["distance"], m["detection_id_a"]))
-            parts.append("<h2>%s &rarr; %s</h2><p>dt = t(%s) - t(%s); red: linked offsets</p>"
-                         "<img src=\"%s\" alt=\"dt histogram\">" % (
-                             html.escape(a), html.escape(b), html.escape(b), html.escape(a),
-                             _png(histogram_png(dts, -reach, reach, marks=marks))))
-            parts.append(_gallery("best matches (smallest distance)", ordered[:gallery],
-                                  dets, crops))
-            parts.append(_gallery("borderline matches (largest distance)",
-                                  ordered[-gallery:][::-1], dets, crops))
-    page = ("<!doctype html><html><head><meta charset=utf-8><title>cctview report</title>"
-            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:2px 8px}.gallery{display:flex;flex-wrap:wrap}"
-            "figure{margin:4px;font-size:11px}</style></head><body>%s</body></html>"
-            % "".join(parts))
+            parts.append(_gallery(a, b, ms, by_id, crops, images, gallery))
+    parts.append(_dead_letters(dead))
+    page = ("<!doctype html><html lang=en><head><meta charset=utf-8><title>cctview report"
+            "</title><style>%s</style></head><body>%s</body></html>" % (STYLE, "".join(parts)))
     target = output_dir.rstrip("/") + "/index.html"
     with FileSystems.create(target) as handle:
         handle.write(page.encode("utf-8"))
@@ -183,6 +377,7 @@ def build_report(input_dir: str, output_dir: str, gallery: int = GALLERY_SIZE,
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    path = build_report(args.input, args.output, args.gallery, args.detections)
+    path = build_report(args.input, args.output, args.gallery, args.detections, args.links,
+                        args.evaluation, args.max_estimate_detections)
     print("report: %s" % path)
     return 0

@@ -167,6 +167,23 @@ def policy_of(options) -> str:
     return "learned" if policy.links else "mutual"
 
 
+MATCH_SETTINGS_FILE = "match_settings.json"
+
+
+def match_settings(options) -> dict:
+    """The matching configuration a run used, with its links (not only their path):
+    written as ``OUTPUT/match_settings.json`` by ``match`` and ``run`` so that
+    ``cctview report`` can estimate the same configuration's precision (target-decoy)
+    without being told the flags again."""
+    candidates, policy = options.view_as(CandidateOptions), options.view_as(MatchOptions)
+    return {"policy": policy_of(options), "metric": candidates.metric,
+            "max_gap_s": candidates.max_gap, "window_s": candidates.window,
+            "threshold": policy.threshold, "top_k": policy.top_k,
+            "min_precision": policy.min_precision, "tracklets": policy.tracklets,
+            "embedding_norm": policy.embedding_norm, "links_file": policy.links,
+            "links": read_links(policy.links)}
+
+
 def matcher_factory(options):
     """-> (links[, owned_ms] -> matching PTransform), configured from the flags.
 

@@ -309,6 +309,22 @@ def test_match_and_calibrate_on_dask_write_what_the_direct_runner_writes(
     assert_same_matches(linked, matches(tmp_path / "linked-dask"))
 
 
+def test_progress_lines_come_from_the_dask_workers(cluster, reference_subset, tmp_path,
+                                                   monkeypatch, capsys):
+    """The workers' counters tick to the driver over UDP: the line moves while the job
+    runs on the cluster (Beam's metrics come back only with the job's results)."""
+    import re
+
+    from pipelines.cli import main
+
+    monkeypatch.setenv("CCTVIEW_PROGRESS_INTERVAL", "0.2")
+    assert main(["match", "--detections", str(reference_subset), "--output", str(tmp_path),
+                 *dask_flags(cluster)]) == 0
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("match")]
+    counted = [l for l in lines if re.search(r"(reading|matching) [1-9][\d,]*/[\d,]+", l)]
+    assert counted, lines[-5:]
+
+
 def _wait_for_running_bundles(cluster, process, limit_s: float = 120) -> None:
     """Returns once the cluster runs the job's ParDo bundles (some already done)."""
     deadline = time.time() + limit_s

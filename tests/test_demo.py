@@ -28,5 +28,6 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     assert summary, printed
     html = (out / "report" / "index.html").read_text()
     assert "<img" in html or "<table" in html
+    assert "Estimated precision (target-decoy)" in html and "Dead letters" in html
     for folder in ("run/detections", "run/matches", "linked", "linked-mutual/matches"):
         assert (out / folder).is_dir(), folder

@@ -227,13 +227,18 @@ def summarize(pair, hits: Sequence[tuple], counts: Sequence[tuple],
 
 def evaluate_in_memory(detections: Sequence[dict], make_matches, links: Optional[List[dict]],
                        max_gap_s: float = 300.0, cameras: Optional[Sequence[str]] = None,
-                       min_precision: Optional[float] = None
-                       ) -> Tuple[List[dict], List[dict]]:
+                       min_precision: Optional[float] = None,
+                       decoys: Optional[list] = None) -> Tuple[List[dict], List[dict]]:
     """The Beam transform's twin for lists: ``make_matches(detections, links)`` runs the
     matcher (e.g. ``match_blocks.match_arrays`` or ``match_linked_periods``) and returns
     match dicts; ``min_precision``: see :func:`summarize` (then ``make_matches`` must run
     a scored matcher at ``min_precision`` 0). -> (one row per evaluated pair, the target
-    hits with the real camera and detection ids, to score against a ground truth)."""
+    hits with the real camera and detection ids, to score against a ground truth).
+
+    ``decoys``: a list that receives the decoy hits (the matches on decoys, false by
+    construction), with the real camera ids and ``weight`` = the false matches each
+    stands for (``targets_b / decoys_b`` of its half): their ``dt_seconds`` histogram,
+    weighted, is the control's (what the matcher finds where no true pair exists)."""
     detections = list(detections)
     cams = cameras if cameras is not None else sorted({d["camera_id"] for d in detections})
     pairs = evaluated_pairs(links, cams)
@@ -246,12 +251,20 @@ def evaluate_in_memory(detections: Sequence[dict], make_matches, links: Optional
         for pair, kind, half in b_side_counts(d, roles, start, span):
             counts[pair].append((kind, half))
     hits: dict = defaultdict(list)
-    spaces, targets = namespaces(pairs), []
+    spaces, targets, scale = namespaces(pairs), [], {}
     for m in make_matches(expanded, decoy_links(links, pairs, max_gap_s)):
         c = classify_hit(m, spaces, start, span)
         if c is None:
             continue
         hits[c[0]].append(c[1:])
+        if c[1] != TARGET and decoys is not None:
+            if (c[0], c[2]) not in scale:
+                kinds = counts[c[0]]
+                scale[c[0], c[2]] = _false(
+                    1, sum(1 for k, h in kinds if k == TARGET and h == c[2]),
+                    sum(1 for k, h in kinds if k != TARGET and h == c[2]))
+            decoys.append(dict(m, camera_id_a=c[0][0], camera_id_b=c[0][1],
+                               weight=scale[c[0], c[2]]))
         if c[1] == TARGET:
             targets.append(dict(m, camera_id_a=c[0][0], camera_id_b=c[0][1],
                                 detection_id_a=original_id(m["detection_id_a"]),
