@@ -83,7 +83,9 @@ COMMANDS = {
         "scored against the ground truth",
         (), demo.run_from_args, add_arguments=demo.add_arguments),
     "report": Command(
-        "static HTML report of a run's outputs: counts, dt histograms, match gallery",
+        "one HTML page plus images of a run: estimated precision per camera pair "
+        "(target-decoy), dt histograms against the control with link bands, links, "
+        "scores, match gallery, dead letters",
         (), report.run_from_args, add_arguments=report.add_arguments),
     "synth": Command(
         "synthetic multi-camera footage with ground truth (frames in the CCTView layout)",

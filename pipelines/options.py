@@ -2,7 +2,7 @@
 
 Each group of flags is one subclass, so a flag is declared once, shows up in
 ``--help`` of every command that uses it, and is read with ``options.view_as(...)``
-like any Beam option (also on Dataflow workers). Flags are spelled as in SPEC.md
+like any Beam option (also on Dataflow workers). Flags are spelled as in docs/spec.md
 (``--max-gap``); their attribute names use underscores (``max_gap``).
 """
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -227,7 +227,7 @@ class MatchOptions(PipelineOptions):
 
 
 class EvaluateOptions(PipelineOptions):
-    """Which label-free control estimates the false matches (SPEC.md)."""
+    """Which label-free control estimates the false matches (docs/spec.md)."""
 
     @classmethod
     def _add_argparse_args(cls, parser):

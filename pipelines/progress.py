@@ -5,7 +5,7 @@ About every ``--progress-every``/``CCTVIEW_PROGRESS_INTERVAL`` seconds (10 by de
 line: for each phase of the job, items done of the listed total, and for the phase
 under way its rate and ETA::
 
-    run: frames 412/1,058 (39%), 8.1/s, ETA 1m20s | matching 0/3,120 detections
+    run: frames 412/1,058 (39%), 8.1/s, ETA 1m20s | matching not started
 
 ``--quiet`` silences these lines (the final counters are still printed).
 
@@ -119,6 +119,8 @@ def format_line(label: str, phases: Sequence[Phase], counts: Dict[str, int],
                                "" if phase.unit == phase.name else " " + phase.unit)
         if total:
             text += " (%d%%)" % min(100, 100 * done // total)
+        elif not done and current is not None:  # a later phase with nothing yet
+            text = "%s not started" % phase.name
         if current is None and (not total or done < total):
             current = phase
             rate = rates.get(phase.name)

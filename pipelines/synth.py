@@ -34,7 +34,7 @@ Outputs under ``output`` (a local folder or any Beam filesystem URI, e.g. ``gs:/
   (CCTView's layout, UTC), written through :class:`FileSystems`.
 * ``ground_truth/boxes.parquet``: one row per visible vehicle box per frame.
 * ``ground_truth/links.json``: the true transit per camera pair and direction, in the
-  ``links.json`` format of SPEC.md, so a calibration can be checked.
+  ``links.json`` format of docs/spec.md, so a calibration can be checked.
 * ``ground_truth/backgrounds/<camera>.png``: each camera's empty road (lossless, with the
   camera's colour cast at mean exposure, no noise), so background estimation can be checked.
 

@@ -28,14 +28,14 @@ def test_line_shows_done_of_total_rate_and_eta_of_the_phase_under_way():
     counts = {"objects_listed": 1100, "files_outside_range": 100, "frames_inferred": 400,
               "frames_dead_lettered": 2, "detections_batched": 0}
     line = progress.format_line("run", progress.RUN, counts, {}, {"frames": 8.0})
-    assert line.startswith("run: frames 402/1,000 (40%), 8.0/s, ETA 1m15s | matching 0/0")
+    assert line == "run: frames 402/1,000 (40%), 8.0/s, ETA 1m15s | matching not started"
     # once matching moves, frames are complete whatever their counters say
     counts.update(detections_batched=3000, detections_computed=30)
     line = progress.format_line("run", progress.RUN, counts, {}, {"matching": 10.0})
     assert "frames 402/402 (100%)" in line and "matching 30/3,000 detections (1%), 10.0/s, ETA 4m57s" in line
     # a total known from file metadata, before anything is counted
     line = progress.format_line("match", progress.MATCH, {}, {"reading": 5000}, {})
-    assert line == "match: reading 0/5,000 detections (0%), starting | matching 0/0 detections"
+    assert line == "match: reading 0/5,000 detections (0%), starting | matching not started"
     done = {"detections_read": 10, "detections_batched": 10, "detections_computed": 10}
     assert progress.format_line("match", progress.MATCH, done, {}, {}).endswith(
         "writing outputs")

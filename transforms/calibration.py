@@ -4,7 +4,7 @@ For each camera pair, the dt of its mutual-nearest-neighbour pairs within
 ``+-max_gap`` is histogrammed twice: on the real data and on a time-shifted control
 (camera b's timestamps circularly shifted by half the period: the same traffic
 density, no true pairs). A peak that stands significantly above the control becomes a
-link (SPEC.md, links.json). Both directions of traffic may give a link each.
+link (docs/spec.md, links.json). Both directions of traffic may give a link each.
 
 :func:`find_links` is the pure statistics; :class:`CalibrationPairs` is the Beam
 pipeline that feeds it: one matching pass that computes the real pairs and the control
@@ -221,7 +221,7 @@ def _dts_by_kind(element):
 
 def control_shift_ms(span_ms: int) -> int:
     """How far calibration's control moves camera b, circularly within a period of
-    ``span_ms``: half of it (SPEC.md's time-shift control; a shift of only
+    ``span_ms``: half of it (docs/spec.md's time-shift control; a shift of only
     ``2 * max_gap`` would let the control share more of the shuffled copies, but read
     chance peaks on noise that the half-period shift does not)."""
     return max(1, int(span_ms) // 2)

@@ -1,4 +1,4 @@
-"""The time-shift control (SPEC.md): the same matching on data that has no true pairs.
+"""The time-shift control (docs/spec.md): the same matching on data that has no true pairs.
 
 Every detection gets a copy on a virtual camera (``camera_id + "~"``) whose timestamps
 are circularly shifted by half the span of the data. Matching real and shifted

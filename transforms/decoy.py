@@ -1,4 +1,4 @@
-"""Target-decoy competition (SPEC.md): match precision without labels, for any matcher.
+"""Target-decoy competition (docs/spec.md): match precision without labels, for any matcher.
 
 For a camera pair (a, b) over the data's period P: camera b's detections of each half
 of P get a *decoy* copy moved by half of P into the other half (a circular shift by

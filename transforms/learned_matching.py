@@ -86,7 +86,7 @@ Honest negatives (why these shifts)
   matcher abstained.
 
 Measured (reference footage 733-681-N / 735-683-N, 13:08-13:38, band 15 +- 8 s,
-min_precision 0.7; /tmp/learned_eval.py): 793 matches; the real run's frozen scorers on
+min_precision 0.7; a one-off script, not kept): 793 matches; the real run's frozen scorers on
 the judge's half-shifted data select 239 (precision 0.70, excess 554) and on 16 fresh
 shifts 233 +- 13; mutual nearest neighbours: 1114 real / 772 control (0.31). About 13 s
 on one CPU thread.
@@ -115,7 +115,7 @@ with tracklets (max pooling) 993/271/722/0.73, 1119/358/761/0.68, 823/265/558/0.
 and worse (seed 0): tracklet features in the scorer (aggregate-embedding L2/cosine
 distance, lengths, velocities: 560/183, 0.67), one tracklet bound to one tracklet in
 the selection (622/186), mean instead of max pooling (576/188, 0.67); a naive tracklet
-average for mutual nearest neighbours had also lowered precision (NOTES.md). The
+average for mutual nearest neighbours had also lowered precision (docs/design.md). The
 features stay available (``TRACKLET_FEATURES``), as does the binding
 (``tracklet_selection``).
 

@@ -11,9 +11,9 @@ also send their counts to the driver, which prints the line
 How: while the driver has a channel open (:func:`open_channel`, a UDP address its
 receiver listens on), :func:`counter` returns a :class:`ProgressCounter`: the Beam
 counter of that name plus a tick. Ticks add to one table per worker process; a daemon
-thread of that process sends the table (cumulative counts, tagged with the channel's
-token and the process's own id) in one datagram at most every ``SEND_EVERY_S`` when it
-changed. Cumulative counts make a lost or reordered datagram harmless: the next one
+thread of that process wakes every ``SEND_EVERY_S`` and, if the table changed, sends
+it (cumulative counts, tagged with the channel's token and the process's own id) in one
+datagram. Cumulative counts make a lost or reordered datagram harmless: the next one
 carries everything. The cost per tick is a lock and a dict update (the Beam counter
 itself costs more), and a few datagrams a second per process. Outside a channel,
 :func:`counter` returns Beam's counter itself: no tick, no thread, no socket.
@@ -104,21 +104,22 @@ class _Sender:
         self.id = "%d-%s" % (os.getpid(), uuid.uuid4().hex[:8])
         self.counts: Dict[str, int] = {}
         self.lock = threading.Lock()
-        self.changed = threading.Event()
+        self.version = 0
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         threading.Thread(target=self._loop, name="cctview-progress", daemon=True).start()
 
     def add(self, name: str, n: int) -> None:
         with self.lock:
             self.counts[name] = self.counts.get(name, 0) + int(n)
-        self.changed.set()
+            self.version += 1
 
     def _loop(self) -> None:
+        sent = 0
         while True:
-            self.changed.wait()
-            time.sleep(SEND_EVERY_S)  # gathers ticks: one datagram per SEND_EVERY_S at most
-            self.changed.clear()
-            self.send()
+            time.sleep(SEND_EVERY_S)  # one datagram per SEND_EVERY_S at most, if changed
+            if self.version != sent:
+                sent = self.version
+                self.send()
 
     def send(self) -> None:
         with self.lock:

@@ -36,7 +36,7 @@ starts a new tracklet. The velocity of a tracklet is the displacement of its fir
 per second, then the running mean ``(v + v_new) / 2`` of later links.
 
 Missing boxes: a detection without a (finite) box is its own tracklet and is never
-linked -- an embedding alone separates vehicles too weakly on real footage (NOTES.md)
+linked -- an embedding alone separates vehicles too weakly on real footage (docs/design.md)
 to link several cars of a frame by appearance and time only.
 
 Determinism: everything depends on the sorted (time, id) order only, so the result is
