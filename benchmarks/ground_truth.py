@@ -8,7 +8,7 @@ colour histograms), then from the same stored detections
 - our defaults: `cctview calibrate`, then `cctview match --links links.json` (the
   learned matcher, which abstains where it cannot reach its precision target),
 each scored against the truth (pair precision, transit recall, their F1) and by both
-label-free estimates of `cctview evaluate` (SPEC.md): the target-decoy competition
+label-free estimates of `cctview evaluate` (docs/spec.md): the target-decoy competition
 (`--control decoy`, the default) and the time-shift control (`--control shift`).
 
   .venv/bin/python benchmarks/ground_truth.py --record
@@ -140,7 +140,7 @@ def main(argv=None):
             "Precision (true): share of match pairs whose two detections are the same "
             "vehicle. Transit recall: share of (vehicle, camera pair) sightings within "
             "%s s with at least one true pair. F1 of the two. The estimates are "
-            "`cctview evaluate`'s (SPEC.md), computed without labels: target-decoy "
+            "`cctview evaluate`'s (docs/spec.md), computed without labels: target-decoy "
             "(`--control decoy`) and time-shift (`--control shift`)." % GAP,
             "", table, "", NOTE]))
 

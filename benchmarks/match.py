@@ -371,7 +371,7 @@ def main(argv=None):
             "the whole wall time "
             "(Python and Beam start-up, Parquet in and out, DirectRunner) divided by the "
             "`candidate_pairs` counter it prints (%d; %s matches)." % (
-                " ".join("../shared/data/nyc-fdr/reference/%s" % f.name for f in files),
+                " ".join("DATA/nyc-fdr/reference/%s" % f.name for f in files),
                 " ".join(FLAGS), n_pairs, counters.get("matches_emitted")),
             "CCTView's way: its `calc_med` (a `torch.FloatTensor` from each embedding's "
             "Python list, then `torch.norm(p - q).item()`) on %d random candidate pairs "

@@ -89,7 +89,7 @@ def main(argv=None):
             "Command: `.venv/bin/python benchmarks/quality.py --record`: CCTView's "
             "reference detections of the three FDR cameras (13:08-13:37, DenseNet201-VeRi "
             "embeddings), `cctview calibrate`, then per configuration `cctview evaluate "
-            "--control decoy` and `cctview evaluate --control shift` (SPEC.md).",
+            "--control decoy` and `cctview evaluate --control shift` (docs/spec.md).",
             "Links found by calibrate: %s." % links_text,
             "Read the decoy columns: the matcher runs once on camera a against camera b's "
             "detections and b's decoys (its detections of the other half of the period, "

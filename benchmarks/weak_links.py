@@ -1,6 +1,6 @@
 """Weak camera links: estimated precision and excess by the target-decoy competition.
 
-The test bed (SPEC.md's estimate, no labels needed; the synthetic world also has truth):
+The test bed (docs/spec.md's estimate, no labels needed; the synthetic world also has truth):
 - synthetic worlds (`cctview synth`, 3 cameras, 16 minutes, background detector +
   colour histograms, links from `cctview calibrate`) at noise 1 and 2: seed 0 was used
   for tuning, seed 1 is held out;
@@ -183,7 +183,7 @@ def main(argv=None):
             "per-camera embedding normalisation, its raw-norm features) were tuned on the "
             "synthetic world's seed 0 (noise 1) and the full reference pair; the rows use "
             "seed 1 and the reference pair's small boxes or its embeddings with added noise. "
-            "Estimates are SPEC.md's target-decoy competition (one run on camera a against "
+            "Estimates are docs/spec.md's target-decoy competition (one run on camera a against "
             "b's targets and decoys); the learned rows are what `--min-precision` %.1f "
             "returns (matches with q_value <= %.1f); the excess at an estimated precision "
             ">= 0.8 / 0.9 is the most that any score threshold per camera pair reaches "

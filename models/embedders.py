@@ -34,7 +34,7 @@ VERI_DENSENET = WeightsSpec(
 OSNET_X0_25 = WeightsSpec(
     name="osnet_x0_25",
     url="https://github.com/KaiyangZhou/deep-person-reid",
-    # Digest of the copy this project is tested with (../shared/models/osnet_x0_25.onnx).
+    # Digest of the copy this project is tested with (OSNet x0.25, osnet_x0_25.onnx, as the tests read it).
     sha256="df72548a7133d2896a9faeac417019c62eaa5ec1a713182f7fb6762b99f4411d",
     transforms="stretch to 256x128, RGB 0..1, ImageNet mean/std",
     # onnx_optimization: without onnxruntime's NCHWc layout rewrite its narrow and
@@ -208,7 +208,7 @@ def onnx(*, weights: Optional[str] = None, sha256: Optional[str] = None, device:
          crop: str = "stretch", mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
          bgr: bool = False, scale: float = 1.0, threads: int = 0,
          optimization: Optional[str] = None) -> OnnxEmbedder:
-    """An ONNX embedder from ``weights`` (e.g. ``../shared/models/osnet_x0_25.onnx``).
+    """An ONNX embedder from ``weights`` (e.g. OSNet x0.25, ``osnet_x0_25.onnx``).
 
     Its input is prepared as ``(pixel * scale - mean) / std`` with pixels in
     0..1, RGB unless ``bgr``: the default suits ImageNet-normalised networks.

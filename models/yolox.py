@@ -19,7 +19,7 @@ from models.weights import WeightsError, WeightsSpec, onnx_session
 YOLOX_NANO = WeightsSpec(
     name="yolox_nano",
     url="https://github.com/Megvii-BaseDetection/YOLOX/releases/download/0.1.1rc0/yolox_nano.onnx",
-    # Digest of the copy this project is tested with (../shared/models/yolox_nano.onnx).
+    # Digest of the copy this project is tested with (YOLOX-Nano, yolox_nano.onnx, as the tests read it).
     sha256="e8af074932d4ed7e232278e3055cefcdea3edf178874a3694ae292649fb464dd",
     categories=COCO_80,
     transforms="letterbox to 416x416 keeping the aspect ratio (top-left, pad 114), BGR, float 0..255, "
@@ -115,7 +115,7 @@ class YoloxDetector(Detector):
 
 def yolox(*, weights: Optional[str] = None, sha256: Optional[str] = None, device: str = "cpu",
           threads: int = 0, optimization: Optional[str] = None, **options) -> YoloxDetector:
-    """YOLOX from an ONNX file at ``weights`` (e.g. YOLOX-Nano: ``../shared/models/yolox_nano.onnx``).
+    """YOLOX from an ONNX file at ``weights`` (e.g. YOLOX-Nano, ``yolox_nano.onnx``).
 
     ``threads`` and ``optimization`` go to :func:`models.weights.onnx_session`.
     """

@@ -186,8 +186,9 @@ class _Receiver:
 
 
 def _local_runner(runner: str) -> bool:
-    return runner in ("", "DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner",
-                      "FnApiRunner", "InProcessRunner") or runner.endswith(".DirectRunner")
+    name = runner.rsplit(".", 1)[-1].lower()
+    return name in ("", "direct", "directrunner", "switchingdirectrunner",
+                    "bundlebaseddirectrunner", "fnapirunner", "inprocessrunner")
 
 
 def receiver_host(options) -> Optional[str]:
@@ -202,7 +203,12 @@ def receiver_host(options) -> Optional[str]:
         return "127.0.0.1"
     if "Dask" not in runner:
         return None
-    address = str(options.get_all_options().get("dask_client_address") or "")
+    try:
+        from apache_beam.runners.dask.dask_runner import DaskOptions
+
+        address = str(options.view_as(DaskOptions).address or "")
+    except ImportError:  # no dask extra: the runner itself will say so
+        address = ""
     hostport = address.split("://", 1)[-1]
     host, _, port = hostport.rpartition(":")
     if not host or host in ("127.0.0.1", "localhost"):

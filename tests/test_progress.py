@@ -91,6 +91,13 @@ def test_an_asynchronous_runner_is_polled_for_its_metrics(monkeypatch, capsys):
     options = PipelineOptions(["--runner", "DataflowRunner"])
     assert progress.receiver_host(options) is None
     assert progress.receiver_host(PipelineOptions([])) == "127.0.0.1"
+    assert progress.receiver_host(PipelineOptions(["--runner", "direct"])) == "127.0.0.1"
+    dask = ["--runner", "runners.dask_runner.DaskRunner", "--dask_client_address"]
+    assert progress.receiver_host(PipelineOptions(dask + ["tcp://127.0.0.1:8786"])) == \
+        "127.0.0.1"
+    # a remote scheduler: this machine's address on the route to it, where workers send
+    assert progress.receiver_host(PipelineOptions(dask + ["tcp://10.255.255.1:8786"])) \
+        not in (None, "127.0.0.1")
     with progress.Progress(options, "match", (progress.READING,)) as watch:
         watch.start_job("match", (progress.READING,), {"reading": 100})
         watch.attach(Result())

@@ -64,7 +64,8 @@ candidate pair counted once, before threshold), ``distance_cells`` (cells comput
 ``blocks``, ``blocks_split``, ``matches_emitted``, ``detections_batched`` (detections
 in), ``detections_computed`` (each batched detection once: when its own block is
 computed, or at routing when no block needs it there; with ``detections_batched`` the
-progress line's matching phase, :mod:`transforms.progress`), ``embedding_copies_shuffled`` (detection rows sent to blocks: divided by
+progress line's matching phase, :mod:`transforms.progress`),
+``embedding_copies_shuffled`` (detection rows sent to blocks: divided by
 ``detections_batched`` it is the copies of each embedding that cross the shuffle),
 ``shuffled_bytes`` (bytes of block parts and partials sent to a ``GroupByKey``);
 distribution ``block_cells`` (query x reference cells per camera pair and block).
