@@ -7,6 +7,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 from transforms.match_blocks.bands import dt_intervals
+from transforms.match_blocks.cells import mask_outside, query_chunks
 from transforms.match_blocks.kernels import (DEFAULT_Q_TILE, DEFAULT_R_TILE, Workspace,
                                             exact_distances, finite_block, prepare_side,
                                             raw_distances, tile_buffer)
@@ -16,26 +17,6 @@ from transforms.match_blocks.sides import Side, id_ranks
 
 __all__ = ["Neighbours", "neighbour_block", "Partial", "neighbour_outputs",
            "merge_partials"]
-
-
-def _mask_outside(d: np.ndarray, starts: list, ends: list) -> None:
-    """Sets ``d[i, j] = inf`` for every column ``j`` outside row ``i``'s candidate ranges
-    ``[starts[i][k], ends[i][k])`` (tile columns, sorted, disjoint)."""
-    inf = np.float32(np.inf)
-    width = d.shape[1]
-    for i, (row_s, row_e) in enumerate(zip(starts, ends)):
-        prev = 0
-        row = None
-        for a, b in zip(row_s, row_e):
-            if a >= b:
-                continue
-            if a > prev:
-                if row is None:
-                    row = d[i]
-                row[prev:a] = inf
-            prev = b
-        if prev < width:
-            d[i, prev:] = inf
 
 
 _F32_MAX = np.float32(np.finfo(np.float32).max)
@@ -128,14 +109,13 @@ def neighbour_block(q: Side, r: Side, intervals: np.ndarray, metric: str, thresh
                     workspace: Optional[Workspace] = None) -> Neighbours:
     """Both directions of nearest neighbours from one pass over a block's distances.
 
-    Each candidate cell is computed once (tile by tile, at most ``q_tile x r_tile``
-    cells at a time, in buffers of ``workspace`` when given). Rows give each query's first ``k`` (final: the
-    block holds all its candidates); columns give each reference's first ``k`` among
-    this block's queries (partial: merge them over the blocks with
-    :func:`merge_partials`). The first ``k`` of a reference over all blocks are among
-    the union of its per-block first ``k``, with the same order, so the merge gives its
-    exact ranks. Only the candidate columns of each query tile are scanned (both sides
-    are sorted by time).
+    The cells are the tiles of :func:`~transforms.match_blocks.cells.query_chunks`
+    (at most ``q_tile x r_tile`` at a time, in buffers of ``workspace`` when given).
+    Rows give each query's first ``k`` (final: the block holds all its candidates);
+    columns give each reference's first ``k`` among this block's queries (partial:
+    merge them over the blocks with :func:`merge_partials`). The first ``k`` of a
+    reference over all blocks are among the union of its per-block first ``k``, with
+    the same order, so the merge gives its exact ranks.
     """
     nq, nr = len(q), len(r)
     iv = dt_intervals(intervals)
@@ -153,29 +133,17 @@ def neighbour_block(q: Side, r: Side, intervals: np.ndarray, metric: str, thresh
     rows_q, rows_r, rows_d, rows_rank = [], [], [], []
     cols_q, cols_r, cols_d = [], [], []
     n_cand = n_cells = 0
-    for i0 in range(0, nq, q_tile):
-        i1 = min(nq, i0 + q_tile)
-        qt = q.ts[i0:i1]
-        starts = np.stack([np.searchsorted(r.ts, qt + lo, side="left") for lo in iv[:, 0]])
-        ends = np.stack([np.searchsorted(r.ts, qt + hi, side="right") for hi in iv[:, 1]])
-        c = int((ends - starts).sum())
-        if c == 0:
-            continue
-        n_cand += c
-        nonempty = ends > starts
-        j0, j1 = int(starts[nonempty].min()), int(ends[nonempty].max())
+    for chunk in query_chunks(q.ts, r.ts, iv, q_tile, r_tile):
+        i0, i1 = chunk.i0, chunk.i1
+        n_cand += chunk.n_candidates
         tq, tr, td = [], [], []
-        for jj0 in range(j0, j1, r_tile):
-            jj1 = min(j1, jj0 + r_tile)
-            s_t = np.clip(starts, jj0, jj1) - jj0
-            e_t = np.clip(ends, jj0, jj1) - jj0
-            if not (e_t > s_t).any():
-                continue
-            x = raw_distances(qp.rows(i0, i1), rp.rows(jj0, jj1), metric, buf, work)
+        for tile in chunk.tiles:
+            jj0 = tile.j0
+            x = raw_distances(qp.rows(i0, i1), rp.rows(jj0, tile.j1), metric, buf, work)
             n_cells += x.size
             if not finite and not np.isfinite(x.max()):  # NaN/inf: never a match
                 x[~np.isfinite(x)] = inf
-            _mask_outside(x, s_t.T.tolist(), e_t.T.tolist())
+            mask_outside(x, tile)
             for axis, (aq, ar, ad) in ((1, (tq, tr, td)), (0, (cols_q, cols_r, cols_d))):
                 ri, cj = _near_cells(x, k, axis, metric, mask_buf)
                 dv = exact_distances(q.emb[ri + i0], r.emb[cj + jj0], metric)
