@@ -146,6 +146,9 @@ def main(argv=None):
                         help="also run the commands of this commit, in the same rounds")
     parser.add_argument("--rss-limit", type=float, default=16.0,
                         help="GB at which a run's process tree is killed (default 16)")
+    parser.add_argument("--commands", nargs="+", choices=("match", "calibrate", "match_links"),
+                        help="only these commands (default: match and calibrate, and "
+                             "match --links for 50x1h)")
     parser.add_argument("--record", action="store_true", help="write BENCHMARKS.md")
     args = parser.parse_args(argv)
     work = Path(args.work)
@@ -153,7 +156,7 @@ def main(argv=None):
     plan = []
     for name in args.sizes:
         commands = ["match_links"] if name == "50x1h" else ["match", "calibrate"]
-        plan += [(name, c) for c in commands]
+        plan += [(name, c) for c in commands if not args.commands or c in args.commands]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         tmp = Path(tmp)

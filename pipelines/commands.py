@@ -3,6 +3,7 @@
 While a job runs, a progress line goes to stderr about every 10 s
 (:mod:`pipelines.progress`; ``--quiet`` silences it): its reporter is opened before the
 pipeline is built, so that the DoFns' counters tick to it."""
+import functools
 import json
 import logging
 import sys
@@ -222,18 +223,25 @@ def _detection_source(options: PipelineOptions, files, as_columns: bool = False,
                           as_columns=as_columns, time_range=time_range)
 
 
-def _chunk_plan(options: PipelineOptions, spans, margin_ms: int, align_ms: int):
-    """The time chunks of a match or calibrate run (pipelines/chunks.py): one chunk on
-    Dataflow or with --chunk-mb 0, else chunks of --chunk-mb of embeddings."""
+def _chunk_mb(options: PipelineOptions) -> int:
+    """--chunk-mb, resolved: 0 (one job) on Dataflow, else its default."""
     from apache_beam.options.pipeline_options import StandardOptions
 
-    from pipelines.chunks import plan_chunks, rows_budget
     from pipelines.options import DEFAULT_CHUNK_MB
 
     chunk_mb = options.view_as(DetectionInputOptions).chunk_mb
     if chunk_mb is None:
         runner = str(options.view_as(StandardOptions).runner or "")
         chunk_mb = 0 if "Dataflow" in runner else DEFAULT_CHUNK_MB
+    return chunk_mb
+
+
+def _chunk_plan(options: PipelineOptions, spans, margin_ms: int, align_ms: int):
+    """The time chunks of a match or calibrate run (pipelines/chunks.py): one chunk on
+    Dataflow or with --chunk-mb 0, else chunks of --chunk-mb of embeddings."""
+    from pipelines.chunks import plan_chunks, rows_budget
+
+    chunk_mb = _chunk_mb(options)
     dim = max((s.dim for s in spans), default=0) or 2048  # variable lists: assume large
     rows = rows_budget(chunk_mb * 2 ** 20, dim) if chunk_mb else 0
     return plan_chunks(spans, margin_ms, align_ms, rows)
@@ -359,7 +367,9 @@ def calibrate(options: PipelineOptions) -> int:
     """Stored detections -> links.json (camera links with transit-time offsets).
 
     Each time chunk's job writes its camera pairs' dt lists (real and control) to a
-    part file beside the target; the driver pools them and finds the links."""
+    part file beside the target; the driver pools them and finds the links. On runners
+    that hold a job's shuffle in memory, the real pairs and the control are jobs of
+    their own."""
     from transforms.calibration import CalibrationPairs, links_of_pairs, merge_pair_dts
     from transforms.links import write_links
     from transforms.match_blocks import CandidateBands
@@ -386,19 +396,23 @@ def calibrate(options: PipelineOptions) -> int:
     parts = target + ".parts"
     parquet_io.clear_table(parts)  # a crashed run's parts must not be pooled
 
-    def build(pipeline, chunk):
+    def build(pipeline, chunk, kind):
         files = [s.path for s in spans] if chunk.read_ms is None else chunk.files
         _ = (pipeline
              | "ReadDetections" >> _detection_source(options, files, True, chunk.read_ms)
              | "Calibrate" >> CalibrationPairs(
                  cameras, span_of(chunk), max_gap_s=candidates.max_gap,
                  window_s=candidates.window, metric=candidates.metric,
-                 owned_ms=chunk.owned_ms)
+                 owned_ms=chunk.owned_ms, kinds=kind)
              | "AllPairs" >> beam.combiners.ToList()
-             | "WritePart" >> beam.Map(_write_json_lines,
-                                       "%s/chunk-%04d.json" % (parts, chunk.index)))
+             | "WritePart" >> beam.Map(_write_json_lines, "%s/chunk-%04d-%s.json"
+                                       % (parts, chunk.index, kind)))
 
-    _run_chunks(options, chunks, build, "calibrate")
+    # Where a job's shuffle is held in memory (chunked runs), the real pairs and the
+    # control run as jobs of their own: one matching's copies at a time.
+    for kind in ("real", "control") if _chunk_mb(options) else ("both",):
+        _run_chunks(options, chunks, functools.partial(build, kind=kind),
+                    "calibrate" if kind == "both" else "calibrate (%s pairs)" % kind)
     if _is_dry_run(options):
         print("dry run: job built, nothing executed")
         return 0

@@ -219,7 +219,7 @@ def test_candidates_equal_brute_force():
                   "ts_ms": rng.integers(0, 200, n_a) * 500, "emb": rng.normal(size=(n_a, dim))})
     b = lm._Side({"ids": ["b%d" % i for i in range(n_b)],
                   "ts_ms": rng.integers(0, 200, n_b) * 500, "emb": rng.normal(size=(n_b, dim))})
-    bands = lm.bands_to_ms([[-6.0, -1.5], [0.0, 4.0]])
+    bands = mb.bands_to_ms([[-6.0, -1.5], [0.0, 4.0]])
     for b_ts in (None, lm._shifted_ts(b.ts, 0, 100_000, 0.375)):
         tb = b.ts if b_ts is None else b_ts
         c = lm.enumerate_candidates(a, b, bands, b_ts, max_chunk=7)
@@ -289,7 +289,7 @@ def test_pair_scorer_deterministic_and_learns():
 
 # ----------------------------------------------------------------------- Beam
 def test_period_keys_and_one_match_per_b():
-    iv = {("cam-a", "cam-b"): lm.bands_to_ms(BANDS)}  # dt in [4, 20] s
+    iv = {("cam-a", "cam-b"): mb.bands_to_ms(BANDS)}  # dt in [4, 20] s
     p_ms = 600_000
     k = T0_MS // p_ms
     assert lm.period_keys("cam-a", T0_MS + 599_999, iv, p_ms) == [(("cam-a", "cam-b", k), "a")]

@@ -399,6 +399,33 @@ def test_pair_distances_match_float64():
     assert np.all(d[:, 4] == 1.0)  # zero vector: cosine similarity 0
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_query_chunks_enumerate_exactly_the_candidates(seed):
+    """The one enumerator (every policy, learned matching, calibration) gives each
+    candidate cell exactly once, in chunks and tiles within their bounds, and computes
+    few cells beyond the candidates even for narrow, disjoint bands."""
+    rng = np.random.default_rng(seed)
+    q_ts = np.sort(rng.integers(0, 600_000, 400))
+    r_ts = np.sort(np.r_[rng.integers(0, 600_000, 500), q_ts[:20]])  # some dt == 0
+    iv = [np.array([[-300_000, 300_000]]), np.array([[-31_000, -25_000], [25_000, 33_000]]),
+          np.array([[0, 4_000]])][seed % 3]
+    want = mb.candidate_mask(q_ts, r_ts, iv)
+    got = np.zeros_like(want, dtype=int)
+    cells = 0
+    for chunk in mb.query_chunks(q_ts, r_ts, iv, q_tile=64, r_tile=100):
+        assert chunk.i1 - chunk.i0 <= 64
+        assert chunk.n_candidates == want[chunk.i0:chunk.i1].sum()
+        for tile in chunk.tiles:
+            assert tile.j1 - tile.j0 <= 100
+            got[chunk.i0:chunk.i1, tile.j0:tile.j1] += mb.tile_mask(tile)
+            d = np.zeros((chunk.i1 - chunk.i0, tile.j1 - tile.j0), np.float32)
+            mb.mask_outside(d, tile)
+            assert np.array_equal(np.isfinite(d), mb.tile_mask(tile))
+            cells += d.size
+    assert np.array_equal(got, want.astype(int))
+    assert cells <= 2.5 * want.sum()
+
+
 def test_candidate_mask_and_bands():
     bands = mb.CandidateBands(max_gap_s=2)
     iv = bands.intervals("a", "b")

@@ -7,9 +7,9 @@ density, no true pairs). A peak that stands significantly above the control beco
 link (docs/spec.md, links.json). Both directions of traffic may give a link each.
 
 :func:`find_links` is the pure statistics; :class:`CalibrationPairs` is the Beam
-pipeline that feeds it: one matching pass that computes the real pairs and the control
-pairs of every camera pair in the same blocks of the scalable matcher (and its time
-chunks, ``owned_ms``: ``cctview calibrate`` pools the chunks' dt lists with
+pipeline that feeds it: the scalable matcher's real pairs and control pairs of every
+camera pair, in one pass or two (and its time chunks, ``owned_ms``: ``cctview
+calibrate`` runs a job per chunk and kind, pools their dt lists with
 :func:`merge_pair_dts` and finds the links on the driver, :func:`links_of_pairs`).
 :class:`CalibrateLinks` is the same in one job, ending in the links.
 """
@@ -231,25 +231,31 @@ class CalibrationPairs(beam.PTransform):
     """Detections (dicts or column chunks) -> ``((camera_a, camera_b), {"real": [dt],
     "control": [dt]})``: the dt of every mutual-nearest-neighbour pair of each camera
     pair within ``+-max_gap_s``, for real and against camera b shifted by half of
-    ``span_ms=(lo, hi)`` (the period of the data, read on the driver), circularly,
-    from one pass of the matcher.
+    ``span_ms=(lo, hi)`` (the period of the data, read on the driver), circularly.
 
-    The control pairs are computed in the same blocks, from the same shuffled copies,
-    as the real ones (:class:`transforms.matching.ShiftedControl`): it costs the
-    distance cells of a second matching, not a second copy of every embedding.
-    ``cameras`` are the camera ids in the data (read on the driver); ``owned_ms``: only
-    the pairs whose camera-A detection lies in that range (one time chunk of a longer
-    period, see :class:`transforms.matching.MatchDetections`).
+    ``kinds``: ``"both"`` computes the real and the control pairs in the same blocks
+    (:class:`transforms.matching.ShiftedControl`), one job; ``"real"`` or
+    ``"control"`` only one of them, so that a runner that holds a job's shuffle in
+    memory (the DirectRunner) holds one matching's copies at a time: each camera-B
+    detection reaches other blocks once shifted, so "both" shuffles ~1.7x the copies
+    of one kind. ``cameras`` are the camera ids in the data (read on the driver);
+    ``owned_ms``: only the pairs whose camera-A detection lies in that range (one time
+    chunk of a longer period, see :class:`transforms.matching.MatchDetections`).
     """
 
+    KINDS = ("both", REAL, CONTROL)
+
     def __init__(self, cameras, span_ms, max_gap_s: float = 300.0, window_s: float = 600.0,
-                 metric: str = "l2", owned_ms=None):
+                 metric: str = "l2", owned_ms=None, kinds: str = "both"):
         super().__init__()
+        if kinds not in self.KINDS:
+            raise ValueError("kinds must be one of %s, got %r" % (self.KINDS, kinds))
         cameras = sorted(set(cameras))
         links = [{"camera_a": a, "camera_b": b, "offset_s": 0.0, "spread_s": float(max_gap_s)}
                  for i, a in enumerate(cameras) for b in cameras[i + 1:]]
         lo, hi = int(span_ms[0]), int(span_ms[1])
-        control = ShiftedControl(control_shift_ms(hi - lo), lo, hi - lo)
+        control = None if kinds == REAL else ShiftedControl(
+            control_shift_ms(hi - lo), lo, hi - lo, alone=kinds == CONTROL)
         self._match = dict(policy="mutual", metric=metric, window_s=window_s, links=links,
                            owned_ms=owned_ms, control=control)
 

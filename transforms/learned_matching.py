@@ -198,29 +198,6 @@ SCALE_MAX_MS = 60_000
 
 
 # ------------------------------------------------------------------------- inputs
-def bands_for_pair(links: Iterable[dict], camera_a: str, camera_b: str) -> np.ndarray:
-    """(k, 2) float64 ``[offset - spread, offset + spread]`` seconds of the pair's links
-    (``camera_a < camera_b``; links given the other way round are flipped)."""
-    out = []
-    for link in mb.normalize_links(links) or []:
-        if (link["camera_a"], link["camera_b"]) == (camera_a, camera_b):
-            out.append((link["offset_s"] - link["spread_s"], link["offset_s"] + link["spread_s"]))
-    return np.asarray(sorted(set(out)), dtype=np.float64).reshape(-1, 2)
-
-
-def bands_to_ms(bands) -> np.ndarray:
-    """Seconds -> inclusive whole-ms intervals (ceil of lo, floor of hi), like links."""
-    bands = np.asarray(bands, dtype=np.float64).reshape(-1, 2)
-    out = []
-    for lo, hi in bands:
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise ValueError("band edges must be finite, got %r" % ((lo, hi),))
-        lo_ms, hi_ms = mb.seconds_to_ms_ceil(lo), mb.seconds_to_ms_floor(hi)
-        if lo_ms <= hi_ms:
-            out.append((lo_ms, hi_ms))
-    return np.asarray(sorted(set(out)), dtype=np.int64).reshape(-1, 2)
-
-
 class _Side:
     """One camera's detections sorted by (ts, id), with what the features need.
 
@@ -262,9 +239,6 @@ class _Side:
             # the features' norms are the input embeddings' (normalising makes these 1;
             # the raw norm says how much a crop shows, e.g. tiny crops have small ones)
             self.raw_log_norm = np.log(np.maximum(np.sqrt(raw_sq), 1e-12)).astype(np.float32)
-        import torch
-
-        self.emb_t = torch.from_numpy(self.emb)  # shares memory
         self.geo = np.column_stack([cx, cy, lw, lh]).astype(np.float32)
         # rank of each id in string order: deterministic tie-breaks
         self.id_rank = np.empty(n, np.int64)
@@ -337,30 +311,26 @@ def _local_scale(s: "_Side", k: int, lo_ms: int, hi_ms: int, max_chunk: int = 51
     shifts); a ratio to this own-camera scale (``dratio_*``) carries the same "is this
     crop distinctive?" information without that dependence.
     """
-    import torch
-
     n = len(s)
     out = np.full(n, np.nan, np.float32)
     if n < 2:
         return out
     bands = np.array([[-hi_ms, -lo_ms], [lo_ms, hi_ms]], np.int64)
-    for i0, i1 in _chunks(s.ts, (hi_ms - lo_ms) // 2 + 1, max_chunk):
-        j0 = int(np.searchsorted(s.ts, s.ts[i0] - hi_ms, "left"))
-        j1 = int(np.searchsorted(s.ts, s.ts[i1 - 1] + hi_ms, "right"))
-        mask = mb.candidate_mask(s.ts[i0:i1], s.ts[j0:j1], bands)
-        if not mask.any():
-            continue
-        prod = torch.mm(s.emb_t[i0:i1], s.emb_t[j0:j1].T).numpy()
-        d2 = s.sq[i0:i1, None] + s.sq[None, j0:j1] - np.float32(2.0) * prod
-        d = np.sqrt(np.maximum(d2, np.float32(0.0)))
-        d[~mask] = np.inf
-        kk = min(k, d.shape[1])
-        part = np.partition(d, kk - 1, axis=1)[:, :kk]
+    qp, rp = mb.prepare_side(s.emb, "l2", "q"), mb.prepare_side(s.emb, "l2", "r")
+    for chunk in mb.query_chunks(s.ts, s.ts, bands, max_chunk, mb.DEFAULT_R_TILE):
+        nearest = []
+        for tile in chunk.tiles:
+            d = mb.finish_distances(mb.raw_distances(qp.rows(chunk.i0, chunk.i1),
+                                                     rp.rows(tile.j0, tile.j1), "l2"), "l2")
+            mb.mask_outside(d, tile)
+            nearest.append(np.partition(d, min(k, d.shape[1]) - 1, axis=1)[:, :k])
+        d = np.concatenate(nearest, axis=1)
+        part = np.partition(d, min(k, d.shape[1]) - 1, axis=1)[:, :k]
         fin = np.isfinite(part)
         cnt = fin.sum(1)
         mean = np.where(fin, part, 0).sum(1) / np.maximum(cnt, 1)
         with np.errstate(divide="ignore"):
-            out[i0:i1] = np.where(cnt > 0, np.log(np.maximum(mean, 1e-12)), np.nan)
+            out[chunk.i0:chunk.i1] = np.where(cnt > 0, np.log(np.maximum(mean, 1e-12)), np.nan)
     return out
 
 
@@ -386,92 +356,41 @@ class TooManyCandidates(Exception):
     pass
 
 
-def _merge_ranges(ranges):
-    ranges = sorted(r for r in ranges if r[1] > r[0])
-    out = []
-    for r0, r1 in ranges:
-        if out and r0 <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], r1)
-        else:
-            out.append([r0, r1])
-    return out
-
-
-def _l2_cells(a: "_Side", b: "_Side", i0: int, i1: int, orig: np.ndarray, qi: np.ndarray,
-              rj: np.ndarray) -> np.ndarray:
-    """L2 distances of the cells (i0 + qi, orig[rj]): one float32 matrix product of the
-    chunk against the reached b rows, then ``sqrt(max(|q|^2 + |r|^2 - 2 q.r, 0))`` for
-    the candidate cells only (the formula of ``match_blocks.pair_distances``).
-
-    torch, on the caller's thread budget: numpy's OpenBLAS spawns one thread per core
-    and, on a machine shared with other work, its spinning threads made these small
-    products ~20x slower than one thread.
-    """
-    import torch
-
-    prod = torch.mm(a.emb_t[i0:i1], b.emb_t.index_select(0, torch.from_numpy(orig)).T).numpy()
-    d2 = a.sq[i0:i1][qi] + b.sq[orig][rj] - np.float32(2.0) * prod[qi, rj]
-    return np.sqrt(np.maximum(d2, np.float32(0.0)))
-
-
-def _chunks(ts: np.ndarray, duration_ms: int, max_count: int):
-    """Consecutive [i0, i1) blocks of sorted times, each spanning < duration_ms (and at
-    most max_count rows, at least one)."""
-    n, i0 = len(ts), 0
-    while i0 < n:
-        i1 = int(np.searchsorted(ts, ts[i0] + max(int(duration_ms), 1), "left"))
-        i1 = min(max(i1, i0 + 1), i0 + max_count, n)
-        yield i0, i1
-        i0 = i1
-
-
 def enumerate_candidates(a: _Side, b: _Side, bands_ms: np.ndarray, b_ts: Optional[np.ndarray] = None,
                          max_chunk: int = 512, max_candidates: int = DEFAULT_MAX_CANDIDATES
                          ) -> Candidates:
     """Every (i, j) with ``b_ts[j] - a.ts[i]`` in a band and non-zero, with L2 distances.
 
     ``b_ts`` replaces b's timestamps (a shifted alignment); ``ib`` indexes b's sorted
-    order whatever the timestamps. Chunks of a-detections spanning half the narrowest
-    band (at most ``max_chunk`` of them) are compared with the b-detections their bands
-    can reach (merged index ranges over b sorted by the used timestamps), so about
-    1.5x the candidates are computed, never ``n_a x n_b``. Raises
-    :class:`TooManyCandidates` above ``max_candidates``.
+    order whatever the timestamps. The cells are those of the matcher's enumerator
+    (:func:`transforms.match_blocks.cells.query_chunks`, chunks of at most ``max_chunk``
+    a-detections) and the distances its kernel's, so about 1.5x the candidates are
+    computed, never ``n_a x n_b``. Raises :class:`TooManyCandidates` above
+    ``max_candidates``.
     """
     tb = b.ts if b_ts is None else np.asarray(b_ts, np.int64)
     perm = np.argsort(tb, kind="stable")
     tbs = tb[perm]
-    parts, total, n_cells = [], 0, 0
+    z = np.zeros(0, np.int64)
     if len(a) == 0 or len(b) == 0 or len(bands_ms) == 0:
-        z = np.zeros(0, np.int64)
         return Candidates(z, z.copy(), np.zeros(0, np.float32), z.copy())
-    duration = int((bands_ms[:, 1] - bands_ms[:, 0]).min()) // 2 + 1
-    for i0, i1 in _chunks(a.ts, duration, max_chunk):
-        ranges = []
-        for lo, hi in bands_ms:
-            ranges.append((int(np.searchsorted(tbs, a.ts[i0] + lo, "left")),
-                           int(np.searchsorted(tbs, a.ts[i1 - 1] + hi, "right"))))
-        ranges = _merge_ranges(ranges)
-        if not ranges:
-            continue
-        js = np.concatenate([np.arange(r0, r1) for r0, r1 in ranges])
-        mask = mb.candidate_mask(a.ts[i0:i1], tbs[js], bands_ms)
-        n_cells += mask.size
-        qi, rj = np.nonzero(mask)
-        if len(qi) == 0:
-            continue
-        total += len(qi)
+    qp = mb.prepare_side(a.emb, "l2", "q")
+    rp = mb.prepare_side(b.emb if b_ts is None else b.emb[perm], "l2", "r")
+    parts, total, n_cells = [], 0, 0
+    for chunk in mb.query_chunks(a.ts, tbs, bands_ms, max_chunk, mb.DEFAULT_R_TILE):
+        total += chunk.n_candidates
         if total > max_candidates:
             raise TooManyCandidates(total)
-        orig = perm[js]
-        d = _l2_cells(a, b, i0, i1, orig, qi, rj)
-        parts.append((qi + i0, orig[rj], d, tbs[js][rj] - a.ts[i0:i1][qi]))
+        for tile in chunk.tiles:
+            qi, rj = np.nonzero(mb.tile_mask(tile))
+            n_cells += tile.starts.shape[1] * (tile.j1 - tile.j0)
+            x = mb.raw_distances(qp.rows(chunk.i0, chunk.i1), rp.rows(tile.j0, tile.j1), "l2")
+            d = np.sqrt(np.maximum(x[qi, rj], np.float32(0.0)))
+            qi, rj = qi + chunk.i0, rj + tile.j0
+            parts.append((qi, perm[rj], d, tbs[rj] - a.ts[qi]))
     if not parts:
-        z = np.zeros(0, np.int64)
         return Candidates(z, z.copy(), np.zeros(0, np.float32), z.copy(), n_cells)
-    return Candidates(np.concatenate([p[0] for p in parts]).astype(np.int64),
-                      np.concatenate([p[1] for p in parts]).astype(np.int64),
-                      np.concatenate([p[2] for p in parts]).astype(np.float32),
-                      np.concatenate([p[3] for p in parts]).astype(np.int64), n_cells)
+    return Candidates(*(np.concatenate(cols) for cols in zip(*parts)), n_cells)
 
 
 def _group_stats(key: np.ndarray, tie: np.ndarray, dist: np.ndarray):
@@ -880,7 +799,7 @@ def _match_linked_pair(a, b, bands, min_precision, folds, seed, max_candidates,
 
     t0 = time.time()
     A, B = _Side(a, trk_params, normalize), _Side(b, trk_params, normalize)
-    bands_ms = bands_to_ms(bands)
+    bands_ms = mb.bands_to_ms(bands)
     stats = {"camera_a": A.camera_id, "camera_b": B.camera_id, "n_a": len(A), "n_b": len(B),
              "bands_ms": bands_ms.tolist(), "folds": folds, "min_precision": min_precision,
              "abstained": True, "reason": None, "candidates": 0, "control_candidates": 0.0,
@@ -1051,16 +970,6 @@ def summary_record(stats: dict) -> dict:
 
 
 # --------------------------------------------------------------- periods and Beam
-def link_bands(links) -> dict:
-    """links.json objects -> ``{(camera_a, camera_b): (k, 2) [lo, hi] dt seconds}``
-    (``camera_a < camera_b``; several links of a pair = several bands)."""
-    out: dict = {}
-    for link in mb.normalize_links(links) or []:
-        out.setdefault((link["camera_a"], link["camera_b"]), set()).add(
-            (link["offset_s"] - link["spread_s"], link["offset_s"] + link["spread_s"]))
-    return {k: np.asarray(sorted(v), np.float64).reshape(-1, 2) for k, v in sorted(out.items())}
-
-
 def period_keys(camera_id: str, ts_ms: int, pair_intervals: dict, period_ms: int) -> list:
     """The groups a detection belongs to: ``[((camera_a, camera_b, k), role)]``.
 
@@ -1068,7 +977,7 @@ def period_keys(camera_id: str, ts_ms: int, pair_intervals: dict, period_ms: int
     pair is owned by the period of its a-detection). As camera b: every period whose
     a-detections can have it as a candidate, i.e. ``t - hi <= t_a <= t - lo`` for a
     band (``match_blocks.reach_window_starts``), so no pair across a period boundary is
-    lost. ``pair_intervals``: ``{(camera_a, camera_b): bands_to_ms(bands)}``.
+    lost. ``pair_intervals``: ``{(camera_a, camera_b): mb.bands_to_ms(bands)}``.
     """
     out = []
     for (ca, cb), iv in pair_intervals.items():
@@ -1140,8 +1049,8 @@ def match_linked_periods(detections: Iterable[dict], links, min_precision: float
     Returns (matches sorted by camera pair and detection ids, the stats of every group
     that has both a- and b-detections).
     """
-    pair_bands = link_bands(links)
-    pair_iv = {k: bands_to_ms(v) for k, v in pair_bands.items()}
+    pair_bands = mb.link_bands(links)
+    pair_iv = {k: mb.bands_to_ms(v) for k, v in pair_bands.items()}
     period_ms = mb.window_ms_of(period_s)
     groups: dict = {}
     for det in detections:
@@ -1175,7 +1084,7 @@ if beam is not None:
 
     class _KeyByPairPeriod(beam.DoFn):
         def __init__(self, pair_bands: dict, period_ms: int):
-            self.pair_iv = {k: bands_to_ms(v) for k, v in pair_bands.items()}
+            self.pair_iv = {k: mb.bands_to_ms(v) for k, v in pair_bands.items()}
             self.period_ms = period_ms
 
         def process(self, det):
@@ -1280,7 +1189,7 @@ if beam is not None:
             unknown = sorted(set(match_kwargs) - allowed)
             if unknown:
                 raise TypeError("LearnedLinkMatch: unknown arguments %s" % unknown)
-            self.pair_bands = link_bands(links)
+            self.pair_bands = mb.link_bands(links)
             self.period_ms = mb.window_ms_of(period_s)
             self.match_kwargs = dict(match_kwargs, min_precision=float(min_precision))
 

@@ -212,8 +212,8 @@ class _RouteToBlocks(beam.DoFn):
         iv = self.bands.reference_intervals(cam)
         if len(iv):
             roles = [batch.ts]
-            if self.control is not None:  # also where its shifted copy is needed
-                roles.append(self.control.shift(batch.ts))
+            if self.control is not None:  # (also) where its shifted copy is needed
+                roles = roles[self.control.alone:] + [self.control.shift(batch.ts)]
             for ts in roles:
                 self._reach(targets, ts, iv)
         at_own = 0  # rows that go to their own block, counted computed there
@@ -311,10 +311,18 @@ class ShiftedControl:
     (so the control has the real traffic density everywhere), on the virtual camera
     ``B~`` with ids ``id~`` (:mod:`transforms.control`)."""
 
-    def __init__(self, shift_ms: int, start_ms: int, span_ms: int):
+    def __init__(self, shift_ms: int, start_ms: int, span_ms: int, alone: bool = False):
         if not 0 < int(shift_ms) < int(span_ms):
             raise ValueError("the control shift must be within the period")
         self.shift_ms, self.start_ms, self.span_ms = int(shift_ms), int(start_ms), int(span_ms)
+        self.alone = bool(alone)
+
+    def references(self, batches: list) -> list:
+        """The reference sets to match a camera's queries against: B's batches as they
+        are (unless the control runs ``alone``, without the real pairs: they then run
+        in a job of their own, which halves what one job holds) and shifted."""
+        shifted = [self.shifted(b) for b in batches]
+        return [shifted] if self.alone else [batches, shifted]
 
     def shift(self, ts: np.ndarray) -> np.ndarray:
         return self.start_ms + (ts - self.start_ms + self.shift_ms) % self.span_ms
@@ -387,7 +395,7 @@ class _ComputeBlocks(_ComputeBlock):
                     break
                 references = [by_camera[rc]]
                 if self.control is not None:
-                    references.append([self.control.shifted(b) for b in by_camera[rc]])
+                    references = self.control.references(by_camera[rc])
                 for batches_r in references:
                     r_keep = [mb.in_reach(b.ts, start, self.block_ms, iv) for b in batches_r]
                     r = self._side(batches_r[0].camera_id, batches_r, r_keep, "r")
@@ -479,10 +487,10 @@ class MatchDetections(beam.PTransform):
       owned_ms: ``(lo, hi)`` epoch ms: emit only the matches whose camera-A detection
         has ``lo <= ts < hi`` (see the module docstring: one time chunk of a longer
         run); None: every match.
-      control: a :class:`ShiftedControl`: also match every pair (A, B) against B's
-        detections shifted in time (virtual camera ``B~``): a time-shift control
-        computed from the same shuffled copies as the real pairs (calibration), its
-        matches emitted beside the real ones.
+      control: a :class:`ShiftedControl`: also (or, with ``alone``, only) match every
+        pair (A, B) against B's detections shifted in time (virtual camera ``B~``): a
+        time-shift control computed in the same blocks as the real pairs
+        (calibration), its matches emitted beside the real ones.
 
     Output elements are in the GlobalWindow, timestamped with ``frame_ts_a_ms``.
 

@@ -86,8 +86,11 @@ from transforms.match_blocks.bands import (POLICIES, METRICS, DEFAULT_MAX_GAP_S,
                                            DEFAULT_MAX_CANDIDATES_PER_BLOCK,
                                            seconds_to_ms_floor, seconds_to_ms_ceil,
                                            window_ms_of, window_start_ms, check_params,
-                                           normalize_links, CandidateBands, candidate_mask,
+                                           normalize_links, link_bands, bands_to_ms,
+                                           CandidateBands, candidate_mask,
                                            reach_window_starts, in_reach, dt_intervals)
+from transforms.match_blocks.cells import (Tile, QueryChunk, query_chunks, tile_mask,
+                                           mask_outside)
 from transforms.match_blocks.kernels import (DEFAULT_Q_TILE, DEFAULT_R_TILE,
                                              prepare_embeddings, row_norms, Prepared,
                                              prepare_side, finite_block, tile_buffer,
@@ -107,5 +110,5 @@ from transforms.match_blocks.assignment import assign_cells, block_matches, bloc
 from transforms.match_blocks.arrays import match_arrays
 
 __all__ = [name for name in dir() if not name.startswith("_") and name not in (
-    "annotations", "arrays", "assignment", "bands", "kernels", "neighbours", "records", "scan",
+    "annotations", "arrays", "assignment", "bands", "cells", "kernels", "neighbours", "records", "scan",
     "sides", "wire")]

@@ -10,7 +10,7 @@ import numpy as np
 __all__ = ["POLICIES", "METRICS", "DEFAULT_MAX_GAP_S", "DEFAULT_WINDOW_S",
            "DEFAULT_MAX_CANDIDATES_PER_BLOCK", "seconds_to_ms_floor", "seconds_to_ms_ceil",
            "window_ms_of", "window_start_ms", "check_params", "normalize_links",
-           "CandidateBands", "candidate_mask", "reach_window_starts", "in_reach",
+           "link_bands", "bands_to_ms", "CandidateBands", "candidate_mask", "reach_window_starts", "in_reach",
            "dt_intervals"]
 
 
@@ -86,6 +86,30 @@ def normalize_links(links: Optional[Iterable[dict]]) -> Optional[list]:
     return out
 
 
+def link_bands(links: Optional[Iterable[dict]]) -> dict:
+    """links.json objects -> ``{(camera_a, camera_b): (k, 2) float64 [lo, hi] dt
+    seconds}``, ``offset_s -+ spread_s`` of each link (``camera_a < camera_b``, links
+    given the other way round flipped; several links of a pair = several bands)."""
+    out: dict = {}
+    for link in normalize_links(links) or []:
+        out.setdefault((link["camera_a"], link["camera_b"]), set()).add(
+            (link["offset_s"] - link["spread_s"], link["offset_s"] + link["spread_s"]))
+    return {k: np.asarray(sorted(v), np.float64).reshape(-1, 2) for k, v in sorted(out.items())}
+
+
+def bands_to_ms(bands) -> np.ndarray:
+    """dt bands in seconds -> sorted inclusive whole-ms intervals ((k, 2) int64): ``ceil``
+    of the lower, ``floor`` of the upper edge; empty bands dropped."""
+    out = set()
+    for lo, hi in np.asarray(bands, dtype=np.float64).reshape(-1, 2).tolist():
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("band edges must be finite, got %r" % ((lo, hi),))
+        lo_ms, hi_ms = seconds_to_ms_ceil(lo), seconds_to_ms_floor(hi)
+        if lo_ms <= hi_ms:
+            out.add((lo_ms, hi_ms))
+    return np.asarray(sorted(out), dtype=np.int64).reshape(-1, 2)
+
+
 class CandidateBands:
     """Which ``dt`` make a candidate, per directed camera pair.
 
@@ -106,13 +130,8 @@ class CandidateBands:
             self._default = np.array([[-self.max_gap_ms, self.max_gap_ms]], dtype=np.int64)
         else:
             self.max_gap_ms = None
-            pairs: dict = {}
-            for link in links:
-                lo = seconds_to_ms_ceil(link["offset_s"] - link["spread_s"])
-                hi = seconds_to_ms_floor(link["offset_s"] + link["spread_s"])
-                if lo <= hi:
-                    pairs.setdefault((link["camera_a"], link["camera_b"]), []).append((lo, hi))
-            self._pairs = {k: np.array(sorted(set(v)), dtype=np.int64) for k, v in pairs.items()}
+            self._pairs = {pair: bands_to_ms(b) for pair, b in link_bands(links).items()}
+            self._pairs = {pair: iv for pair, iv in self._pairs.items() if len(iv)}
             self._default = None
         self._empty = np.zeros((0, 2), dtype=np.int64)
 

@@ -7,6 +7,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 from transforms.match_blocks.bands import dt_intervals
+from transforms.match_blocks.cells import mask_outside, query_chunks
 from transforms.match_blocks.kernels import (DEFAULT_Q_TILE, DEFAULT_R_TILE, Workspace,
                                             exact_distances, finite_block, prepare_side,
                                             raw_distances, tile_buffer)
@@ -18,39 +19,32 @@ __all__ = ["Neighbours", "neighbour_block", "Partial", "neighbour_outputs",
            "merge_partials"]
 
 
-def _mask_outside(d: np.ndarray, starts: list, ends: list) -> None:
-    """Sets ``d[i, j] = inf`` for every column ``j`` outside row ``i``'s candidate ranges
-    ``[starts[i][k], ends[i][k])`` (tile columns, sorted, disjoint)."""
-    inf = np.float32(np.inf)
-    width = d.shape[1]
-    for i, (row_s, row_e) in enumerate(zip(starts, ends)):
-        prev = 0
-        row = None
-        for a, b in zip(row_s, row_e):
-            if a >= b:
-                continue
-            if a > prev:
-                if row is None:
-                    row = d[i]
-                row[prev:a] = inf
-            prev = b
-        if prev < width:
-            d[i, prev:] = inf
-
-
 _F32_MAX = np.float32(np.finfo(np.float32).max)
-# Relative margin on squared l2 distances: every x whose float32 sqrt equals sqrt(m) is
-# <= m * (1 + 2.4e-7) (correctly rounded sqrt), so this keeps a superset of the ties.
-_SQ_MARGIN = np.float32(1e-5)
+# How far above a line's k-th smallest tile value a cell's tile value may be and still
+# be among the first k once recomputed exactly: the same cell's float32 value differs
+# with the tile it is computed in (by ~sqrt(D) ulps of |q| |r|), and l2 tile values are
+# squared distances (a relative margin), cosine ones distances in [0, 2] (absolute).
+_SQ_MARGIN = np.float32(1e-3)
+_COS_MARGIN = np.float32(1e-4)
+
+
+def _widen(bound: np.ndarray, metric: str) -> np.ndarray:
+    """``bound`` (k-th smallest tile values, float32) -> the largest tile value that can
+    still be among the first k, in place; lines of +inf only select nothing."""
+    if metric == "l2":
+        np.maximum(bound, np.float32(0.0), out=bound)
+        bound *= np.float32(1.0) + _SQ_MARGIN
+    else:
+        bound += _COS_MARGIN
+    return np.minimum(bound, _F32_MAX, out=bound)
 
 
 def _near_cells(x: np.ndarray, k: int, axis: int, metric: str,
                 mask_buf: Optional[np.ndarray] = None):
     """(rows, cols) of cells of the :func:`raw_distances` tile ``x`` that can be among
     their row's (axis=1) or column's (axis=0) first ``k`` finite cells in (distance, id)
-    order: every finite cell whose distance is <= the k-th smallest of its line, ties
-    included (for l2, a small margin on the squared value keeps every cell whose rounded
-    distance may equal it). Masked cells are +inf and never returned."""
+    order once recomputed exactly (:func:`_widen`). Masked cells are +inf and never
+    returned."""
     if x.size == 0:
         return np.zeros(0, np.intp), np.zeros(0, np.intp)
     if k == 1:
@@ -59,13 +53,26 @@ def _near_cells(x: np.ndarray, k: int, axis: int, metric: str,
         bound = np.full(x.shape[1 - axis], np.inf, dtype=np.float32)
     else:
         bound = np.partition(x, k - 1, axis=axis).take(k - 1, axis=axis)
-    if metric == "l2":
-        np.maximum(bound, np.float32(0.0), out=bound)
-        bound *= np.float32(1.0) + _SQ_MARGIN
-    np.minimum(bound, _F32_MAX, out=bound)  # lines of inf only: nothing
+    _widen(bound, metric)
     sel = tile_buffer(mask_buf, x.shape[0], x.shape[1], bool)
     np.less_equal(x, bound[:, None] if axis == 1 else bound[None, :], out=sel)
     return np.divmod(np.flatnonzero(sel), x.shape[1])
+
+
+def _near_in_groups(groups: np.ndarray, values: np.ndarray, k: int, metric: str) -> np.ndarray:
+    """Positions of the cells (tile values ``values``, one line each in ``groups``,
+    gathered over several tiles) that can be among their line's first ``k`` once
+    recomputed exactly: the cross-tile counterpart of :func:`_near_cells`."""
+    order = np.lexsort((values, groups))
+    g, v = groups[order], values[order]
+    rank = ranks_within_groups(g)
+    starts = np.flatnonzero(rank == 1)
+    counts = np.diff(np.r_[starts, len(g)])
+    kth = np.full(len(starts), np.inf, np.float32)
+    full = counts >= k
+    kth[full] = v[starts[full] + k - 1]
+    bound = np.repeat(_widen(kth, metric), counts)
+    return np.sort(order[v <= bound])
 
 
 def _first_k(groups: np.ndarray, others: np.ndarray, dist: np.ndarray, other_rank: np.ndarray,
@@ -128,14 +135,13 @@ def neighbour_block(q: Side, r: Side, intervals: np.ndarray, metric: str, thresh
                     workspace: Optional[Workspace] = None) -> Neighbours:
     """Both directions of nearest neighbours from one pass over a block's distances.
 
-    Each candidate cell is computed once (tile by tile, at most ``q_tile x r_tile``
-    cells at a time, in buffers of ``workspace`` when given). Rows give each query's first ``k`` (final: the
-    block holds all its candidates); columns give each reference's first ``k`` among
-    this block's queries (partial: merge them over the blocks with
-    :func:`merge_partials`). The first ``k`` of a reference over all blocks are among
-    the union of its per-block first ``k``, with the same order, so the merge gives its
-    exact ranks. Only the candidate columns of each query tile are scanned (both sides
-    are sorted by time).
+    The cells are the tiles of :func:`~transforms.match_blocks.cells.query_chunks`
+    (at most ``q_tile x r_tile`` at a time, in buffers of ``workspace`` when given).
+    Rows give each query's first ``k`` (final: the block holds all its candidates);
+    columns give each reference's first ``k`` among this block's queries (partial:
+    merge them over the blocks with :func:`merge_partials`). The first ``k`` of a
+    reference over all blocks are among the union of its per-block first ``k``, with
+    the same order, so the merge gives its exact ranks.
     """
     nq, nr = len(q), len(r)
     iv = dt_intervals(intervals)
@@ -151,42 +157,38 @@ def neighbour_block(q: Side, r: Side, intervals: np.ndarray, metric: str, thresh
     mask_buf = ws.get("tile_mask", (size,), bool)
     finite = finite_block(qp, rp, metric)
     rows_q, rows_r, rows_d, rows_rank = [], [], [], []
-    cols_q, cols_r, cols_d = [], [], []
+    cols_q, cols_r, cols_x = [], [], []
     n_cand = n_cells = 0
-    for i0 in range(0, nq, q_tile):
-        i1 = min(nq, i0 + q_tile)
-        qt = q.ts[i0:i1]
-        starts = np.stack([np.searchsorted(r.ts, qt + lo, side="left") for lo in iv[:, 0]])
-        ends = np.stack([np.searchsorted(r.ts, qt + hi, side="right") for hi in iv[:, 1]])
-        c = int((ends - starts).sum())
-        if c == 0:
-            continue
-        n_cand += c
-        nonempty = ends > starts
-        j0, j1 = int(starts[nonempty].min()), int(ends[nonempty].max())
-        tq, tr, td = [], [], []
-        for jj0 in range(j0, j1, r_tile):
-            jj1 = min(j1, jj0 + r_tile)
-            s_t = np.clip(starts, jj0, jj1) - jj0
-            e_t = np.clip(ends, jj0, jj1) - jj0
-            if not (e_t > s_t).any():
-                continue
-            x = raw_distances(qp.rows(i0, i1), rp.rows(jj0, jj1), metric, buf, work)
+
+    def exact(qi, rj, x, by_row=True):
+        """The cells that can be among their line's first k, with exact distances
+        <= the threshold (eligible cells are a prefix of each line's order)."""
+        near = _near_in_groups(qi if by_row else rj, x, k, metric)
+        qi, rj = qi[near], rj[near]
+        dv = exact_distances(q.emb, r.emb, metric, qi, rj)
+        if thr is not None:
+            ok = dv <= thr
+            qi, rj, dv = qi[ok], rj[ok], dv[ok]
+        return qi, rj, dv
+
+    for chunk in query_chunks(q.ts, r.ts, iv, q_tile, r_tile):
+        i0, i1 = chunk.i0, chunk.i1
+        n_cand += chunk.n_candidates
+        tq, tr, tx = [], [], []
+        for tile in chunk.tiles:
+            jj0 = tile.j0
+            x = raw_distances(qp.rows(i0, i1), rp.rows(jj0, tile.j1), metric, buf, work)
             n_cells += x.size
             if not finite and not np.isfinite(x.max()):  # NaN/inf: never a match
                 x[~np.isfinite(x)] = inf
-            _mask_outside(x, s_t.T.tolist(), e_t.T.tolist())
-            for axis, (aq, ar, ad) in ((1, (tq, tr, td)), (0, (cols_q, cols_r, cols_d))):
+            mask_outside(x, tile)
+            for axis, (aq, ar, ax) in ((1, (tq, tr, tx)), (0, (cols_q, cols_r, cols_x))):
                 ri, cj = _near_cells(x, k, axis, metric, mask_buf)
-                dv = exact_distances(q.emb[ri + i0], r.emb[cj + jj0], metric)
-                if thr is not None:  # eligible cells are a prefix of each line's order
-                    ok = dv <= thr
-                    ri, cj, dv = ri[ok], cj[ok], dv[ok]
                 aq.append(ri + i0)
                 ar.append(cj + jj0)
-                ad.append(dv)
+                ax.append(x[ri, cj])
         if tq:
-            qi, rj, dv = np.concatenate(tq), np.concatenate(tr), np.concatenate(td)
+            qi, rj, dv = exact(np.concatenate(tq), np.concatenate(tr), np.concatenate(tx))
             pos, rank = _first_k(qi, rj, dv, r_rank, k)
             rows_q.append(qi[pos])
             rows_r.append(rj[pos])
@@ -196,7 +198,8 @@ def neighbour_block(q: Side, r: Side, intervals: np.ndarray, metric: str, thresh
         return _empty_neighbours(n_cand, n_cells)
     row_q, row_r = np.concatenate(rows_q).astype(np.int64), np.concatenate(rows_r).astype(np.int64)
     row_d, row_rank = np.concatenate(rows_d), np.concatenate(rows_rank).astype(np.int64)
-    cq, cr, cd = np.concatenate(cols_q), np.concatenate(cols_r), np.concatenate(cols_d)
+    cq, cr, cd = exact(np.concatenate(cols_q), np.concatenate(cols_r),
+                       np.concatenate(cols_x), by_row=False)
     pos, _ = _first_k(cr, cq, cd, q_rank, k)
     col_q, col_r, col_d = cq[pos].astype(np.int64), cr[pos].astype(np.int64), cd[pos]
     row_keys, col_keys = row_q * nr + row_r, col_q * nr + col_r

@@ -6,7 +6,7 @@ from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 
-from transforms.match_blocks.bands import candidate_mask
+from transforms.match_blocks.cells import query_chunks, tile_mask
 from transforms.match_blocks.kernels import (DEFAULT_Q_TILE, DEFAULT_R_TILE, finish_distances,
                                             prepare_side, raw_distances)
 from transforms.match_blocks.sides import Side, id_ranks
@@ -35,34 +35,27 @@ def scan_block(q: Side, r: Side, intervals: np.ndarray, metric: str, threshold=N
     """Candidate cells with distance <= threshold, query chunk by query chunk.
 
     With ``keep_k``, only each query's ``keep_k`` first cells in (distance, id) order
-    are kept (ranks are still ranks among all its candidates). Memory is bounded by
-    ``q_tile x r_tile`` cells plus what is kept; references are scanned only in the
-    time range the chunk's candidate intervals can reach (both sides are sorted by time).
+    are kept (ranks are still ranks among all its candidates). The chunks and cells are
+    those of :func:`~transforms.match_blocks.cells.query_chunks`: memory is bounded by
+    ``q_tile x r_tile`` cells plus what is kept.
     """
     nq, nr = len(q), len(r)
     if nq == 0 or nr == 0 or len(intervals) == 0:
         return
     thr = None if threshold is None else np.float32(threshold)
-    lo_all, hi_all = int(intervals[:, 0].min()), int(intervals[:, 1].max())
     r_rank = id_ranks(r.ids)
     qp, rp = prepare_side(q.emb, metric, "q"), prepare_side(r.emb, metric, "r")
     size = min(q_tile, nq) * min(r_tile, nr)
     buf, work = np.empty(size, np.float32), np.empty(size, np.float32)
-    for i0 in range(0, nq, q_tile):
-        i1 = min(nq, i0 + q_tile)
-        j0 = int(np.searchsorted(r.ts, q.ts[i0] + lo_all, side="left"))
-        j1 = int(np.searchsorted(r.ts, q.ts[i1 - 1] + hi_all, side="right"))
+    for chunk in query_chunks(q.ts, r.ts, intervals, q_tile, r_tile):
+        i0, i1 = chunk.i0, chunk.i1
         parts_q, parts_r, parts_d = [], [], []
-        n_cand = n_cells = 0
-        for jj0 in range(j0, j1, r_tile):
-            jj1 = min(j1, jj0 + r_tile)
-            mask = candidate_mask(q.ts[i0:i1], r.ts[jj0:jj1], intervals)
-            c = int(np.count_nonzero(mask))
-            if c == 0:
-                continue
-            n_cand += c
+        n_cand, n_cells = chunk.n_candidates, 0
+        for tile in chunk.tiles:
+            jj0 = tile.j0
+            mask = tile_mask(tile)
             n_cells += mask.size
-            d = finish_distances(raw_distances(qp.rows(i0, i1), rp.rows(jj0, jj1), metric,
+            d = finish_distances(raw_distances(qp.rows(i0, i1), rp.rows(jj0, tile.j1), metric,
                                                buf, work), metric)
             keep = mask & (np.isfinite(d) if thr is None else (d <= thr))
             if keep_k is not None and keep.shape[1] > keep_k:
@@ -73,10 +66,6 @@ def scan_block(q: Side, r: Side, intervals: np.ndarray, metric: str, threshold=N
             parts_q.append(qi + i0)
             parts_r.append(rj + jj0)
             parts_d.append(d[qi, rj])
-        if not parts_q:
-            if n_cand:
-                yield ChunkResult(*_empty_cells(), n_cand, n_cells)
-            continue
         qi = np.concatenate(parts_q)
         rj = np.concatenate(parts_r)
         dist = np.concatenate(parts_d)
@@ -87,11 +76,6 @@ def scan_block(q: Side, r: Side, intervals: np.ndarray, metric: str, threshold=N
             sel = rank <= keep_k
             qi, rj, dist, rank = qi[sel], rj[sel], dist[sel], rank[sel]
         yield ChunkResult(qi, rj, dist, rank, n_cand, n_cells)
-
-
-def _empty_cells():
-    return (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
-            np.zeros(0, np.int64))
 
 
 def ranks_within_groups(sorted_keys: np.ndarray) -> np.ndarray:
