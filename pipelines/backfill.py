@@ -407,33 +407,11 @@ def parse_args(argv: Sequence[str]):
 
 
 # ------------------------------------------------------------------ one job
-def _counters(result) -> Dict[str, int]:
-    try:
-        counters = result.metrics().query()["counters"]
-    except (NotImplementedError, AttributeError, KeyError, TypeError):
-        return {}
-    totals: Dict[str, int] = {}
-    for counter in counters:
-        value = counter.committed if counter.committed is not None else counter.attempted
-        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + int(value or 0)
-    return totals
-
-
 def run_and_watch(pipeline, watch=None) -> Dict[str, int]:
-    """Runs ``pipeline`` to the end; -> its counters. ``watch``, the backfill's
-    :class:`pipelines.progress.Progress`, prints the job's line while it runs: from the
-    workers' ticks, or (Dataflow, whose ``run()`` returns at once) from the job's
-    metrics, polled."""
-    from apache_beam.runners.runner import PipelineState
+    """Runs ``pipeline`` to the end; -> its counters (:func:`pipelines.progress.run_job`)."""
+    from pipelines import progress
 
-    result = pipeline.run()
-    if watch is not None:
-        watch.attach(result)
-    state = getattr(result, "state", PipelineState.DONE)
-    state = result.wait_until_finish() or state
-    if state not in (None, PipelineState.DONE, "DONE"):
-        raise RuntimeError("job ended in state %s" % state)
-    return _counters(result)
+    return progress.run_job(pipeline, watch)
 
 
 def _hour_of(path: str) -> Optional[Tuple[int, int]]:

@@ -13,7 +13,6 @@ from typing import Dict, List, Optional, Tuple
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.runners.runner import PipelineState
 
 from pipelines import outputs
 from pipelines import progress
@@ -95,22 +94,7 @@ def _quiet(options: PipelineOptions) -> bool:
 
 
 def _run(pipeline: beam.Pipeline, watch: Optional[progress.Progress] = None) -> Dict[str, int]:
-    result = pipeline.run()
-    if watch is not None:
-        watch.attach(result)  # runners whose run() returns while the job runs
-    state = result.wait_until_finish()
-    if state not in (PipelineState.DONE, None) and state != "DONE":
-        raise RuntimeError("pipeline ended in state %s" % state)
-    try:
-        counters = result.metrics().query()["counters"]
-    except (NotImplementedError, AttributeError, KeyError):
-        return {}
-    totals: Dict[str, int] = {}
-    for counter in counters:
-        name = counter.key.metric.name
-        value = counter.committed if counter.committed is not None else counter.attempted
-        totals[name] = totals.get(name, 0) + int(value or 0)
-    return totals
+    return progress.run_job(pipeline, watch)
 
 
 def _is_dry_run(options: PipelineOptions) -> bool:

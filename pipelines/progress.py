@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from transforms import progress as ticks
 
 __all__ = ["DEFAULT_INTERVAL_S", "EXTRACT", "MATCH", "Phase", "Progress", "RUN",
-           "format_line", "frame_accounting", "interval_s"]
+           "counter_totals", "format_line", "frame_accounting", "interval_s", "run_job"]
 
 DEFAULT_INTERVAL_S = 10.0
 INTERVAL_ENV = "CCTVIEW_PROGRESS_INTERVAL"
@@ -296,7 +296,7 @@ class Progress:
             now = self.receiver.totals()
             out = {k: v - self.baseline.get(k, 0) for k, v in now.items()}
         elif self.result is not None:
-            for name, value in _attempted(self.result).items():
+            for name, value in counter_totals(self.result, running=True).items():
                 out[name] = max(out.get(name, 0), value)
         return out
 
@@ -322,15 +322,34 @@ class Progress:
             print(text, file=self.stream or sys.stderr, flush=True)
 
 
-def _attempted(result) -> Dict[str, int]:
-    """Counters of a running job (attempted values), {} where the runner has none yet."""
+def run_job(pipeline, watch: Optional["Progress"] = None) -> Dict[str, int]:
+    """Runs ``pipeline`` to the end; -> its counters (:func:`counter_totals`).
+    ``watch`` prints the job's line while it runs: from the workers' ticks, or (runners
+    whose ``run()`` returns at once, e.g. Dataflow) from the job's metrics, polled.
+    Raises when the job ends in any state but DONE."""
+    from apache_beam.runners.runner import PipelineState
+
+    result = pipeline.run()
+    if watch is not None:
+        watch.attach(result)
+    state = result.wait_until_finish() or getattr(result, "state", PipelineState.DONE)
+    if state not in (None, PipelineState.DONE, "DONE"):
+        raise RuntimeError("pipeline ended in state %s" % state)
+    return counter_totals(result)
+
+
+def counter_totals(result, running: bool = False) -> Dict[str, int]:
+    """A job's counters summed by name over steps: committed values (attempted where a
+    runner commits none); ``running``: attempted values of a job still running. {}
+    where the runner has none (yet)."""
     try:
         counters = result.metrics().query()["counters"]
     except Exception:  # pylint: disable=broad-except  # not implemented, not started yet
         return {}
     totals: Dict[str, int] = {}
     for c in counters:
-        value = c.attempted if c.attempted is not None else c.committed
+        first, second = (c.attempted, c.committed) if running else (c.committed, c.attempted)
+        value = first if first is not None else second
         totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + int(value or 0)
     return totals
 
