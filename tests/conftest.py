@@ -38,6 +38,26 @@ def require_shared(path: Path) -> Path:
     return path
 
 
+def reference_minutes_of(root: Path, first_minute: int, end_minute: int) -> Path:
+    """Writes each camera's shared reference detections of 13:MM local time, minutes
+    ``[first_minute, end_minute)``, to ``root`` (same file names); -> ``root``."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    require_shared(REFERENCE)
+    start, end = (pa.scalar(dt.datetime(2020, 5, 5, 13, m), pa.timestamp("ms"))
+                  for m in (first_minute, end_minute))
+    for path in sorted(REFERENCE.glob("*.parquet")):
+        whole = pq.read_table(path)
+        keep = pc.and_(pc.greater_equal(whole["frame_ts"], start),
+                       pc.less(whole["frame_ts"], end))
+        pq.write_table(whole.filter(keep), root / path.name)
+    return root
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -12,7 +12,6 @@ score, embedding within float noise), match pairs, dead letters, links. Both run
 each model call one thread (``--model-threads 1``, the Dask default): a different
 thread count rounds onnxruntime's sums differently (see test_multiprocess_shared.py).
 """
-import datetime as dt
 import json
 import os
 import signal
@@ -22,13 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 import pytest
 
-from conftest import FRAMES, MODELS, REFERENCE, REPO, free_port, require_shared
+from conftest import (FRAMES, MODELS, REPO, free_port, reference_minutes_of,
+                      require_shared)
 
 distributed = pytest.importorskip("distributed")
 
@@ -227,16 +224,7 @@ def frame_inputs(broken_frames):
 @pytest.fixture(scope="module")
 def reference_subset(tmp_path_factory):
     """Five minutes (13:10-13:15 local) of each camera's reference detections."""
-    require_shared(REFERENCE)
-    root = tmp_path_factory.mktemp("reference-5min")
-    start, end = (pa.scalar(dt.datetime(2020, 5, 5, 13, m), pa.timestamp("ms"))
-                  for m in (10, 15))
-    for camera in CAMERAS:
-        whole = pq.read_table(require_shared(REFERENCE / ("%s.parquet" % camera)))
-        keep = pc.and_(pc.greater_equal(whole["frame_ts"], start),
-                       pc.less(whole["frame_ts"], end))
-        pq.write_table(whole.filter(keep), root / ("%s.parquet" % camera))
-    return root
+    return reference_minutes_of(tmp_path_factory.mktemp("reference-5min"), 10, 15)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import FRAMES, REFERENCE, REPO, require_shared
+from conftest import FRAMES, REPO, reference_minutes_of, require_shared
 from pipelines import progress
 from transforms import progress as ticks
 
@@ -136,22 +136,7 @@ def test_extract_on_the_multi_process_direct_runner_prints_progress(tmp_path):
 @pytest.fixture(scope="module")
 def reference_minutes(tmp_path_factory):
     """Three minutes of each camera's reference detections."""
-    import datetime as dt
-
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    require_shared(REFERENCE)
-    root = tmp_path_factory.mktemp("reference-3min")
-    start, end = (pa.scalar(dt.datetime(2020, 5, 5, 13, m), pa.timestamp("ms"))
-                  for m in (10, 13))
-    for path in sorted(REFERENCE.glob("*.parquet")):
-        whole = pq.read_table(path)
-        keep = pc.and_(pc.greater_equal(whole["frame_ts"], start),
-                       pc.less(whole["frame_ts"], end))
-        pq.write_table(whole.filter(keep), root / path.name)
-    return root
+    return reference_minutes_of(tmp_path_factory.mktemp("reference-3min"), 10, 13)
 
 
 def test_match_prints_progress_in_process_and_quiet_silences_it(reference_minutes, tmp_path,

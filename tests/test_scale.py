@@ -80,7 +80,7 @@ def test_scale_world_is_deterministic(world, tmp_path):
 
 
 @pytest.mark.parametrize("policy, flags", [
-    ("mutual", []), ("topk", ["--top-k", "2"]), ("all", ["--threshold", "30"]),
+    ("mutual", []), ("topk", ["--top-k", "2"]), ("all", ["--threshold", "23"]),
     ("assignment", ["--threshold", "40"])])
 def test_time_chunks_give_the_matches_of_one_job(world, tmp_path, policy, flags):
     """--chunk-mb 1 (a chunk per block: many jobs, margins everywhere) == --chunk-mb 0."""

@@ -211,9 +211,9 @@ class _RouteToBlocks(beam.DoFn):
             targets[own] = None
         iv = self.bands.reference_intervals(cam)
         if len(iv):
-            roles = [batch.ts]
+            roles = [] if self.control is not None and self.control.alone else [batch.ts]
             if self.control is not None:  # (also) where its shifted copy is needed
-                roles = roles[self.control.alone:] + [self.control.shift(batch.ts)]
+                roles.append(self.control.shift(batch.ts))
             for ts in roles:
                 self._reach(targets, ts, iv)
         at_own = 0  # rows that go to their own block, counted computed there
