@@ -27,6 +27,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.proctree import tree_pids  # noqa: E402
+
 CLI = REPO / ".venv" / "bin" / "cctview"
 CLASSICAL = ["--detector", "background", "--embedder", "color_histogram"]
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -35,25 +38,13 @@ PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 # ----------------------------------------------------------------------------- memory
 def _tree(root: int) -> dict:
     """{pid: command line} of root and its live descendants (from /proc)."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as handle:
-                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = {}, [root]
-    while todo:
-        pid = todo.pop()
+    out = {}
+    for pid in tree_pids(root):
         try:
             with open("/proc/%d/cmdline" % pid, "rb") as handle:
                 out[pid] = handle.read().replace(b"\0", b" ").decode("utf-8", "replace")
         except OSError:
             continue
-        todo.extend(children.get(pid, []))
     return out
 
 

@@ -23,18 +23,18 @@ class Measured(NamedTuple):
 
 
 def _children() -> dict:
-    """{pid: parent pid} of every process."""
-    parents = {}
+    """{parent pid: [child pids]} of every process (from /proc)."""
+    children: dict = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             with open("/proc/%s/stat" % name) as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-            parents[int(name)] = int(fields[1])
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
-    return parents
+        children.setdefault(parent, []).append(int(name))
+    return children
 
 
 def _rss_bytes(pid: int) -> int:
@@ -47,19 +47,17 @@ def _rss_bytes(pid: int) -> int:
 
 def tree_rss(root: int) -> int:
     """Sum of the resident sizes of ``root`` and its descendants (bytes)."""
-    return sum(_rss_bytes(pid) for pid in _tree(root))
+    return sum(_rss_bytes(pid) for pid in tree_pids(root))
 
 
-def _tree(root: int) -> list:
+def tree_pids(root: int) -> list:
     """``root`` and its descendants, parents first."""
-    parents = _children()
+    children = _children()
     tree, frontier = [root], [root]
     while frontier:
-        pid = frontier.pop()
-        for child, parent in parents.items():
-            if parent == pid and child not in tree:
-                tree.append(child)
-                frontier.append(child)
+        kids = children.get(frontier.pop(), [])
+        tree.extend(kids)
+        frontier.extend(kids)
     return tree
 
 
@@ -92,7 +90,7 @@ def run(argv: List[str], cwd: Optional[str] = None, env: Optional[dict] = None,
 
 
 def _kill_tree(root: int) -> None:
-    for pid in reversed(_tree(root)):
+    for pid in reversed(tree_pids(root)):
         try:
             os.kill(pid, 9)
         except OSError:
