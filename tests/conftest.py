@@ -58,6 +58,32 @@ def reference_minutes_of(root: Path, first_minute: int, end_minute: int) -> Path
     return root
 
 
+def copy_frames(root: Path, camera: str, count: int) -> list:
+    """Copies the first ``count`` real frames of ``camera`` under ``root`` in the frames'
+    own layout; -> the source paths."""
+    import shutil
+
+    src = sorted(require_shared(FRAMES / camera).rglob("*.jpeg"))[:count]
+    for path in src:
+        target = root / path.relative_to(FRAMES)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    return src
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module (``pytestmark``): on a small, shared CI
+    machine OpenMP threads that spin while waiting for a busy core make model tests many
+    times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ import tensorflow as tf
 import torch
 from PIL import Image
 
-from conftest import FRAMES, require_shared
+from conftest import FRAMES, copy_frames, require_shared
 from models.imaging import crop_boxes
 from models.registry import build_detector, build_embedder
 from models.weights import WeightsError, folder_sha256
@@ -29,12 +29,7 @@ BOXES = [[0.1, 0.2, 0.5, 0.6], [0.2, 0.1, 0.4, 0.3], [0.5, 0.5, 0.9, 0.9], [0.0,
 CLASSES = [3.0, 8.0, 1.0, 6.0]  # COCO-91 ids: car, truck, person, bus (the 4th is past num_detections)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -212,11 +207,7 @@ def _extract(frames_dir, out, *flags):
 def frames_dir(tmp_path_factory):
     """Four real frames of one camera and one truncated file."""
     root = tmp_path_factory.mktemp("frames")
-    src = sorted(require_shared(FRAMES / CAMERA).rglob("*.jpeg"))[:4]
-    for path in src:
-        target = root / path.relative_to(FRAMES)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, target)
+    src = copy_frames(root, CAMERA, 4)
     bad = root / CAMERA / "2020/05/05/13/59/59" / ("%s--2020-05-05--13.59.59--original.jpeg" % CAMERA)
     bad.parent.mkdir(parents=True)
     bad.write_bytes(src[0].read_bytes()[:1500])

@@ -1,11 +1,10 @@
 """cctview extract end to end: real frames, real ONNX models, bad inputs, re-runs."""
-import shutil
 
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from conftest import FRAMES, MODELS, require_shared
+from conftest import MODELS, copy_frames, require_shared
 from pipelines.cli import main
 
 CAMERA = "735-683-N"
@@ -15,11 +14,7 @@ CAMERA = "735-683-N"
 def frames_dir(tmp_path_factory):
     """Twelve real frames of one camera plus one of each kind of bad file."""
     root = tmp_path_factory.mktemp("frames")
-    src = sorted(require_shared(FRAMES / CAMERA).rglob("*.jpeg"))[:12]
-    for path in src:
-        target = root / path.relative_to(FRAMES)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, target)
+    src = copy_frames(root, CAMERA, 12)
     empty = root / CAMERA / "2020/05/05/13/59/58" / (
         "%s--2020-05-05--13.59.58--original.jpeg" % CAMERA)
     empty.parent.mkdir(parents=True)

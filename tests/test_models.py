@@ -41,14 +41,7 @@ def _frame_time(path: Path) -> datetime.datetime:
     return datetime.datetime.strptime(day + " " + clock, "%Y-%m-%d %H.%M.%S")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a small, shared CI machine OpenMP threads that spin
-    while waiting for a busy core make these tests many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
