@@ -78,10 +78,8 @@ import concurrent.futures
 import datetime as dt
 import hashlib
 import json
-import logging
 import os
 import re
-import sys
 import time
 import traceback
 import uuid
@@ -90,9 +88,11 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 
-from pipelines.errors import UsageError
+from pipelines import commands, progress
+from pipelines.command import Command, OneLineParser, parse
+from runners.errors import JobFailed, UsageError
+from runners.presets import add_option_args, expand_preset
 
-_LOG = logging.getLogger(__name__)
 
 CHUNK_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 DAY_MS = 86400 * 1000
@@ -194,16 +194,6 @@ def margin_ms(policy: str, max_gap_s: float, links: Optional[Sequence[dict]],
                          "mutual and assignment have a bounded reach); pass one of those, "
                          "or match the backfill's detections with 'cctview match'" % policy)
     return context_margin_ms(policy, CandidateBands(max_gap_s, links), window_ms)
-
-
-def effective_policy(options) -> str:
-    """``--policy``, or the default the matcher applies (``pipelines.stages.policy_of``)."""
-    from pipelines import stages
-    from pipelines.options import MatchOptions
-
-    if hasattr(stages, "policy_of"):
-        return stages.policy_of(options)
-    return options.view_as(MatchOptions).policy or "mutual"
 
 
 def context_of(partition: Partition, margin_ms: int, start_ms: int, end_ms: int):
@@ -317,15 +307,8 @@ class Store:
 
 
 # ------------------------------------------------------------------ flags
-class _OneLineParser(argparse.ArgumentParser):
-    """Argument errors as one line (UsageError), like every other command's."""
-
-    def error(self, message):
-        raise UsageError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="cctview backfill",
         description="Resumable, partition-by-partition 'cctview run' over a time range: "
                     "each partition is committed on its own (DIR/_backfill/<P>/_SUCCESS) "
@@ -354,9 +337,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _option_dests(cls) -> List[str]:
-    parser = argparse.ArgumentParser(add_help=False)
-    cls._add_argparse_args(parser)
-    return [a.dest for a in parser._actions]
+    return [a.dest for a in add_option_args(argparse.ArgumentParser(add_help=False),
+                                            (cls,))._actions]
 
 
 def _settings(options, classes, extra: Optional[dict] = None) -> dict:
@@ -384,17 +366,15 @@ class Config:
 
 def parse_args(argv: Sequence[str]):
     """-> (Config, PipelineOptions of the per-partition jobs); UsageError if unusable."""
-    from pipelines import cli
     from pipelines.options import TimeZoneOptions
-    from runners.presets import expand_preset
     from transforms.layout import optional_range
 
     argv = expand_preset(list(argv))
     args, passthrough = _parser().parse_known_args(argv)
     chunk_ms = parse_chunk(args.chunk)
     # Validate every other flag exactly as 'cctview run' would (unknown flags, values).
-    _, options = cli.parse(["run", "--input"] + args.input + ["--output", args.output]
-                           + passthrough)
+    options = parse("run", commands.RUN, ["--input"] + args.input + ["--output", args.output]
+                    + passthrough)
     timezone = options.view_as(TimeZoneOptions).timezone
     try:
         start_ms, end_ms = optional_range(args.start, args.end, timezone)
@@ -407,13 +387,6 @@ def parse_args(argv: Sequence[str]):
 
 
 # ------------------------------------------------------------------ one job
-def run_and_watch(pipeline, watch=None) -> Dict[str, int]:
-    """Runs ``pipeline`` to the end; -> its counters (:func:`pipelines.progress.run_job`)."""
-    from pipelines import progress
-
-    return progress.run_job(pipeline, watch)
-
-
 def _hour_of(path: str) -> Optional[Tuple[int, int]]:
     """``.../date=D/hour=H/...`` -> the hour's [start, end) in ms; None if not there."""
     match = re.search(r"date=(\d{4}-\d{2}-\d{2})/hour=(\d{2})", path)
@@ -485,7 +458,7 @@ class Backfill:
     def __init__(self, config: Config, options, say=print):
         from pipelines.options import (CandidateOptions, FrameInputOptions, MatchOptions,
                                        ModelOptions, OutputOptions, TimeZoneOptions)
-        from pipelines.stages import read_links
+        from pipelines.stages import policy_of, read_links
         from transforms.match_blocks import window_ms_of
 
         self.config = config
@@ -503,7 +476,7 @@ class Backfill:
         if matching.links:
             with self.store.fs.open(matching.links) as handle:
                 links_digest = hashlib.sha256(handle.read()).hexdigest()
-        policy = effective_policy(options)
+        policy = policy_of(options)
         self.margin_ms = margin_ms(policy, candidates.max_gap, self.links,
                                    window_ms_of(candidates.window))
         self.extract_settings = _settings(
@@ -747,10 +720,9 @@ class Backfill:
                                  self._phases(extract, match))
         pipeline = self.build(extract, match, index)
         # No pipeline: partitions to match whose contexts hold no detections at all.
-        counters = run_and_watch(pipeline, self.watch) if pipeline is not None else {}
+        counters = progress.run_job(pipeline, self.watch) if pipeline is not None else {}
         seconds = time.time() - started
-        for name, value in counters.items():
-            self.totals[name] = self.totals.get(name, 0) + value
+        progress.add_counts(self.totals, counters)
         parts = []
         if extract is not None:
             parts.append(self._commit_extract(extract, counters, seconds))
@@ -777,14 +749,10 @@ class Backfill:
 
     @staticmethod
     def _phases(extract, match):
-        from pipelines import progress
-
         phases = (progress.FRAMES,) if extract is not None else ()
         return phases + ((progress.MATCHING,) if match else ())
 
     def run(self) -> int:
-        from pipelines import progress
-
         with progress.Progress(self.options, "backfill", (), self.config.progress_every,
                                quiet=self.quiet) as self.watch:
             return self._run()
@@ -850,9 +818,7 @@ class Backfill:
         matches = sum(m.get("matches", 0) for m in self.done.values())
         self.say("backfill done: %d partition(s), %d job(s) in %.1f s; %d matches in the "
                  "range -> %s" % (len(self.plan), jobs, seconds, matches, self.config.output))
-        from pipelines.progress import frame_accounting
-
-        accounting = frame_accounting(self.totals, backfill=True)
+        accounting = progress.frame_accounting(self.totals, backfill=True)
         if accounting:
             self.say(accounting)
         names = [n for n in _SUMMARY_FIRST if n in self.totals]
@@ -861,26 +827,12 @@ class Backfill:
             ", ".join("%s=%d" % (n, self.totals[n]) for n in names) or "none (no job ran)"))
 
 
-class JobFailed(Exception):
-    """A partition's job failed; the backfill stops, resumable."""
+def run(parsed) -> int:
+    """``cctview backfill``: runs the (Config, PipelineOptions) of :func:`parse_args`."""
+    config, options = parsed
+    return Backfill(config, options, say=lambda line: print(line, flush=True)).run()
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """``cctview backfill`` (``argv`` without the word 'backfill'); -> exit status."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING,
-                            format="%(levelname)s %(name)s: %(message)s")
-    try:
-        config, options = parse_args(argv)
-        return Backfill(config, options, say=lambda line: print(line, flush=True)).run()
-    except UsageError as exc:
-        print("cctview backfill: error: %s" % exc, file=sys.stderr)
-        return 2
-    except JobFailed as exc:
-        print("cctview backfill: %s" % exc, file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMAND = Command(
+    "resumable, partition-by-partition run over a time range (--chunk 1h)",
+    (), run, parse=parse_args)

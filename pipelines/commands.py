@@ -16,11 +16,12 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines import outputs
 from pipelines import progress
-from pipelines.errors import UsageError
+from pipelines.command import Command
 from pipelines.options import (
     CalibrateOptions,
     CandidateOptions,
     DetectionInputOptions,
+    EvaluateOptions,
     FrameInputOptions,
     MatchOptions,
     ModelOptions,
@@ -28,6 +29,7 @@ from pipelines.options import (
     ProgressOptions,
     TimeZoneOptions,
 )
+from runners.errors import UsageError
 from transforms import parquet_io
 from transforms.cctview_import import ImportCCTView
 from transforms.detections_io import (DetectionsSchemaError, FileSpan, ReadDetections, inspect_files,
@@ -93,10 +95,6 @@ def _quiet(options: PipelineOptions) -> bool:
     return bool(options.view_as(ProgressOptions).quiet)
 
 
-def _run(pipeline: beam.Pipeline, watch: Optional[progress.Progress] = None) -> Dict[str, int]:
-    return progress.run_job(pipeline, watch)
-
-
 def _is_dry_run(options: PipelineOptions) -> bool:
     return bool(options.get_all_options().get("dry_run"))
 
@@ -133,7 +131,7 @@ def _write_all(pcolls: Dict[str, object], output: str, shards: int) -> None:
 
 def _finish(options, pipeline, output: str, tables: List[str],
             watch: Optional[progress.Progress] = None) -> int:
-    totals = _run(pipeline, watch)
+    totals = progress.run_job(pipeline, watch)
     if _is_dry_run(options):
         print("dry run: job built, nothing executed")
         return 0
@@ -245,8 +243,7 @@ def _run_chunks(options: PipelineOptions, chunks, build, what: str,
             watch.start_job(label, phases, {"reading": chunk.rows})
             pipeline = beam.Pipeline(options=options)
             build(pipeline, chunk)
-            for name, value in _run(pipeline, watch).items():
-                totals[name] = totals.get(name, 0) + value
+            progress.add_counts(totals, progress.run_job(pipeline, watch))
             _chunk_done(options, chunks, chunk, started, what)
     return totals
 
@@ -435,7 +432,6 @@ def _read_parts(folder: str):
 def evaluate(options: PipelineOptions) -> int:
     """Estimated precision of a matching configuration per camera pair, without labels:
     target-decoy competition (default) or the time-shift control (``--control shift``)."""
-    from pipelines.options import EvaluateOptions
     from pipelines.stages import matcher_factory, read_links
 
     files, cameras = _detection_files(options, cameras=True)
@@ -460,7 +456,7 @@ def evaluate(options: PipelineOptions) -> int:
              | "Evaluate" >> evaluation
              | "AllRows" >> beam.combiners.ToList()
              | "WriteTable" >> beam.Map(_write_json, target))
-        _run(pipeline, watch)
+        progress.run_job(pipeline, watch)
     if _is_dry_run(options):
         print("dry run: job built, nothing executed")
         return 0
@@ -585,3 +581,35 @@ def _summary_text(r: dict) -> str:
     return ("no matches: --min-precision %.2f is not reached; %s: --min-precision %.2f "
             "would return matches" % (r["min_precision"], best,
                                       r["min_precision_for_matches"]))
+
+
+EXTRACT = Command(
+    "frames -> detections with embeddings (and dead letters)",
+    (FrameInputOptions, TimeZoneOptions, ModelOptions, OutputOptions, ProgressOptions),
+    extract)
+MATCH = Command(
+    "stored detections -> cross-camera match pairs; no model runs",
+    (DetectionInputOptions, TimeZoneOptions, CandidateOptions, MatchOptions, OutputOptions,
+     ProgressOptions),
+    match)
+RUN = Command(
+    "extract and match in one pipeline: frames -> detections and matches",
+    (FrameInputOptions, TimeZoneOptions, ModelOptions, CandidateOptions, MatchOptions,
+     OutputOptions, ProgressOptions),
+    run)
+CALIBRATE = Command(
+    "stored detections -> links.json: camera links (transit-time offsets) found in "
+    "the data",
+    (DetectionInputOptions, TimeZoneOptions, CandidateOptions, CalibrateOptions,
+     OutputOptions, ProgressOptions),
+    calibrate)
+EVALUATE = Command(
+    "a matching configuration's estimated precision per camera pair, without labels "
+    "(target-decoy competition, or --control shift)",
+    (DetectionInputOptions, TimeZoneOptions, CandidateOptions, MatchOptions,
+     EvaluateOptions, OutputOptions, ProgressOptions),
+    evaluate)
+IMPORT_CCTVIEW = Command(
+    "CCTView output trees (--features.json + --detections.json) -> detections Parquet",
+    (FrameInputOptions, TimeZoneOptions, OutputOptions),
+    import_cctview)

@@ -21,7 +21,8 @@ import argparse
 import json
 import time
 
-from pipelines import ground_truth
+from pipelines import commands, ground_truth, report, synth
+from pipelines.command import Command, parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,11 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _step(title: str, argv) -> None:
-    from pipelines import cli  # here: cli imports this module
-
+    """Runs one command (``argv[0]``: its name, then its flags) as the CLI would."""
+    name, flags = argv[0], argv[1:]
+    command = _STEPS[name]
     started = time.time()
     print("== %s" % title, flush=True)
-    code = cli.main(argv)
+    code = command.run(parse(name, command, flags))
     if code != 0:
         raise SystemExit(code)
     print("   (%.1f s)" % (time.time() - started), flush=True)
@@ -114,3 +116,13 @@ def run_from_args(args: argparse.Namespace) -> int:
             ", ".join("%+.1f" % o for o in sorted(truth_offsets))))
     print("\ndemo done in %.0f s: report at %s/report/index.html" % (time.time() - started, out))
     return 0
+
+
+# The commands the demo's steps run, by the names its argv lists give them.
+_STEPS = {"synth": synth.COMMAND, "run": commands.RUN, "calibrate": commands.CALIBRATE,
+          "match": commands.MATCH, "report": report.COMMAND}
+
+COMMAND = Command(
+    "the embedded default: synth, run, calibrate, match --links, report; offline, "
+    "scored against the ground truth",
+    (), run_from_args, add_arguments=add_arguments)

@@ -10,7 +10,7 @@ import uuid
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.errors import UsageError
+from runners.errors import UsageError
 from transforms import parquet_io
 
 TABLES = {

@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from transforms import progress as ticks
 
 __all__ = ["DEFAULT_INTERVAL_S", "EXTRACT", "MATCH", "Phase", "Progress", "RUN",
-           "counter_totals", "format_line", "frame_accounting", "interval_s", "run_job"]
+           "add_counts", "counter_totals", "format_line", "frame_accounting", "interval_s", "run_job"]
 
 DEFAULT_INTERVAL_S = 10.0
 INTERVAL_ENV = "CCTVIEW_PROGRESS_INTERVAL"
@@ -336,6 +336,14 @@ def run_job(pipeline, watch: Optional["Progress"] = None) -> Dict[str, int]:
     if state not in (None, PipelineState.DONE, "DONE"):
         raise RuntimeError("pipeline ended in state %s" % state)
     return counter_totals(result)
+
+
+def add_counts(totals: Dict[str, int], counts: Dict[str, int]) -> Dict[str, int]:
+    """Adds ``counts`` into ``totals`` name by name (the counters of a command's jobs,
+    chunks or partitions, summed); -> ``totals``."""
+    for name, value in counts.items():
+        totals[name] = totals.get(name, 0) + value
+    return totals
 
 
 def counter_totals(result, running: bool = False) -> Dict[str, int]:

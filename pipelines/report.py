@@ -40,8 +40,9 @@ from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
 from pipelines import report_charts as charts
+from pipelines.command import Command
 from pipelines import report_estimate
-from pipelines.errors import UsageError
+from runners.errors import UsageError
 
 __all__ = ["GALLERY_SIZE", "add_arguments", "build_report", "run_from_args"]
 
@@ -381,3 +382,10 @@ def run_from_args(args: argparse.Namespace) -> int:
                         args.evaluation, args.max_estimate_detections)
     print("report: %s" % path)
     return 0
+
+
+COMMAND = Command(
+    "one HTML page plus images of a run: estimated precision per camera pair "
+    "(target-decoy), dt histograms against the control with link bands, links, "
+    "scores, match gallery, dead letters",
+    (), run_from_args, add_arguments=add_arguments)

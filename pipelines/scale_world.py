@@ -39,6 +39,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.command import Command
+
 SEGMENT_S = 300
 ROW_GROUP_S = 300
 DEFAULT_START = "2020-05-05T13:00:00+00:00"
@@ -231,3 +233,9 @@ def run_from_args(args) -> int:
     print("done: %d rows in %d files, %d planted links -> %s"
           % (world["rows"], len(world["files"]), len(world["links"]), args.output))
     return 0
+
+
+COMMAND = Command(
+    "stored detections of N cameras x H hours built from real ones, with planted "
+    "links: inputs for scale tests and benchmarks",
+    (), run_from_args, add_arguments=add_arguments)

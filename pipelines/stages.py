@@ -7,7 +7,7 @@ stops the command in seconds with one line, not on every worker an hour later.
 import os
 from typing import List, Optional
 
-from pipelines.errors import UsageError
+from runners.errors import UsageError
 from pipelines.options import CandidateOptions, MatchOptions, ModelOptions
 
 

@@ -47,13 +47,14 @@ import io
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
+
+from pipelines.command import Command
 
 WIDTH, HEIGHT = 352, 240
 DEFAULT_START = dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
@@ -759,9 +760,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run_from_args(args: argparse.Namespace) -> int:
     """Runs :func:`synthesize` from parsed flags; prints the summary as one JSON line.
 
-    Bad values and unwritable outputs raise :class:`pipelines.errors.UsageError` (the CLI
+    Bad values and unwritable outputs raise :class:`runners.errors.UsageError` (the CLI
     prints it as one line and exits non-zero)."""
-    from pipelines.errors import UsageError
+    from runners.errors import UsageError
 
     try:
         summary = synthesize(args.output, cameras=args.cameras, minutes=args.minutes,
@@ -774,17 +775,6 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
-def _main(argv=None) -> int:
-    """``python -m pipelines.synth --output DIR ...``: the same as the CLI wiring, standalone."""
-    from pipelines.errors import UsageError
-
-    args = add_arguments(argparse.ArgumentParser(prog="python -m pipelines.synth")).parse_args(argv)
-    try:
-        return run_from_args(args)
-    except UsageError as exc:
-        print("synth: error: %s" % exc, file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(_main())
+COMMAND = Command(
+    "synthetic multi-camera footage with ground truth (frames in the CCTView layout)",
+    (), run_from_args, add_arguments=add_arguments)

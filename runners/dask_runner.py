@@ -64,7 +64,7 @@ from apache_beam.transforms.userstate import is_stateful_dofn
 from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.counters import CounterFactory
 
-from pipelines.errors import JobFailed, UsageError
+from runners.errors import JobFailed, UsageError
 
 # The tag of a bundle's counters among its outputs (no PCollection has this tag).
 _COUNTERS = "__cctview_dask_counters__"

@@ -40,8 +40,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-import pipelines.options  # noqa: F401  (registers the project's flags, e.g. --device)
-from pipelines.errors import UsageError
+from runners.errors import UsageError
+
+__all__ = ["BEAM_DASK_RUNNER", "DASK_RUNNER", "MODEL_COMMANDS", "PRESETS", "PRESET_FLAG",
+           "Preset", "T4_ACCELERATOR", "add_option_args", "describe", "expand_preset",
+           "option_classes", "uses_dask"]
 
 PRESET_FLAG = "--runner_preset"
 
@@ -131,8 +134,11 @@ PRESETS: Dict[str, Preset] = {
 }
 
 
-def all_option_classes():
-    """Every PipelineOptions subclass, Beam's and the project's, each once."""
+def option_classes():
+    """Every PipelineOptions subclass imported so far, Beam's and the project's, each once.
+
+    The project's flags (``--device``, ...) are known once ``pipelines.options`` is
+    imported, as the CLI does: this layer imports nothing above it."""
     seen, stack = [], list(PipelineOptions.__subclasses__())
     while stack:
         cls = stack.pop()
@@ -143,18 +149,27 @@ def all_option_classes():
     return seen
 
 
+def add_option_args(parser: argparse.ArgumentParser, classes) -> argparse.ArgumentParser:
+    """Declares the flags of PipelineOptions ``classes`` on ``parser``; -> ``parser``.
+
+    A flag that two classes both declare is kept from the first: Beam's own classes
+    repeat a few (its parser tolerates that, argparse does not)."""
+    for cls in classes:
+        try:
+            cls._add_argparse_args(parser)
+        except argparse.ArgumentError:
+            pass
+    return parser
+
+
 def _option_actions() -> Dict[str, argparse.Action]:
     """Every Beam and project option string (aliases included) -> its argparse action.
 
     Built from the same PipelineOptions subclasses that Beam parses with, so a flag
     added by Beam or by the project is known without a list kept here.
     """
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for cls in all_option_classes():
-        try:
-            cls._add_argparse_args(parser)
-        except argparse.ArgumentError:
-            pass  # an option declared by two classes: the first declaration is enough
+    parser = add_option_args(argparse.ArgumentParser(add_help=False, allow_abbrev=False),
+                             option_classes())
     actions = {}
     for action in parser._actions:
         for option in action.option_strings:
@@ -272,7 +287,8 @@ def expand_preset(argv: List[str]) -> List[str]:
     changes are a bare ``--dry_run`` becoming ``--dry_run=True`` and ``--runner
     DaskRunner`` naming the project's Dask runner. Raises UsageError for an unknown
     preset, a required flag that is missing, Beam's own DaskRunner, or Dask flags
-    without the dask extra installed.
+    without the dask extra installed. A preset's project flags (``--device``) must be
+    registered first (:func:`option_classes`).
     """
     argv = _normalise_dry_run(list(argv))
     name, rest = _pop_preset(argv)

@@ -30,7 +30,7 @@ import pytest
 
 from conftest import FRAMES, MODELS, require_shared
 from pipelines import backfill, cli
-from pipelines.errors import UsageError
+from runners.errors import UsageError
 from transforms.match_blocks import match_arrays
 
 START, END = "2024-05-01T12:00:00", "2024-05-01T12:03:00"
@@ -190,7 +190,7 @@ def test_partitions_are_committed_with_markers_into_hive_tables(reference):
 def test_rerun_skips_committed_partitions(reference, world, capsys):
     out, _ = reference
     before = {f: (out / f).stat().st_mtime_ns for f in _files(out)}
-    assert backfill.main(_args(world, out)) == 0
+    assert cli.main(["backfill"] + _args(world, out)) == 0
     printed = capsys.readouterr().out
     assert "3 complete, 0 extracted, 0 job(s) to run" in printed
     assert {f: (out / f).stat().st_mtime_ns for f in _files(out)} == before
@@ -217,7 +217,7 @@ def test_matches_equal_one_matching_over_the_stored_detections(reference, tmp_pa
 def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_outputs(reference, world, tmp_path):
     ref_out, _ = reference
     out = tmp_path / "out"
-    process = subprocess.Popen([sys.executable, "-m", "pipelines.backfill"]
+    process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "backfill"]
                                + _args(world, out), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     first = out / "_backfill" / PARTITIONS[0] / "_SUCCESS"
@@ -239,13 +239,13 @@ def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_outputs(reference, wo
 def test_other_settings_or_foreign_outputs_are_refused_in_one_line(reference, world, tmp_path,
                                                                    capsys):
     out, _ = reference
-    assert backfill.main(_args(world, out, "--min-score", "0.5")) == 2
-    assert backfill.main(_args(world, out, "--chunk", "1h")) == 2  # the last --chunk wins
+    assert cli.main(["backfill"] + _args(world, out, "--min-score", "0.5")) == 2
+    assert cli.main(["backfill"] + _args(world, out, "--chunk", "1h")) == 2  # the last --chunk wins
     foreign = tmp_path / "foreign"
     (foreign / "detections").mkdir(parents=True)
     (foreign / "detections" / "part-00000.parquet").write_bytes(b"x")
-    assert backfill.main(_args(world, foreign)) == 2
-    assert backfill.main(_args(world, tmp_path / "x", "--chunk", "7m")) == 2
+    assert cli.main(["backfill"] + _args(world, foreign)) == 2
+    assert cli.main(["backfill"] + _args(world, tmp_path / "x", "--chunk", "7m")) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 4 and all(e.startswith("cctview backfill: error: ") for e in errors)
     assert "min_score" in errors[0] and "chunk_ms" in errors[1]
@@ -262,7 +262,7 @@ def test_backfill_equals_one_run_for_a_detector_that_sees_one_frame_at_a_time(tm
               "--timezone", "America/New_York", "--detector", "yolox",
               "--detector-weights", str(weights), "--embedder", "color_histogram",
               "--max-gap", "10"]
-    assert backfill.main(common + ["--output", str(tmp_path / "bf"), "--chunk", "15s"]) == 0
+    assert cli.main(["backfill"] + common + ["--output", str(tmp_path / "bf"), "--chunk", "15s"]) == 0
     assert cli.main(["run"] + common + ["--output", str(tmp_path / "run")]) == 0
     ours, theirs = _tables(tmp_path / "bf"), _tables(tmp_path / "run")
     assert ours == theirs
@@ -302,7 +302,7 @@ def test_asynchronous_jobs_report_progress_while_they_run(monkeypatch):
     options = PipelineOptions(["--runner", "DataflowRunner"])
     with progress.Progress(options, "backfill", (progress.FRAMES,), stream=SimpleNamespace(
             write=lines.append, flush=lambda: None)) as watch:
-        totals = backfill.run_and_watch(SimpleNamespace(run=Result), watch)
+        totals = progress.run_job(SimpleNamespace(run=Result), watch)
     shown = [l for l in lines if l.strip()]
     assert totals["frames_inferred"] >= 10  # read after the final wait_until_finish()
     assert shown and all(l.startswith("backfill: frames ") for l in shown)

@@ -14,8 +14,8 @@ from apache_beam.options.pipeline_options import (DebugOptions, GoogleCloudOptio
                                                   WorkerOptions)
 
 from conftest import REPO, upload_tree
-from pipelines import backfill, cli
-from pipelines.errors import UsageError
+from pipelines import cli
+from runners.errors import UsageError
 from pipelines.options import ModelOptions
 from runners.presets import PRESETS, T4_ACCELERATOR, describe, expand_preset
 
@@ -112,7 +112,7 @@ def test_dataflow_preset_without_container_image_fails_with_one_line(world, caps
     assert "--sdk_container_image" in message and "\n" not in message
     assert "--project" not in message  # only what is missing is named
     # The same through a command: one line on stderr, exit status 2.
-    code = backfill.main(["--input", str(world), "--start", "2024-05-01T12:00:00",
+    code = cli.main(["backfill", "--input", str(world), "--start", "2024-05-01T12:00:00",
                           "--end", "2024-05-01T12:01:00", "--output", "unused",
                           "--runner_preset", "dataflow"])
     err = capsys.readouterr().err.strip()
@@ -262,8 +262,8 @@ def test_backfill_builds_its_first_job_on_dataflow_offline(gcs_server, dataflow_
     uploaded = upload_tree(world, lambda path, data: client_bucket.blob(
         "frames/" + path).upload_from_string(data))
     assert uploaded >= 20
-    code = backfill.main(
-        ["--input", "gs://%s/frames" % bucket, "--start", "2024-05-01T12:00:00",
+    code = cli.main(
+        ["backfill", "--input", "gs://%s/frames" % bucket, "--start", "2024-05-01T12:00:00",
          "--end", "2024-05-01T12:01:00", "--chunk", "15m", "--output",
          "gs://%s/backfill" % bucket, "--detector", "background", "--embedder",
          "color_histogram"] + _dataflow_flags(bucket))

@@ -196,7 +196,7 @@ def test_cli_glue(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["cameras"] == ["cam-01", "cam-02"] and summary["seed"] == 4
     assert 8 <= summary["frames"] <= 14   # 2 cameras x 12 s at 0.5 fps
-    from pipelines.errors import UsageError
+    from runners.errors import UsageError
     for bad in (["--fps", "2"], ["--cameras", "0"], ["--minutes", "-1"]):
         with pytest.raises(UsageError):
             synth.run_from_args(parser.parse_args(["--output", str(tmp_path / "x")] + bad))

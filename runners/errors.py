@@ -1,4 +1,10 @@
-"""The error types that the CLI turns into a one-line message and a non-zero exit status."""
+"""The error types that the CLI turns into a one-line message and a non-zero exit status.
+
+They live in ``runners``, the bottom of the imports (pipelines -> transforms -> models ->
+runners), because the runners raise them too (a bad preset, an unreachable Dask
+scheduler) and may import nothing above them."""
+
+__all__ = ["JobFailed", "UsageError"]
 
 
 class UsageError(Exception):
