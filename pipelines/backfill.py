@@ -184,10 +184,10 @@ def margin_ms(policy: str, max_gap_s: float, links: Optional[Sequence[dict]],
     """How far from ``[s, e)`` a partition's matching must see detections
     (:func:`transforms.matching.context_margin_ms`, the rule every chunked matching
     shares)."""
-    from transforms.match_blocks import CandidateBands
+    from transforms.match_blocks import POLICIES, CandidateBands
     from transforms.matching import context_margin_ms
 
-    if policy not in ("all", "topk", "mutual", "assignment"):
+    if policy not in POLICIES:
         # 'learned' fits its score to all the data of a job: per partition it would learn
         # another model, and no margin makes that equal to one job over the range.
         raise UsageError("backfill cannot split --policy %s by partition (only all, topk, "

@@ -7,9 +7,16 @@ like any Beam option (also on Dataflow workers). Flags are spelled as in docs/sp
 """
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from transforms import calibration, learned_matching, matching
+from transforms.match_blocks import METRICS, POLICIES
+
 VEHICLES = "car,bus,truck,motorcycle"
 # Measured in BENCHMARKS.md ("Scale"): the peak memory of a chunk is about twice this.
 DEFAULT_CHUNK_MB = 768
+# --policy: the fixed rules of transforms.matching and the learned one.
+POLICY_CHOICES = POLICIES + (learned_matching.POLICY,)
+# --embedding-norm: the learned matcher's normalisations, "" spelt "none".
+EMBEDDING_NORMS = tuple(n or "none" for n in learned_matching.NORMALIZATIONS)
 
 
 def _positive_int(text):
@@ -170,16 +177,20 @@ class CandidateOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument(
-            "--max-gap", dest="max_gap", type=_positive_float, default=300.0,
+            "--max-gap", dest="max_gap", type=_positive_float,
+            default=matching.DEFAULT_MAX_GAP_S,
             help="Largest |dt| in seconds between two detections that may match "
-                 "(default 300). Ignored for camera pairs given in --links.")
+                 "(default %g). Ignored for camera pairs given in --links."
+                 % matching.DEFAULT_MAX_GAP_S)
         parser.add_argument(
-            "--window", dest="window", type=_positive_float, default=600.0,
-            help="Event-time window in seconds that blocks the work (default 600). "
-                 "Results of all/topk/mutual do not depend on it.")
+            "--window", dest="window", type=_positive_float,
+            default=matching.DEFAULT_WINDOW_S,
+            help="Event-time window in seconds that blocks the work (default %g). "
+                 "Results of all/topk/mutual do not depend on it."
+                 % matching.DEFAULT_WINDOW_S)
         parser.add_argument(
-            "--metric", dest="metric", choices=("l2", "cosine"), default="l2",
-            help="Embedding distance (default l2, CCTView's).")
+            "--metric", dest="metric", choices=METRICS, default=matching.DEFAULT_METRIC,
+            help="Embedding distance (default %s, CCTView's)." % matching.DEFAULT_METRIC)
 
 
 class MatchOptions(PipelineOptions):
@@ -189,7 +200,7 @@ class MatchOptions(PipelineOptions):
     def _add_argparse_args(cls, parser):
         parser.add_argument(
             "--policy", dest="policy",
-            choices=("all", "topk", "mutual", "assignment", "learned"), default=None,
+            choices=POLICY_CHOICES, default=None,
             help="all: every candidate under --threshold; topk: --top-k nearest per "
                  "detection and camera; mutual: mutual nearest neighbours; assignment: "
                  "one-to-one per camera pair and window; learned: a match score learned "
@@ -197,10 +208,12 @@ class MatchOptions(PipelineOptions):
                  "one-to-one, thresholded for --min-precision (needs --links). Default: "
                  "learned with --links, mutual without.")
         parser.add_argument(
-            "--min-precision", dest="min_precision", type=_unit_float, default=0.7,
+            "--min-precision", dest="min_precision", type=_unit_float,
+            default=learned_matching.DEFAULT_MIN_PRECISION,
             help="For --policy learned: the precision, estimated with time-shifted "
                  "controls, that the chosen score threshold must reach; a camera pair "
-                 "where no threshold does gets no matches (default 0.7).")
+                 "where no threshold does gets no matches (default %g)."
+                 % learned_matching.DEFAULT_MIN_PRECISION)
         parser.add_argument(
             "--tracklets", dest="tracklets", choices=("on", "off"), default="on",
             help="For --policy learned: link each camera's detections into short "
@@ -208,7 +221,7 @@ class MatchOptions(PipelineOptions):
                  "judge a pair of tracklets as a whole by its best-scoring detection pair; "
                  "adds tracklet_id_a/tracklet_id_b to the matches (default on).")
         parser.add_argument(
-            "--embedding-norm", dest="embedding_norm", choices=("none", "center", "power+center"),
+            "--embedding-norm", dest="embedding_norm", choices=EMBEDDING_NORMS,
             default="none",
             help="For --policy learned: per camera, 'center' subtracts the camera's mean "
                  "embedding (its colour cast and background) before distances; "
@@ -218,8 +231,9 @@ class MatchOptions(PipelineOptions):
             "--threshold", dest="threshold", type=float, default=None,
             help="Largest distance that may match (default: none).")
         parser.add_argument(
-            "--top-k", dest="top_k", type=_positive_int, default=1,
-            help="Neighbours per detection and other camera for --policy topk (default 1).")
+            "--top-k", dest="top_k", type=_positive_int, default=matching.DEFAULT_TOP_K,
+            help="Neighbours per detection and other camera for --policy topk (default %d)."
+                 % matching.DEFAULT_TOP_K)
         parser.add_argument(
             "--links", dest="links", metavar="FILE",
             help="links.json from 'cctview calibrate': only linked camera pairs match, "
@@ -246,13 +260,16 @@ class CalibrateOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument(
-            "--min-support", dest="min_support", type=_positive_int, default=10,
-            help="Least excess of real over control pairs in a peak (default 10); camera "
-                 "pairs with fewer mutual pairs than this are not histogrammed.")
+            "--min-support", dest="min_support", type=_positive_int,
+            default=calibration.DEFAULT_MIN_SUPPORT,
+            help="Least excess of real over control pairs in a peak (default %d); camera "
+                 "pairs with fewer mutual pairs than this are not histogrammed."
+                 % calibration.DEFAULT_MIN_SUPPORT)
         parser.add_argument(
             "--min-significance", dest="min_significance", type=_positive_float,
-            default=5.0,
-            help="Least z-score of a peak over the time-shifted control (default 5).")
+            default=calibration.DEFAULT_MIN_SIGNIFICANCE,
+            help="Least z-score of a peak over the time-shifted control (default %g)."
+                 % calibration.DEFAULT_MIN_SIGNIFICANCE)
 
 
 class OutputOptions(PipelineOptions):

@@ -161,10 +161,13 @@ def read_links(uri: Optional[str]) -> Optional[List[dict]]:
 
 def policy_of(options) -> str:
     """The --policy, or its default: learned with --links, mutual without."""
+    from transforms.learned_matching import POLICY as LEARNED
+    from transforms.matching import DEFAULT_POLICY
+
     policy = options.view_as(MatchOptions)
     if policy.policy:
         return policy.policy
-    return "learned" if policy.links else "mutual"
+    return LEARNED if policy.links else DEFAULT_POLICY
 
 
 MATCH_SETTINGS_FILE = "match_settings.json"

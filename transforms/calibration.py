@@ -20,9 +20,13 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from transforms.control import CONTROL, CONTROLS_PER_PAIR, REAL, ClassifyControl
-from transforms.matching import MatchDetections, ShiftedControl
+from transforms.matching import (DEFAULT_MAX_GAP_S, DEFAULT_METRIC, DEFAULT_WINDOW_S,
+                                 MatchDetections, ShiftedControl)
 
 NAMESPACE = "cctview"
+# When a dt peak counts as a link (the defaults of `cctview calibrate` too).
+DEFAULT_MIN_SUPPORT = 10
+DEFAULT_MIN_SIGNIFICANCE = 5.0
 _HALF_WIDTHS_S = (2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 14.0, 20.0, 30.0)
 
 
@@ -52,8 +56,9 @@ def _bulk_half_width(excess: np.ndarray, available: np.ndarray, centre: int, hal
 
 
 def find_links(dt_real: Sequence[float], dt_control: Sequence[float], max_gap_s: float,
-               controls: float = 1.0, bin_s: float = 1.0, min_support: int = 10,
-               min_significance: float = 5.0, max_links: int = 2,
+               controls: float = 1.0, bin_s: float = 1.0,
+               min_support: int = DEFAULT_MIN_SUPPORT,
+               min_significance: float = DEFAULT_MIN_SIGNIFICANCE, max_links: int = 2,
                mirror_significance: float = 3.0) -> List[dict]:
     """Peaks of the real dt histogram that stand above the control's.
 
@@ -184,7 +189,8 @@ def _link(dt_real, real, background, edges, i, half, bin_s) -> dict:
 
 
 def links_of_pairs(pair_dts: Dict[Tuple[str, str], dict], max_gap_s: float,
-                   min_support: int = 10, min_significance: float = 5.0) -> Tuple[list, int]:
+                   min_support: int = DEFAULT_MIN_SUPPORT,
+                   min_significance: float = DEFAULT_MIN_SIGNIFICANCE) -> Tuple[list, int]:
     """``{(camera_a, camera_b): {"real": dts, "control": dts}}`` -> (links.json objects,
     camera pairs histogrammed). A pair with fewer than ``min_support`` real pairs says
     nothing and is not histogrammed."""
@@ -245,8 +251,9 @@ class CalibrationPairs(beam.PTransform):
 
     KINDS = ("both", REAL, CONTROL)
 
-    def __init__(self, cameras, span_ms, max_gap_s: float = 300.0, window_s: float = 600.0,
-                 metric: str = "l2", owned_ms=None, kinds: str = "both"):
+    def __init__(self, cameras, span_ms, max_gap_s: float = DEFAULT_MAX_GAP_S,
+                 window_s: float = DEFAULT_WINDOW_S, metric: str = DEFAULT_METRIC,
+                 owned_ms=None, kinds: str = "both"):
         super().__init__()
         if kinds not in self.KINDS:
             raise ValueError("kinds must be one of %s, got %r" % (self.KINDS, kinds))
@@ -287,8 +294,10 @@ class CalibrateLinks(beam.PTransform):
     """Detection dicts -> link dicts (links.json objects), in one job
     (:class:`CalibrationPairs`, then :func:`links_of_pairs` per camera pair)."""
 
-    def __init__(self, cameras, span_ms, max_gap_s: float = 300.0, window_s: float = 600.0,
-                 metric: str = "l2", min_support: int = 10, min_significance: float = 5.0):
+    def __init__(self, cameras, span_ms, max_gap_s: float = DEFAULT_MAX_GAP_S,
+                 window_s: float = DEFAULT_WINDOW_S, metric: str = DEFAULT_METRIC,
+                 min_support: int = DEFAULT_MIN_SUPPORT,
+                 min_significance: float = DEFAULT_MIN_SIGNIFICANCE):
         super().__init__()
         self._pairs = CalibrationPairs(cameras, span_ms, max_gap_s, window_s, metric)
         self._links = _LinksFn(max_gap_s, min_support, min_significance)

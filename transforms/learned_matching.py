@@ -154,6 +154,7 @@ import numpy as np
 from transforms import match_blocks as mb
 
 POLICY = "learned"
+DEFAULT_MIN_PRECISION = 0.7  # also the default of --min-precision
 NAMESPACE = "cctview.learned"
 STATS = "stats"  # LearnedLinkMatch's second output: one summary_record per group
 NORMALIZATIONS = ("", "center", "power+center")
@@ -673,7 +674,8 @@ def _check_shifts(name: str, shifts: Sequence[float]) -> tuple:
     return out
 
 
-def match_linked_pair(a: dict, b: dict, bands, min_precision: float = 0.7, folds: int = 2,
+def match_linked_pair(a: dict, b: dict, bands, min_precision: float = DEFAULT_MIN_PRECISION,
+                      folds: int = 2,
                       seed: int = 0, max_candidates: int = DEFAULT_MAX_CANDIDATES,
                       min_significance: float = 3.0,
                       train_shifts: Sequence[float] = DEFAULT_TRAIN_SHIFTS,
@@ -1041,7 +1043,8 @@ def better_match(m1: Optional[dict], m2: Optional[dict]) -> Optional[dict]:
     return m1 if (-m1["score"], m1["detection_id_a"]) <= (-m2["score"], m2["detection_id_a"]) else m2
 
 
-def match_linked_periods(detections: Iterable[dict], links, min_precision: float = 0.7,
+def match_linked_periods(detections: Iterable[dict], links,
+                         min_precision: float = DEFAULT_MIN_PRECISION,
                          period_s: float = DEFAULT_PERIOD_S, **match_kwargs
                          ) -> Tuple[List[dict], List[dict]]:
     """In-memory twin of :class:`LearnedLinkMatch` (same groups, same results).
@@ -1175,7 +1178,7 @@ if beam is not None:
         (what each camera pair reached, or why it got no matches).
         """
 
-        def __init__(self, links, min_precision: float = 0.7,
+        def __init__(self, links, min_precision: float = DEFAULT_MIN_PRECISION,
                      period_s: float = DEFAULT_PERIOD_S, label: Optional[str] = None,
                      **match_kwargs):
             super().__init__(label)

@@ -92,9 +92,20 @@ from transforms import progress
 from transforms.control import SHIFTED, base_camera
 from transforms.detections_io import DetectionColumns
 
-__all__ = ["MatchDetections", "ShiftedControl", "block_ms_of", "context_margin_ms"]
+__all__ = ["DEFAULT_MAX_GAP_S", "DEFAULT_METRIC", "DEFAULT_POLICY", "DEFAULT_TOP_K",
+           "DEFAULT_WINDOW_S", "MatchDetections", "ShiftedControl", "block_ms_of",
+           "context_margin_ms"]
 
 NAMESPACE = "cctview.matching"
+# The defaults of every matching transform, which the CLI's flags show and use
+# (pipelines/options.py). The window is 600 s: `assignment` results depend on it, and
+# 600 s is what the CLI has always used (match_blocks' in-memory functions default to
+# 60 s of their own).
+DEFAULT_POLICY = "mutual"
+DEFAULT_METRIC = "l2"
+DEFAULT_MAX_GAP_S = mb.DEFAULT_MAX_GAP_S
+DEFAULT_WINDOW_S = 600.0
+DEFAULT_TOP_K = 1
 # Detections of one camera and block travel together, up to this many per element.
 DEFAULT_MAX_BATCH = 2048
 
@@ -507,9 +518,9 @@ class MatchDetections(beam.PTransform):
     # Callers that read stored detections may hand DetectionColumns chunks (see above).
     accepts_columns = True
 
-    def __init__(self, policy: str = "mutual", metric: str = "l2",
-                 max_gap_s: float = mb.DEFAULT_MAX_GAP_S, window_s: float = mb.DEFAULT_WINDOW_S,
-                 threshold: Optional[float] = None, top_k: int = 1, links=None,
+    def __init__(self, policy: str = DEFAULT_POLICY, metric: str = DEFAULT_METRIC,
+                 max_gap_s: float = DEFAULT_MAX_GAP_S, window_s: float = DEFAULT_WINDOW_S,
+                 threshold: Optional[float] = None, top_k: int = DEFAULT_TOP_K, links=None,
                  max_candidates_per_block: int = mb.DEFAULT_MAX_CANDIDATES_PER_BLOCK,
                  label: Optional[str] = None, block_s: Optional[float] = None,
                  owned_ms: Optional[Tuple[int, int]] = None,
