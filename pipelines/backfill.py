@@ -453,12 +453,31 @@ class _WriteTable(beam.PTransform):
 
 
 class Backfill:
-    """Plans, runs and commits the jobs of one ``cctview backfill`` invocation."""
+    """Plans, runs and commits the jobs of one ``cctview backfill`` invocation.
 
-    def __init__(self, config: Config, options, say=print):
+    ``links`` and ``links_sha256``: the ``--links`` file's links and digest (None
+    without one), read by :meth:`from_options`; the constructor reads nothing."""
+
+    @classmethod
+    def from_options(cls, config: Config, options, say=print) -> "Backfill":
+        """The backfill of ``config`` and ``options``, with the ``--links`` file read."""
+        from apache_beam.io.filesystems import FileSystems
+
+        from pipelines.options import MatchOptions
+        from pipelines.stages import read_links
+
+        uri = options.view_as(MatchOptions).links
+        links, digest = read_links(uri), None  # read_links: a UsageError if unreadable
+        if uri:
+            with FileSystems.open(uri) as handle:
+                digest = hashlib.sha256(handle.read()).hexdigest()
+        return cls(config, options, links, digest, say)
+
+    def __init__(self, config: Config, options, links: Optional[List[dict]] = None,
+                 links_sha256: Optional[str] = None, say=print):
         from pipelines.options import (CandidateOptions, FrameInputOptions, MatchOptions,
                                        ModelOptions, OutputOptions, TimeZoneOptions)
-        from pipelines.stages import policy_of, read_links
+        from pipelines.stages import policy_of
         from transforms.match_blocks import window_ms_of
 
         self.config = config
@@ -470,12 +489,8 @@ class Backfill:
         self.layout = options.view_as(FrameInputOptions).layout
         self.max_pixels = options.view_as(FrameInputOptions).max_pixels
         self.shards = options.view_as(OutputOptions).shards
-        candidates, matching = options.view_as(CandidateOptions), options.view_as(MatchOptions)
-        self.links = read_links(matching.links)
-        links_digest = None
-        if matching.links:
-            with self.store.fs.open(matching.links) as handle:
-                links_digest = hashlib.sha256(handle.read()).hexdigest()
+        candidates = options.view_as(CandidateOptions)
+        self.links = links
         policy = policy_of(options)
         self.margin_ms = margin_ms(policy, candidates.max_gap, self.links,
                                    window_ms_of(candidates.window))
@@ -483,7 +498,7 @@ class Backfill:
             options, (FrameInputOptions, TimeZoneOptions, ModelOptions),
             {"input": [r.rstrip("/") for r in config.roots], "chunk_ms": config.chunk_ms})
         self.match_settings = _settings(options, (CandidateOptions, MatchOptions),
-                                        {"links_sha256": links_digest, "policy": policy})
+                                        {"links_sha256": links_sha256, "policy": policy})
         self.model_options = options.view_as(ModelOptions)
         self.quiet = bool(options.get_all_options().get("quiet"))
         self.watch = None  # the progress line, while run() runs
@@ -830,7 +845,8 @@ class Backfill:
 def run(parsed) -> int:
     """``cctview backfill``: runs the (Config, PipelineOptions) of :func:`parse_args`."""
     config, options = parsed
-    return Backfill(config, options, say=lambda line: print(line, flush=True)).run()
+    return Backfill.from_options(config, options,
+                                 say=lambda line: print(line, flush=True)).run()
 
 
 COMMAND = Command(

@@ -82,7 +82,7 @@ def reference(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("backfill") / "out"
     lines = []
     config, options = backfill.parse_args(_args(world, out))
-    assert backfill.Backfill(config, options, say=lines.append).run() == 0
+    assert backfill.Backfill.from_options(config, options, say=lines.append).run() == 0
     return out, lines
 
 
@@ -230,7 +230,7 @@ def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_outputs(reference, wo
     assert not (out / "_backfill" / PARTITIONS[-1] / "_SUCCESS").exists(), "killed too late"
     lines = []
     config, options = backfill.parse_args(_args(world, out))
-    assert backfill.Backfill(config, options, say=lines.append).run() == 0
+    assert backfill.Backfill.from_options(config, options, say=lines.append).run() == 0
     assert "1 complete" in lines[0]
     assert _files(out) == _files(ref_out)
     assert _tables(out) == _tables(ref_out)

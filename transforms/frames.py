@@ -48,6 +48,12 @@ _SUPPORTED_FORMATS = ("JPEG", "PNG", "MPO")  # MPO: JPEG with extra frames (phon
 _LOG = logging.getLogger(__name__)
 
 
+def _lists_hour_folders(layout: FrameLayout, start_ms: Optional[int],
+                        end_ms: Optional[int]) -> bool:
+    """Whether the inputs are listed by hour folder: the CCTView layout and a time range."""
+    return layout.is_cctview and start_ms is not None and end_ms is not None
+
+
 def listing_patterns(patterns: Sequence[str], layout: FrameLayout,
                      start_ms: Optional[int], end_ms: Optional[int],
                      pipeline_options=None) -> List[str]:
@@ -58,7 +64,7 @@ def listing_patterns(patterns: Sequence[str], layout: FrameLayout,
     of a year-long archive lists one hour of objects. A root may be a folder of camera
     folders or a single camera folder. Otherwise a folder is listed recursively.
     """
-    if layout.is_cctview and start_ms is not None and end_ms is not None:
+    if _lists_hour_folders(layout, start_ms, end_ms):
         out = []
         for root in split_camera_patterns(patterns):
             children = list_child_folders(root, pipeline_options)
@@ -258,8 +264,9 @@ class ReadFrames(beam.PTransform):
 
     Returns a :class:`ReadFramesOutput`: ``.frames`` and ``["dead_letter"]``. Each frame is
     ``{"uri", "camera_id", "frame_ts_ms", "image"}`` with the capture time as its Beam
-    event timestamp. Listing is planned when the pipeline is built (see
-    :func:`listing_patterns`); the same file matched by two patterns is read once.
+    event timestamp. Listing is planned when the transform is applied, as the pipeline
+    is built (see :func:`listing_patterns`: it may list folders, so the constructor
+    only checks the patterns); the same file matched by two patterns is read once.
     """
 
     def __init__(self, patterns: Sequence[str], layout: Optional[FrameLayout] = None,
@@ -272,15 +279,18 @@ class ReadFrames(beam.PTransform):
         self._layout = layout or FrameLayout()
         self._start_ms, self._end_ms = start_ms, end_ms
         self._limits = (max_pixels, max_bytes, min_side)
-        self.patterns = listing_patterns(
-            patterns, self._layout, start_ms, end_ms, pipeline_options)
-        _LOG.info("listing %d pattern(s): %s", len(self.patterns), self.patterns[:5])
+        self._patterns, self._pipeline_options = list(patterns), pipeline_options
+        if _lists_hour_folders(self._layout, start_ms, end_ms):
+            split_camera_patterns(self._patterns)  # ValueError for a pattern it cannot use
 
     def expand(self, pbegin):
         max_pixels, max_bytes, min_side = self._limits
+        patterns = listing_patterns(self._patterns, self._layout, self._start_ms,
+                                    self._end_ms, self._pipeline_options)
+        _LOG.info("listing %d pattern(s): %s", len(patterns), patterns[:5])
         listed = (
             pbegin
-            | "Patterns" >> beam.Create(self.patterns)
+            | "Patterns" >> beam.Create(patterns)
             | "List" >> fileio.MatchAll(fileio.EmptyMatchTreatment.ALLOW)
             | "CountListed" >> beam.ParDo(_CountListed()).with_outputs(
                 DEAD_LETTER, main="paths"))

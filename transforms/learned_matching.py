@@ -147,6 +147,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -763,14 +764,14 @@ def match_linked_pair(a: dict, b: dict, bands, min_precision: float = DEFAULT_MI
         raise ValueError("unknown features %s; known: %s" % (unknown, FEATURES))
     params = dict(DEFAULT_SCORER if scorer_params is None else scorer_params)
     params.setdefault("threads", threads)
+    settings = _PairSettings(
+        float(min_precision), int(folds), int(seed), int(max_candidates),
+        float(min_significance), _check_shifts("train_shifts", train_shifts),
+        _check_shifts("control_shifts", control_shifts),
+        _check_shifts("audit_shifts", audit_shifts), window, tuple(features), params,
+        dt_jitter_s, trk_params, bool(tracklet_selection), tracklet_pooling, normalize)
     with _torch_threads(threads):
-        return _match_linked_pair(
-            a, b, bands, float(min_precision), int(folds), int(seed), int(max_candidates),
-            float(min_significance), _check_shifts("train_shifts", train_shifts),
-            _check_shifts("control_shifts", control_shifts),
-            _check_shifts("audit_shifts", audit_shifts), window, tuple(features), params,
-            dt_jitter_s, trk_params, bool(tracklet_selection), tracklet_pooling,
-            normalize)
+        return _match_linked_pair(a, b, bands, settings)
 
 
 def _tracklet_params(tracklets) -> Optional[dict]:
@@ -793,63 +794,93 @@ def _tracklet_params(tracklets) -> Optional[dict]:
     raise ValueError("tracklets must be None, a bool or a dict, got %r" % (tracklets,))
 
 
-def _match_linked_pair(a, b, bands, min_precision, folds, seed, max_candidates,
-                       min_significance, train_shifts, control_shifts, audit_shifts, window,
-                       features, params, dt_jitter_s, trk_params=None, trk_select=False,
-                       trk_pool=None, normalize=""):
-    from models.pair_scorer import PairScorer
+@dataclass(frozen=True)
+class _PairSettings:
+    """The checked arguments of :func:`match_linked_pair` (see there): ``tracklets`` as
+    link_tracklets arguments or None, ``tracklet_pooling`` resolved (None: no pooling)."""
+    min_precision: float
+    folds: int
+    seed: int
+    max_candidates: int
+    min_significance: float
+    train_shifts: tuple
+    control_shifts: tuple
+    audit_shifts: tuple
+    window: Optional[tuple]
+    features: tuple
+    scorer_params: dict
+    dt_jitter_s: Optional[float]
+    tracklets: Optional[dict]
+    tracklet_selection: bool
+    tracklet_pooling: Optional[str]
+    normalize: str
 
-    t0 = time.time()
-    A, B = _Side(a, trk_params, normalize), _Side(b, trk_params, normalize)
-    bands_ms = mb.bands_to_ms(bands)
+
+class _Alignments:
+    """Two cameras' candidates in the real alignment (``frac`` None) or with b's clock
+    shifted by ``frac`` of the span (circularly), and how their scores are pooled over
+    tracklets and selected one-to-one."""
+
+    def __init__(self, A: "_Side", B: "_Side", bands_ms: np.ndarray, s: _PairSettings):
+        self.A, self.B, self.bands_ms, self.s = A, B, bands_ms, s
+        all_ts = np.concatenate([A.ts, B.ts])
+        self.start = int(all_ts.min())
+        self.span = int(all_ts.max()) - self.start + 1000
+
+    def candidates(self, frac: Optional[float]) -> Candidates:
+        b_ts = None if frac is None else _shifted_ts(self.B.ts, self.start, self.span, frac)
+        return enumerate_candidates(self.A, self.B, self.bands_ms, b_ts,
+                                    max_candidates=self.s.max_candidates)
+
+    def pool(self, c: Candidates, sc: np.ndarray) -> np.ndarray:
+        if self.s.tracklet_pooling is None:
+            return sc
+        return pool_tracklet_scores(self.A.trk[c.ia], self.B.trk[c.ib], sc,
+                                    self.s.tracklet_pooling)
+
+    def select(self, c: Candidates, s: np.ndarray, min_score=-np.inf, own=None) -> np.ndarray:
+        A, B = self.A, self.B
+        groups = (A.trk[c.ia], B.trk[c.ib]) if self.s.tracklet_selection else (None, None)
+        return greedy_one_to_one(s, c.ia, c.ib, A.id_rank[c.ia], B.id_rank[c.ib], min_score,
+                                 *groups,
+                                 tie_score=own if self.s.tracklet_pooling is not None else None)
+
+
+def _initial_stats(A: "_Side", B: "_Side", bands_ms: np.ndarray, s: _PairSettings) -> dict:
+    """A pair's stats before anything is computed: abstaining, no candidates yet."""
     stats = {"camera_a": A.camera_id, "camera_b": B.camera_id, "n_a": len(A), "n_b": len(B),
-             "bands_ms": bands_ms.tolist(), "folds": folds, "min_precision": min_precision,
+             "bands_ms": bands_ms.tolist(), "folds": s.folds, "min_precision": s.min_precision,
              "abstained": True, "reason": None, "candidates": 0, "control_candidates": 0.0,
              "threshold": None, "est_real": 0, "est_control": 0.0,
              "est_precision": float("nan"), "est_excess": 0.0, "matches": 0,
-             "audit": {f: 0 for f in audit_shifts}, "tracklets": trk_params is not None,
+             "audit": {f: 0 for f in s.audit_shifts}, "tracklets": s.tracklets is not None,
              "best": None}
     if A.trk is not None:
         stats.update(tracklets_a=len(A.trk_ids), tracklets_b=len(B.trk_ids),
                      tracklet_emb_gate=[A.trk_emb_gate, B.trk_emb_gate])
-    if len(A) == 0 or len(B) == 0 or len(bands_ms) == 0:
-        stats["reason"] = "no_candidates"
-        return [], _done(stats, t0)
-    all_ts = np.concatenate([A.ts, B.ts])
-    start = int(all_ts.min())
-    span = int(all_ts.max()) - start + 1000
-    stats["span_ms"] = span
+    return stats
 
-    def candidates(frac):
-        b_ts = None if frac is None else _shifted_ts(B.ts, start, span, frac)
-        return enumerate_candidates(A, B, bands_ms, b_ts, max_candidates=max_candidates)
 
-    try:
-        real = candidates(None)
-        stats["candidates"] = len(real)
-        if len(real) == 0:
-            stats["reason"] = "no_candidates"
-            return [], _done(stats, t0)
-        ranks = candidate_ranks(A, B, real)
-        Xr = candidate_features(A, B, real, features, ranks)
-        negs = []
-        for f in train_shifts:
-            c = candidates(f)
-            negs.append((c, candidate_features(A, B, c, features)))
-    except TooManyCandidates as e:
-        stats.update(reason="too_many_candidates", candidates=int(e.args[0]))
-        return [], _done(stats, t0)
+def _abstain(stats: dict, reason: str, t0: float, **more) -> Tuple[List[dict], dict]:
+    stats.update(reason=reason, **more)
+    return [], _done(stats, t0)
 
-    # --- cross-fitted scorers: fold k is scored by a model that never saw it
-    fold_of_a = (np.arange(len(A)) * folds) // len(A)  # equal-count time blocks
+
+def _cross_fitted_scores(al: _Alignments, real: Candidates, Xr: np.ndarray, negs: list,
+                         fold_of_a: np.ndarray, stats: dict):
+    """-> (one scorer per fold, the real candidates' scores) or (None, ...) when a fold
+    has too few training rows: fold k is scored by a model that never saw it."""
+    from models.pair_scorer import PairScorer
+
+    A, B, s = al.A, al.B, al.s
     jitter_ms = (max(_frame_interval_ms(A.ts), _frame_interval_ms(B.ts))
-                 if dt_jitter_s is None else int(round(float(dt_jitter_s) * 1000)))
+                 if s.dt_jitter_s is None else int(round(float(s.dt_jitter_s) * 1000)))
     stats["dt_jitter_ms"] = jitter_ms
-    dt_col = features.index("dt_s") if "dt_s" in features else None
-    jrng = np.random.default_rng([seed, 7])
+    dt_col = s.features.index("dt_s") if "dt_s" in s.features else None
+    jrng = np.random.default_rng([s.seed, 7])
     scorers, stats["train_rows"] = [], []
     real_score = np.full(len(real), np.nan, np.float32)
-    for k in range(folds):
+    for k in range(s.folds):
         in_k = fold_of_a[real.ia] == k
         # purge: b detections that are candidates of fold k in the real alignment are
         # not used for training either (no detection of a scored pair was seen)
@@ -859,70 +890,37 @@ def _match_linked_pair(a, b, bands, min_precision, folds, seed, max_candidates,
         neg_sel = [(fold_of_a[c.ia] != k) & ~touched[c.ib] for c, _ in negs]
         n_pos, n_neg = int(pos.sum()), int(sum(s_.sum() for s_ in neg_sel))
         if min(n_pos, n_neg) < MIN_TRAIN_ROWS:
-            scorers = None
-            break
+            return None, real_score
         X = np.concatenate([Xr[pos]] + [Xn[s_] for (_, Xn), s_ in zip(negs, neg_sel)])
         y = np.r_[np.ones(n_pos, bool), np.zeros(n_neg, bool)]
         if dt_col is not None and jitter_ms > 0:
             X[:, dt_col] += (jrng.uniform(-0.5, 0.5, len(X)) * (jitter_ms / 1000.0)).astype(
                 np.float32)
-        scorer = PairScorer(**params).fit(X, y, seed=seed * 1000 + k)
+        scorer = PairScorer(**s.scorer_params).fit(X, y, seed=s.seed * 1000 + k)
         del X, y
         scorers.append(scorer)
         stats["train_rows"].append(list(scorer.n_train_))
         real_score[in_k] = scorer.score(Xr[in_k])
-    del negs
-    if scorers is None:
-        stats["reason"] = "too_little_data"
-        return [], _done(stats, t0)
+    return scorers, real_score
 
-    def score_alignment(frac):
-        """Candidates of a shifted alignment, scored fold by fold (features dropped)."""
-        c = candidates(frac)
-        X = candidate_features(A, B, c, features)
-        out = np.empty(len(c), np.float32)
-        f_a = fold_of_a[c.ia]
-        for k, scorer in enumerate(scorers):
-            sel = f_a == k
-            out[sel] = scorer.score(X[sel])
-        return c, pool(c, out), out
 
-    def pool(c, sc):
-        return sc if trk_pool is None else pool_tracklet_scores(A.trk[c.ia], B.trk[c.ib], sc,
-                                                                trk_pool)
+def _score_alignment(al: _Alignments, scorers: list, fold_of_a: np.ndarray, frac: float):
+    """Candidates of a shifted alignment, scored fold by fold (features dropped):
+    -> (candidates, pooled scores, own scores)."""
+    c = al.candidates(frac)
+    X = candidate_features(al.A, al.B, c, al.s.features)
+    out = np.empty(len(c), np.float32)
+    f_a = fold_of_a[c.ia]
+    for k, scorer in enumerate(scorers):
+        sel = f_a == k
+        out[sel] = scorer.score(X[sel])
+    return c, al.pool(c, out), out
 
-    def select(c, s, min_score=-np.inf, own=None):
-        groups = (A.trk[c.ia], B.trk[c.ib]) if trk_select else (None, None)
-        return greedy_one_to_one(s, c.ia, c.ib, A.id_rank[c.ia], B.id_rank[c.ib], min_score,
-                                 *groups, tie_score=own if trk_pool is not None else None)
 
-    # --- threshold from the selection controls
-    try:
-        ctrl_sel, n_ctrl = [], []
-        for f in control_shifts:
-            c, s_, own = score_alignment(f)
-            n_ctrl.append(len(c))
-            ctrl_sel.append(s_[select(c, s_, own=own)])
-    except TooManyCandidates as e:
-        stats.update(reason="too_many_candidates", candidates=int(e.args[0]))
-        return [], _done(stats, t0)
-    stats["control_candidates"] = float(np.mean(n_ctrl)) if n_ctrl else 0.0
-    own_score, real_score = real_score, pool(real, real_score)
-    real_pick = select(real, real_score, own=own_score)
-    thr, R, C, prec = choose_threshold(real_score[real_pick], ctrl_sel, min_precision,
-                                       min_significance)
-    stats.update(est_real=R, est_control=C, est_precision=prec, est_excess=R - C,
-                 best=best_achievable(real_score[real_pick], ctrl_sel, min_significance))
-    if thr is None:
-        stats["reason"] = "precision_not_reached"
-        return [], _done(stats, t0)
-    stats.update(abstained=False, threshold=thr)
-    for f in audit_shifts:
-        c, s_, own = score_alignment(f)
-        stats["audit"][f] = int(len(select(c, s_, thr, own)))
-
-    picked = real_pick[real_score[real_pick] >= thr]
-    q = q_values(real_score[picked], real_score[real_pick], ctrl_sel)
+def _match_records(al: _Alignments, real: Candidates, picked: np.ndarray, q: np.ndarray,
+                   ranks, real_score: np.ndarray) -> List[dict]:
+    """The selected real candidates as Match dicts, sorted by detection ids."""
+    A, B, window = al.A, al.B, al.s.window
     rank_a, _, rank_b, _ = ranks
     ws, we = (None, None) if window is None else (int(window[0]), int(window[1]))
     matches = []
@@ -941,6 +939,60 @@ def _match_linked_pair(a, b, bands, min_precision, folds, seed, max_candidates,
             matches[-1].update(tracklet_id_a=str(A.trk_ids[A.trk[i]]),
                                tracklet_id_b=str(B.trk_ids[B.trk[j]]))
     matches.sort(key=lambda m: (m["detection_id_a"], m["detection_id_b"]))
+    return matches
+
+
+def _match_linked_pair(a: dict, b: dict, bands, s: _PairSettings) -> Tuple[List[dict], dict]:
+    """:func:`match_linked_pair` on checked settings: candidates, cross-fitted scorers,
+    the threshold from the selection controls, then the matches above it."""
+    t0 = time.time()
+    A, B = _Side(a, s.tracklets, s.normalize), _Side(b, s.tracklets, s.normalize)
+    bands_ms = mb.bands_to_ms(bands)
+    stats = _initial_stats(A, B, bands_ms, s)
+    if len(A) == 0 or len(B) == 0 or len(bands_ms) == 0:
+        return _abstain(stats, "no_candidates", t0)
+    al = _Alignments(A, B, bands_ms, s)
+    stats["span_ms"] = al.span
+    try:
+        real = al.candidates(None)
+        stats["candidates"] = len(real)
+        if len(real) == 0:
+            return _abstain(stats, "no_candidates", t0)
+        ranks = candidate_ranks(A, B, real)
+        Xr = candidate_features(A, B, real, s.features, ranks)
+        negs = [(c, candidate_features(A, B, c, s.features))
+                for c in map(al.candidates, s.train_shifts)]
+    except TooManyCandidates as e:
+        return _abstain(stats, "too_many_candidates", t0, candidates=int(e.args[0]))
+    fold_of_a = (np.arange(len(A)) * s.folds) // len(A)  # equal-count time blocks
+    scorers, real_score = _cross_fitted_scores(al, real, Xr, negs, fold_of_a, stats)
+    del negs
+    if scorers is None:
+        return _abstain(stats, "too_little_data", t0)
+    try:  # the threshold from the selection controls
+        ctrl_sel, n_ctrl = [], []
+        for f in s.control_shifts:
+            c, s_, own = _score_alignment(al, scorers, fold_of_a, f)
+            n_ctrl.append(len(c))
+            ctrl_sel.append(s_[al.select(c, s_, own=own)])
+    except TooManyCandidates as e:
+        return _abstain(stats, "too_many_candidates", t0, candidates=int(e.args[0]))
+    stats["control_candidates"] = float(np.mean(n_ctrl)) if n_ctrl else 0.0
+    own_score, real_score = real_score, al.pool(real, real_score)
+    real_pick = al.select(real, real_score, own=own_score)
+    thr, R, C, prec = choose_threshold(real_score[real_pick], ctrl_sel, s.min_precision,
+                                       s.min_significance)
+    stats.update(est_real=R, est_control=C, est_precision=prec, est_excess=R - C,
+                 best=best_achievable(real_score[real_pick], ctrl_sel, s.min_significance))
+    if thr is None:
+        return _abstain(stats, "precision_not_reached", t0)
+    stats.update(abstained=False, threshold=thr)
+    for f in s.audit_shifts:
+        c, s_, own = _score_alignment(al, scorers, fold_of_a, f)
+        stats["audit"][f] = int(len(al.select(c, s_, thr, own)))
+    picked = real_pick[real_score[real_pick] >= thr]
+    q = q_values(real_score[picked], real_score[real_pick], ctrl_sel)
+    matches = _match_records(al, real, picked, q, ranks, real_score)
     stats["matches"] = len(matches)
     return matches, _done(stats, t0)
 
@@ -1154,13 +1206,14 @@ if beam is not None:
         """Detections -> learned one-to-one Matches for every linked camera pair.
 
         Args:
-          links: links.json objects (a list) or a path/URI of a links.json file.
+          links: links.json objects (a list; :func:`transforms.links.load_links` reads
+            a file).
           min_precision: see :func:`match_linked_pair` (per group).
           period_s: groups are (linked pair, period of the a-detection); a group holds
             the period's a-detections and every b-detection their bands can reach.
             Each group is trained, calibrated and matched on its own, so it must hold
             enough traffic (an hour by default); shorter periods bound memory.
-          **match_kwargs: passed to :func:`match_linked_pair` (folds, seed, ...).
+          tracklets, normalize: see :func:`match_linked_pair`.
           label: the transform's label.
 
         Input: Detection dicts with ``camera_id``, ``frame_ts_ms``, ``detection_id``,
@@ -1179,22 +1232,13 @@ if beam is not None:
         """
 
         def __init__(self, links, min_precision: float = DEFAULT_MIN_PRECISION,
-                     period_s: float = DEFAULT_PERIOD_S, label: Optional[str] = None,
-                     **match_kwargs):
+                     period_s: float = DEFAULT_PERIOD_S, tracklets=None, normalize: str = "",
+                     label: Optional[str] = None):
             super().__init__(label)
-            if isinstance(links, (str, bytes)) or hasattr(links, "__fspath__"):
-                from transforms.links import load_links
-                links = load_links(links)
-            import inspect
-
-            allowed = set(inspect.signature(match_linked_pair).parameters) - {
-                "a", "b", "bands", "window", "min_precision"}
-            unknown = sorted(set(match_kwargs) - allowed)
-            if unknown:
-                raise TypeError("LearnedLinkMatch: unknown arguments %s" % unknown)
             self.pair_bands = mb.link_bands(links)
             self.period_ms = mb.window_ms_of(period_s)
-            self.match_kwargs = dict(match_kwargs, min_precision=float(min_precision))
+            self.match_kwargs = {"min_precision": float(min_precision), "tracklets": tracklets,
+                                 "normalize": normalize}
 
         def expand(self, detections):
             groups = (detections
