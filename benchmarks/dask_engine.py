@@ -31,7 +31,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from conftest import FRAMES, MODELS, REFERENCE  # noqa: E402
-from test_dask import Cluster, counters  # noqa: E402
+from e2e.test_dask import Cluster, counters  # noqa: E402
 
 CLI = str(Path(sys.executable).with_name("cctview"))
 MODEL_FLAGS = ["--detector", "yolox", "--detector-weights", str(MODELS / "yolox_nano.onnx"),

@@ -51,7 +51,7 @@ import PIL  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
-import test_faults as faults  # noqa: E402  (its fault-injecting classes and helpers)
+from e2e import test_faults as faults  # noqa: E402  (its fault-injecting classes and helpers)
 from conftest import collect, counters  # noqa: E402
 from transforms.frames import DEAD_LETTER, FrameDecodeError, ReadFrames, decode_image  # noqa
 from transforms.layout import FrameLayout, PathParseError  # noqa: E402
@@ -418,7 +418,7 @@ def _last_error(stderr):
 
 
 # ------------------------------------------------------------------ injected faults
-# The fault-injecting subclasses of tests/test_faults.py, reused as they are: they live
+# The fault-injecting subclasses of tests/e2e/test_faults.py, reused as they are: they live
 # in an importable module, so Beam pickles them by reference (classes defined in a
 # script's __main__ are pickled by value, and did not always take effect on a second
 # pipeline in the same process).
@@ -550,7 +550,7 @@ def run_dask_kills(world, tmp, clean, trials):
     A clean run on the same cluster is the reference (its match distances may differ
     from the DirectRunner's in the last float bits: BLAS runs one thread per worker);
     it must hold the DirectRunner's detections, pairs, dead letters and files."""
-    from test_dask import Cluster
+    from e2e.test_dask import Cluster
 
     rows = []
     cluster = Cluster(Path(tempfile.mkdtemp(dir=tmp))).start()
@@ -752,7 +752,7 @@ duplicates. A row is marked BUG when it has crashes: a production bug.
 ## Bugs found by this script and its tests
 
 All five were reproduced (the job failed or hung, or an unsafe camera id was accepted),
-then fixed in the code measured above; regression tests in `tests/test_hostile_input.py`
+then fixed in the code measured above; regression tests in `tests/*/test_hostile_input.py`
 guard each (`test_camera_id_never_ends_with_a_newline`,
 `test_layout_path_with_trailing_newline_is_rejected`, `test_layout_digits_are_ascii_only`,
 `test_parsed_capture_time_is_representable_in_outputs`,
@@ -785,8 +785,8 @@ def write_report(rows, command, seconds, path):
         "# Reliability",
         "",
         "Written by `benchmarks/reliability.py`; re-run it to refresh this file. Tests of the "
-        "same properties, smaller: `tests/test_hostile_input.py`, `tests/test_faults.py`, "
-        "`tests/test_dask.py`.",
+        "same properties, smaller: `tests/*/test_hostile_input.py`, `tests/e2e/test_faults.py`, "
+        "`tests/e2e/test_dask.py`.",
         "",
         "- Command: `%s`" % command,
         "- Machine: %s" % machine(),

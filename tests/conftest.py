@@ -1,5 +1,10 @@
 """Shared fixtures: the ../shared material, real object-store servers on loopback, and
-helpers that run a Beam pipeline and hand back what it produced and counted."""
+helpers that run a Beam pipeline and hand back what it produced and counted.
+
+Tests live in ``unit/`` (the fast loop: pure, no Beam pipeline, no subprocess, no
+server, the whole folder under a minute) or ``e2e/`` (the rest); each gets the marker of
+its folder (``-m unit``, ``-m e2e``; pytest.ini), and :func:`_unit_tests_stay_pure`
+makes a unit test that runs a pipeline, starts a subprocess or opens a socket fail."""
 import os
 import socket
 import subprocess
@@ -11,6 +16,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+SETS = ("unit", "e2e")
 SHARED = REPO.parent / "shared"
 FRAMES = SHARED / "data" / "nyc-fdr" / "frames"
 REFERENCE = SHARED / "data" / "nyc-fdr" / "reference"
@@ -19,6 +26,37 @@ MODELS = SHARED / "models"
 
 
 CLASSICAL = ["--detector", "background", "--embedder", "color_histogram"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks each test with its folder's set; a test outside ``unit/`` and ``e2e/`` is a
+    collection error (it would be in neither loop)."""
+    for item in items:
+        folder = Path(str(item.fspath)).resolve().relative_to(TESTS).parts[0]
+        if folder not in SETS:
+            raise pytest.UsageError("%s: tests belong in tests/unit or tests/e2e" % item.nodeid)
+        item.add_marker(getattr(pytest.mark, folder))
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_stay_pure(request, monkeypatch):
+    """In a ``unit`` test, running a Beam pipeline, starting a subprocess or opening a
+    socket raises: such a test belongs in ``e2e/``."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    import apache_beam as beam
+
+    def refuse(what):
+        def refused(*args, **kwargs):
+            raise RuntimeError("a unit test may not %s: move it to tests/e2e" % what)
+        return refused
+
+    monkeypatch.setattr(beam.Pipeline, "run", refuse("run a Beam pipeline"))
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse("start a subprocess"))
+    for method in ("bind", "connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, method, refuse("open a socket"))
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -24,39 +24,6 @@ def _progress_lines(stderr: str, command: str):
     return [l for l in stderr.splitlines() if l.startswith(command) and LINE.match(l)]
 
 
-def test_line_shows_done_of_total_rate_and_eta_of_the_phase_under_way():
-    counts = {"objects_listed": 1100, "files_outside_range": 100, "frames_inferred": 400,
-              "frames_dead_lettered": 2, "detections_batched": 0}
-    line = progress.format_line("run", progress.RUN, counts, {}, {"frames": 8.0})
-    assert line == "run: frames 402/1,000 (40%), 8.0/s, ETA 1m15s | matching not started"
-    # once matching moves, frames are complete whatever their counters say
-    counts.update(detections_batched=3000, detections_computed=30)
-    line = progress.format_line("run", progress.RUN, counts, {}, {"matching": 10.0})
-    assert "frames 402/402 (100%)" in line and "matching 30/3,000 detections (1%), 10.0/s, ETA 4m57s" in line
-    # a total known from file metadata, before anything is counted
-    line = progress.format_line("match", progress.MATCH, {}, {"reading": 5000}, {})
-    assert line == "match: reading 0/5,000 detections (0%), starting | matching not started"
-    done = {"detections_read": 10, "detections_batched": 10, "detections_computed": 10}
-    assert progress.format_line("match", progress.MATCH, done, {}, {}).endswith(
-        "writing outputs")
-
-
-def test_end_counters_account_for_every_listed_file():
-    totals = {"objects_listed": 12, "frames_listed": 10, "frames_inferred": 8,
-              "frames_with_detections": 7, "frames_without_detections": 1,
-              "frames_dead_lettered": 1, "frames_inference_failed": 1,
-              "files_outside_range": 2}
-    text = progress.frame_accounting(totals)
-    assert text.startswith("frames: 10 listed = 8 inferred (7 with detections, 1 without) "
-                           "+ 1 dead-lettered before inference + 1 dead-lettered by a failed")
-    assert "2 files in the listed hour folders lie outside --start/--end" in text
-    assert "unaccounted" not in text
-    in_backfill = progress.frame_accounting(totals, backfill=True)
-    assert "another partition reads" in in_backfill and "none" not in in_backfill[:20]
-    assert "unaccounted" in progress.frame_accounting(dict(totals, frames_listed=11))
-    assert progress.frame_accounting({"detections_read": 3}) is None
-
-
 def test_a_pickled_counter_ticks_to_the_open_receiver(monkeypatch):
     monkeypatch.setenv(progress.INTERVAL_ENV, "60")
     assert ticks.counter("ns", "plain").__class__.__name__ != "ProgressCounter"

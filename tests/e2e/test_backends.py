@@ -18,12 +18,11 @@ import tensorflow as tf
 import torch
 from PIL import Image
 
-from conftest import FRAMES, copy_frames, require_shared
+from conftest import FRAMES, REPO, copy_frames, require_shared
 from models.imaging import crop_boxes
 from models.registry import build_detector, build_embedder
 from models.weights import WeightsError, folder_sha256
 
-REPO = Path(__file__).resolve().parents[1]
 CAMERA = "733-681-N"
 BOXES = [[0.1, 0.2, 0.5, 0.6], [0.2, 0.1, 0.4, 0.3], [0.5, 0.5, 0.9, 0.9], [0.0, 0.0, 1.0, 1.0]]
 CLASSES = [3.0, 8.0, 1.0, 6.0]  # COCO-91 ids: car, truck, person, bus (the 4th is past num_detections)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import REPO, SHARED, require_shared
 from models.detectors import COCO_80, COCO_91, VEHICLE_CLASSES
 from models.embedders import densenet201_veri
 from models.fused import DetectAndEmbed
@@ -22,17 +23,9 @@ from models.registry import DETECTORS, EMBEDDERS, build_detector, build_embedder
 from models.weights import WeightsError, apply_state_dict, load_bytes, load_state_dict
 from models.yolox import YOLOX_NANO
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 CAMERA = "733-681-N"
 YOLOX_ONNX = SHARED / "models" / "yolox_nano.onnx"
 OSNET_ONNX = SHARED / "models" / "osnet_x0_25.onnx"
-
-
-def _shared(path: Path) -> str:
-    if not path.exists():
-        pytest.skip("shared material not found: %s" % path)
-    return str(path)
 
 
 def _frame_time(path: Path) -> datetime.datetime:
@@ -47,19 +40,19 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def frames():
     """The first 60 frames of one camera: (paths, HxWx3 uint8 RGB arrays)."""
-    root = Path(_shared(SHARED / "data" / "nyc-fdr" / "frames" / CAMERA))
+    root = require_shared(SHARED / "data" / "nyc-fdr" / "frames" / CAMERA)
     paths = sorted(root.rglob("*--original.jpeg"))[:60]
     return paths, [np.asarray(Image.open(p).convert("RGB")) for p in paths]
 
 
 @pytest.fixture(scope="module")
 def yolox_detector():
-    return build_detector("yolox", _shared(YOLOX_ONNX), min_score=0.25, nms_iou=0.45)
+    return build_detector("yolox", str(require_shared(YOLOX_ONNX)), min_score=0.25, nms_iou=0.45)
 
 
 @pytest.fixture(scope="module")
 def osnet():
-    return build_embedder("onnx", _shared(OSNET_ONNX))
+    return build_embedder("onnx", str(require_shared(OSNET_ONNX)))
 
 
 def test_models_run_without_apache_beam():
@@ -102,7 +95,7 @@ def test_sha256_mismatch_names_file_and_both_digests(tmp_path):
 
 
 def test_shared_yolox_has_the_pinned_digest():
-    assert load_bytes(_shared(YOLOX_ONNX), YOLOX_NANO.sha256)
+    assert load_bytes(str(require_shared(YOLOX_ONNX)), YOLOX_NANO.sha256)
 
 
 class _NotATensor:
@@ -185,7 +178,8 @@ def test_yolox_finds_cctviews_vehicle_boxes(frames, yolox_detector):
     from torchvision.ops import box_iou
 
     paths, images = frames
-    rows = pq.read_table(_shared(SHARED / "data" / "nyc-fdr" / "reference" / ("%s.parquet" % CAMERA)),
+    reference_file = require_shared(SHARED / "data" / "nyc-fdr" / "reference" / ("%s.parquet" % CAMERA))
+    rows = pq.read_table(str(reference_file),
                          columns=["frame_ts", "label", "score", "box_xyxy"]).to_pylist()
     reference = {}
     for row in rows:
@@ -219,7 +213,7 @@ def test_yolox_batch_of_mixed_sizes_equals_one_by_one(frames, yolox_detector):
 
 def test_yolox_refuses_other_onnx_models():
     with pytest.raises(WeightsError, match="not a YOLOX model"):
-        build_detector("yolox", _shared(OSNET_ONNX))
+        build_detector("yolox", str(require_shared(OSNET_ONNX)))
     with pytest.raises(WeightsError, match="yolox needs an ONNX file: pass --detector-weights URI"):
         build_detector("yolox")
 
@@ -290,7 +284,7 @@ def test_resnet50_takes_torchvisions_full_state_dict(tmp_path):
 
 def test_onnx_embedder_refuses_a_detector():
     with pytest.raises(WeightsError, match="not an ONNX embedder: expected one input"):
-        build_embedder("onnx", _shared(YOLOX_ONNX))
+        build_embedder("onnx", str(require_shared(YOLOX_ONNX)))
 
 
 def test_roi_align_crops_match_pil_crops(frames, osnet):
@@ -358,7 +352,7 @@ def test_handlers_run_inference_in_a_pipeline(frames):
 
     _, images = frames
     three = images[:3]
-    yolox_uri, osnet_uri = _shared(YOLOX_ONNX), _shared(OSNET_ONNX)
+    yolox_uri, osnet_uri = str(require_shared(YOLOX_ONNX)), str(require_shared(OSNET_ONNX))
     fused = DetectEmbedModelHandler("yolox", "color_histogram", detector_weights=yolox_uri,
                                     detector_options={"min_score": 0.3}, max_batch_size=2)
     assert fused.batch_elements_kwargs() == {"min_batch_size": 1, "max_batch_size": 2}
@@ -408,10 +402,10 @@ def test_onnx_sessions_take_threads_and_their_measured_optimisation_level(frames
     options = osnet.session.get_session_options()
     assert options.graph_optimization_level == level.ORT_ENABLE_EXTENDED
     assert options.intra_op_num_threads == 0
-    detector = build_detector("yolox", _shared(YOLOX_ONNX), threads=1)
+    detector = build_detector("yolox", str(require_shared(YOLOX_ONNX)), threads=1)
     assert detector.session.get_session_options().graph_optimization_level == level.ORT_ENABLE_ALL
     assert detector.session.get_session_options().intra_op_num_threads == 1
-    with_layout = build_embedder("onnx", _shared(OSNET_ONNX), optimization="all", threads=1)
+    with_layout = build_embedder("onnx", str(require_shared(OSNET_ONNX)), optimization="all", threads=1)
     assert with_layout.session.get_session_options().graph_optimization_level == level.ORT_ENABLE_ALL
     _, images = frames
     boxes = [_boxes_of(image, 4, np.random.default_rng(2)) for image in images[:4]]
@@ -421,9 +415,9 @@ def test_onnx_sessions_take_threads_and_their_measured_optimisation_level(frames
 
 def test_onnx_session_refuses_unknown_levels_and_negative_threads():
     with pytest.raises(ValueError, match="optimization"):
-        build_embedder("onnx", _shared(OSNET_ONNX), optimization="fastest")
+        build_embedder("onnx", str(require_shared(OSNET_ONNX)), optimization="fastest")
     with pytest.raises(ValueError, match="threads"):
-        build_detector("yolox", _shared(YOLOX_ONNX), threads=-1)
+        build_detector("yolox", str(require_shared(YOLOX_ONNX)), threads=-1)
 
 
 def test_an_onnx_file_no_spec_knows_gets_every_optimisation():
@@ -435,7 +429,7 @@ def test_an_onnx_file_no_spec_knows_gets_every_optimisation():
     from models.yolox import YOLOX_NANO
 
     level = ort.GraphOptimizationLevel
-    uri = _shared(OSNET_ONNX)
+    uri = str(require_shared(OSNET_ONNX))
     for known, expected in [((), level.ORT_ENABLE_ALL), ((YOLOX_NANO,), level.ORT_ENABLE_ALL),
                             ((YOLOX_NANO, OSNET_X0_25), level.ORT_ENABLE_EXTENDED)]:
         session = onnx_session(uri, None, "cpu", known=known)
@@ -446,7 +440,7 @@ def test_handlers_set_the_worker_thread_budget(frames):
     from models.handlers import DetectEmbedModelHandler
 
     handler = DetectEmbedModelHandler(
-        "yolox", "onnx", detector_weights=_shared(YOLOX_ONNX), embedder_weights=_shared(OSNET_ONNX),
+        "yolox", "onnx", detector_weights=str(require_shared(YOLOX_ONNX)), embedder_weights=str(require_shared(OSNET_ONNX)),
         detector_options={"threads": 1}, embedder_options={"threads": 1}, threads=1)
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -15,8 +15,6 @@ from conftest import REFERENCE, require_shared
 from pipelines.cli import main
 from pipelines.scale_world import offset_s, write_world
 
-KEY = ("detection_id_a", "detection_id_b")
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -125,23 +123,3 @@ def test_chunked_calibrate_finds_the_planted_links(world, tmp_path, capsys):
                 and abs(l["offset_s"] - truth["offset_s"]) <= 2.0]
         assert near, (truth, found)
     assert not list(tmp_path.glob("links.json.parts/*"))  # parts pooled, then removed
-
-
-def test_chunk_plan_covers_every_row_once_and_skips_gaps():
-    from pipelines.chunks import plan_chunks
-    from transforms.detections_io import FileSpan
-
-    hour = 3_600_000
-    spans = [FileSpan("a", [(1000, 0, hour - 1), (1000, hour, 2 * hour - 1)]),
-             FileSpan("b", [(500, 10 * hour, 10 * hour + 600_000)])]
-    chunks = plan_chunks(spans, margin_ms=600_000, align_ms=1_200_000, max_rows=800)
-    owned = [c.owned_ms for c in chunks]
-    assert all(a[1] <= b[0] for a, b in zip(owned, owned[1:]))  # disjoint, in order
-    for t in (0, hour - 1, hour, 2 * hour - 1, 10 * hour, 10 * hour + 600_000):
-        assert sum(lo <= t < hi for lo, hi in owned) == 1  # every row owned exactly once
-    for c in chunks:
-        assert c.read_ms[0] <= c.owned_ms[0] - 600_000 and c.read_ms[1] >= c.owned_ms[1] + 600_000
-        assert c.files == (["b"] if c.owned_ms[0] >= 9 * hour else ["a"])
-    assert len(chunks) < 12  # the 8-hour gap costs no chunk of its own
-    whole = plan_chunks(spans, 600_000, 1_200_000, 0)
-    assert len(whole) == 1 and whole[0].owned_ms is None and whole[0].files == ["a", "b"]

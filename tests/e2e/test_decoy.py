@@ -1,0 +1,92 @@
+"""Target-decoy competition (transforms/decoy.py) against a planted ground truth."""
+import apache_beam as beam
+import numpy as np
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+from conftest import collect
+from transforms import decoy
+from transforms.matching import MatchDetections
+
+from unit.test_decoy import LINKS, _mutual, world
+
+
+def test_beam_transform_equals_the_in_memory_twin():
+    dets, _ = world(seed=3, vehicles=400, span_s=900)
+
+    def make(links):
+        return MatchDetections(policy="mutual", links=links, max_gap_s=120, window_s=600)
+
+    p = beam.Pipeline(runner=FnApiRunner())
+    out = collect(p | beam.Create(dets, reshuffle=False)
+                  | decoy.EvaluateWithDecoys(make, ["c1", "c2", "c3"], LINKS, 120), "out")
+    p.run().wait_until_finish()
+    rows, _ = decoy.evaluate_in_memory(dets, _mutual, LINKS)
+    assert out == rows
+
+
+def _write_parquet(dets, path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({
+        "camera_id": [d["camera_id"] for d in dets],
+        "frame_ts": pa.array([d["frame_ts_ms"] for d in dets], pa.timestamp("ms", tz="UTC")),
+        "detection_id": [d["detection_id"] for d in dets],
+        "embedding": [d["embedding"].tolist() for d in dets]}), path)
+
+
+def test_evaluate_command_both_controls(tmp_path, capsys):
+    import json
+
+    from pipelines.cli import main
+
+    dets, _ = world(seed=4, vehicles=300, span_s=900)
+    _write_parquet(dets, tmp_path / "d.parquet")
+    (tmp_path / "links.json").write_text(json.dumps(LINKS))
+    common = ["evaluate", "--detections", str(tmp_path / "d.parquet"), "--policy", "mutual",
+              "--links", str(tmp_path / "links.json")]
+    assert main(common + ["--output", str(tmp_path / "decoy.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "decoy hits" in printed
+    rows = json.loads((tmp_path / "decoy.json").read_text())
+    assert [(r["camera_a"], r["camera_b"], r["control"]) for r in rows] == [("c1", "c2", "decoy")]
+    assert main(common + ["--control", "shift", "--output", str(tmp_path / "shift.json")]) == 0
+    shift = json.loads((tmp_path / "shift.json").read_text())
+    assert [(r["camera_a"], r["camera_b"]) for r in shift] == [("c1", "c2")] and "real" in shift[0]
+    assert "| control |" in capsys.readouterr().out
+
+
+def test_scored_matcher_runs_once_at_every_threshold():
+    """The learned policy under decoys: one run at min_precision 0; the row is what
+    --min-precision returns (q_value <= 1 - min_precision), Beam == in memory, and on
+    planted pairs the estimate is high and below the truth + 0.05."""
+    from unit.test_learned_matching import LINKS as LEARNED_LINKS, synth
+
+    from transforms import learned_matching as lm
+
+    dets = synth(seed=0, span_s=600)
+    vid = {d["detection_id"]: d["vid"] for d in dets}
+    dets = [{k: v for k, v in d.items() if k != "vid"} for d in dets]
+
+    def make(links, min_precision=0.7):
+        return lm.LearnedLinkMatch(links, min_precision=min_precision)
+
+    make.scored = True
+    p = beam.Pipeline(runner=FnApiRunner())
+    out = collect(p | beam.Create(dets, reshuffle=False)
+                  | decoy.EvaluateWithDecoys(make, ["cam-a", "cam-b"], LEARNED_LINKS, 120,
+                                             min_precision=0.7), "out")
+    p.run().wait_until_finish()
+    rows, targets = decoy.evaluate_in_memory(
+        dets, lambda d, links: lm.match_linked_periods(d, links, min_precision=0.0)[0],
+        LEARNED_LINKS, 120, min_precision=0.7)
+    assert out == rows and len(rows) == 1
+    row = rows[0]
+    returned = [m for m in targets if m["q_value"] <= 0.3 + 1e-6]
+    assert row["target_hits"] == len(returned) < len(targets) + 1
+    true = np.mean([vid[decoy.original_id(m["detection_id_a"])] ==
+                    vid[decoy.original_id(m["detection_id_b"])] for m in returned])
+    # not above the truth by more than 0.05 plus two standard errors of the decoy count
+    slack = 0.05 + 2 * np.sqrt(max(row["decoy_hits"], 1)) / row["target_hits"]
+    assert 0.7 <= row["precision"] <= true + slack, (row, true)
+    assert 0.0 <= row["best_min_precision"] <= 1.0 and row["best_precision"] >= row["precision"]
