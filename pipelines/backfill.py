@@ -93,6 +93,11 @@ from pipelines.command import Command, OneLineParser, parse
 from runners.errors import JobFailed, UsageError
 from runners.presets import add_option_args, expand_preset
 
+__all__ = ["Backfill", "CHUNK_UNITS_S", "COMMAND", "Config", "DAY_MS", "EXTRACTED",
+           "EXTRACT_TABLES", "MATCH_TABLES", "MAX_MATCHES_PER_JOB", "Partition",
+           "STATE_DIR", "STATE_FILE", "SUCCESS", "Store", "TMP_DIR", "context_of",
+           "margin_ms", "parse_args", "parse_chunk", "plan_partitions", "run"]
+
 
 CHUNK_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 DAY_MS = 86400 * 1000

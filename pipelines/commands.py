@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -36,6 +36,11 @@ from transforms.detections_io import (DetectionsSchemaError, FileSpan, ReadDetec
                                       parquet_files)
 from transforms.frames import DEAD_LETTER, ReadFrames
 from transforms.layout import FrameLayout, optional_range
+
+__all__ = ["CALIBRATE", "ChunkPlan", "EVALUATE", "EXTRACT", "IMPORT_CCTVIEW", "MATCH",
+           "RUN", "SUMMARY_COUNTERS", "SUMMARY_FILE", "calibrate", "evaluate", "extract",
+           "format_match_summary", "format_precision_table", "import_cctview", "match",
+           "precision_notes", "run"]
 
 _LOG = logging.getLogger(__name__)
 SUMMARY_COUNTERS = (
@@ -205,6 +210,13 @@ def _detection_source(options: PipelineOptions, files, as_columns: bool = False,
                           as_columns=as_columns, time_range=time_range)
 
 
+class ChunkPlan(NamedTuple):
+    """The time chunks of a match or calibrate run and the --chunk-mb they were cut by
+    (resolved: 0, one job, on Dataflow or when asked)."""
+    chunk_mb: int
+    chunks: list
+
+
 def _chunk_mb(options: PipelineOptions) -> int:
     """--chunk-mb, resolved: 0 (one job) on Dataflow, else its default."""
     from apache_beam.options.pipeline_options import StandardOptions
@@ -218,7 +230,7 @@ def _chunk_mb(options: PipelineOptions) -> int:
     return chunk_mb
 
 
-def _chunk_plan(options: PipelineOptions, spans, margin_ms: int, align_ms: int):
+def _chunk_plan(options: PipelineOptions, spans, margin_ms: int, align_ms: int) -> ChunkPlan:
     """The time chunks of a match or calibrate run (pipelines/chunks.py): one chunk on
     Dataflow or with --chunk-mb 0, else chunks of --chunk-mb of embeddings."""
     from pipelines.chunks import plan_chunks, rows_budget
@@ -226,7 +238,7 @@ def _chunk_plan(options: PipelineOptions, spans, margin_ms: int, align_ms: int):
     chunk_mb = _chunk_mb(options)
     dim = max((s.dim for s in spans), default=0) or 2048  # variable lists: assume large
     rows = rows_budget(chunk_mb * 2 ** 20, dim) if chunk_mb else 0
-    return plan_chunks(spans, margin_ms, align_ms, rows)
+    return ChunkPlan(chunk_mb, plan_chunks(spans, margin_ms, align_ms, rows))
 
 
 def _run_chunks(options: PipelineOptions, chunks, build, what: str,
@@ -268,7 +280,7 @@ def match(options: PipelineOptions) -> int:
     matcher = _match_stage(options)
     if isinstance(matcher, MatchDetections):
         chunks = _chunk_plan(options, spans, context_margin_ms(
-            matcher.policy, matcher.bands, matcher.window_ms), matcher.block_ms)
+            matcher.policy, matcher.bands, matcher.window_ms), matcher.block_ms).chunks
     else:  # the learned matcher trains on the whole period: one job
         chunks = plan_chunks(spans, 0, 1, 0)
     tables = ["matches"]
@@ -366,7 +378,7 @@ def calibrate(options: PipelineOptions) -> int:
     # real pairs are exact with the margin; each chunk's control shifts within the data
     # it reads (the same traffic, no true pairs), not within the whole period
     margin = context_margin_ms("mutual", CandidateBands(candidates.max_gap), window_ms)
-    chunks = _chunk_plan(options, spans, margin, window_ms)
+    plan = _chunk_plan(options, spans, margin, window_ms)
     period = (min(g[1] for s in spans for g in s.groups if g[0]),
               max(g[2] for s in spans for g in s.groups if g[0]) + 1000)
 
@@ -391,8 +403,8 @@ def calibrate(options: PipelineOptions) -> int:
 
     # Where a job's shuffle is held in memory (chunked runs), the real pairs and the
     # control run as jobs of their own: one matching's copies at a time.
-    for kind in ("real", "control") if _chunk_mb(options) else ("both",):
-        _run_chunks(options, chunks, functools.partial(build, kind=kind),
+    for kind in ("real", "control") if plan.chunk_mb else ("both",):
+        _run_chunks(options, plan.chunks, functools.partial(build, kind=kind),
                     "calibrate" if kind == "both" else "calibrate (%s pairs)" % kind)
     if _is_dry_run(options):
         print("dry run: job built, nothing executed")

@@ -24,6 +24,8 @@ import time
 from pipelines import commands, ground_truth, report, synth
 from pipelines.command import Command, parse
 
+__all__ = ["COMMAND", "add_arguments", "run_from_args"]
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="out/demo",

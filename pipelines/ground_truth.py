@@ -14,6 +14,9 @@ import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+__all__ = ["frame_key", "load_truth", "read_table", "score_matches", "true_transits",
+           "vehicle_of_detections"]
+
 
 def _iou(box, boxes: np.ndarray) -> np.ndarray:
     x1 = np.maximum(box[0], boxes[:, 0])

@@ -10,6 +10,11 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from transforms import calibration, learned_matching, matching
 from transforms.match_blocks import METRICS, POLICIES
 
+__all__ = ["CalibrateOptions", "CandidateOptions", "DEFAULT_CHUNK_MB",
+           "DetectionInputOptions", "EMBEDDING_NORMS", "EvaluateOptions",
+           "FrameInputOptions", "MatchOptions", "ModelOptions", "OutputOptions",
+           "POLICY_CHOICES", "ProgressOptions", "TimeZoneOptions", "VEHICLES"]
+
 VEHICLES = "car,bus,truck,motorcycle"
 # Measured in BENCHMARKS.md ("Scale"): the peak memory of a chunk is about twice this.
 DEFAULT_CHUNK_MB = 768

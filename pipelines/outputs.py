@@ -13,6 +13,9 @@ from apache_beam.io.filesystems import FileSystems
 from runners.errors import UsageError
 from transforms import parquet_io
 
+__all__ = ["ROW_BUILDERS", "SORT_KEYS", "TABLES", "check_writable", "finish", "prepare",
+           "table_dir", "write", "write_crops"]
+
 TABLES = {
     "detections": (parquet_io.DETECTIONS_SCHEMA,
                    lambda r: r["detection_id"], lambda r: parquet_io.hour_partition(

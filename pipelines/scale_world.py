@@ -41,6 +41,10 @@ import pyarrow.parquet as pq
 
 from pipelines.command import Command
 
+__all__ = ["COMMAND", "DEFAULT_START", "HOUR_MS", "ROW_GROUP_S", "Reference", "SEGMENT_S",
+           "add_arguments", "camera_name", "links_truth", "load_reference", "offset_s",
+           "run_from_args", "write_world"]
+
 SEGMENT_S = 300
 ROW_GROUP_S = 300
 DEFAULT_START = "2020-05-05T13:00:00+00:00"

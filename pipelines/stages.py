@@ -10,6 +10,10 @@ from typing import List, Optional
 from runners.errors import UsageError
 from pipelines.options import CandidateOptions, MatchOptions, ModelOptions
 
+__all__ = ["MATCH_SETTINGS_FILE", "check_models", "detect_stage", "detector_options",
+           "embedder_options", "match_settings", "match_stage", "matcher_factory",
+           "model_threads", "policy_of", "read_links"]
+
 
 def _classes(text: str) -> tuple:
     classes = tuple(c.strip() for c in text.split(",") if c.strip())

@@ -56,6 +56,9 @@ from PIL import Image
 
 from pipelines.command import Command
 
+__all__ = ["COMMAND", "DEFAULT_START", "LABELS", "Vehicle", "add_arguments", "frame_path",
+           "run_from_args", "synthesize"]
+
 WIDTH, HEIGHT = 352, 240
 DEFAULT_START = dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 LABELS = ("car", "bus", "truck", "motorcycle")

@@ -66,6 +66,8 @@ from apache_beam.utils.counters import CounterFactory
 
 from runners.errors import JobFailed, UsageError
 
+__all__ = ["DaskJobResult", "DaskRunner", "run_bundle"]
+
 # The tag of a bundle's counters among its outputs (no PCollection has this tag).
 _COUNTERS = "__cctview_dask_counters__"
 # Partitions per worker thread when --dask_npartitions is not given: enough that two

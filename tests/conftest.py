@@ -223,10 +223,32 @@ def collect(pcoll, label: str):
 
 
 def counters(result) -> dict:
-    totals = {}
-    for c in result.metrics().query()["counters"]:
-        totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + c.committed
-    return totals
+    """A finished job's counters, summed by name (what the commands report)."""
+    from pipelines.progress import counter_totals
+
+    return counter_totals(result)
+
+
+def done_counters(stdout: str) -> dict:
+    """The counters of a command's last ``done: name=value, ... -> OUTPUT`` line."""
+    line = [l for l in stdout.splitlines() if l.startswith("done: ")][-1]
+    body = line[len("done: "):].rsplit(" -> ", 1)[0]
+    return {k: int(v) for k, v in (kv.split("=") for kv in body.split(", "))}
+
+
+def assert_same_detections(a: dict, b: dict) -> None:
+    """Two runs' detections (detection_id -> row) are the same rows, boxes, scores and
+    embeddings up to float noise (other engines, other processes)."""
+    import numpy as np
+
+    assert sorted(a) == sorted(b)
+    for detection_id, row in a.items():
+        other = b[detection_id]
+        for column in ("camera_id", "frame_ts", "frame_uri", "label", "detector", "embedder"):
+            assert row[column] == other[column], (detection_id, column)
+        assert np.allclose(row["box_xyxy"], other["box_xyxy"], atol=1e-3)
+        assert row["score"] == pytest.approx(other["score"], abs=1e-4)
+        assert np.allclose(row["embedding"], other["embedding"], atol=1e-4)
 
 
 def upload_tree(local_root: Path, upload) -> int:

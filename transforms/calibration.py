@@ -11,19 +11,19 @@ pipeline that feeds it: the scalable matcher's real pairs and control pairs of e
 camera pair, in one pass or two (and its time chunks, ``owned_ms``: ``cctview
 calibrate`` runs a job per chunk and kind, pools their dt lists with
 :func:`merge_pair_dts` and finds the links on the driver, :func:`links_of_pairs`).
-:class:`CalibrateLinks` is the same in one job, ending in the links.
 """
 from typing import Dict, List, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.metrics import Metrics
 
 from transforms.control import CONTROL, CONTROLS_PER_PAIR, REAL, ClassifyControl
 from transforms.matching import (DEFAULT_MAX_GAP_S, DEFAULT_METRIC, DEFAULT_WINDOW_S,
                                  MatchDetections, ShiftedControl)
 
-NAMESPACE = "cctview"
+__all__ = ["CalibrationPairs", "DEFAULT_MIN_SIGNIFICANCE", "DEFAULT_MIN_SUPPORT",
+           "control_shift_ms", "find_links", "links_of_pairs", "merge_pair_dts"]
+
 # When a dt peak counts as a link (the defaults of `cctview calibrate` too).
 DEFAULT_MIN_SUPPORT = 10
 DEFAULT_MIN_SIGNIFICANCE = 5.0
@@ -275,34 +275,3 @@ class CalibrationPairs(beam.PTransform):
             | "ByCameraPair" >> beam.GroupByKey()
             | "ByKind" >> beam.Map(_dts_by_kind)
         )
-
-
-class _LinksFn(beam.DoFn):
-    def __init__(self, max_gap_s: float, min_support: int, min_significance: float):
-        self._args = (max_gap_s, min_support, min_significance)
-        self.pairs = Metrics.counter(NAMESPACE, "calibration_pairs_histogrammed")
-        self.links = Metrics.counter(NAMESPACE, "calibration_links")
-
-    def process(self, pair_dts):
-        links, histogrammed = links_of_pairs(dict([pair_dts]), *self._args)
-        self.pairs.inc(histogrammed)
-        self.links.inc(len(links))
-        yield from links
-
-
-class CalibrateLinks(beam.PTransform):
-    """Detection dicts -> link dicts (links.json objects), in one job
-    (:class:`CalibrationPairs`, then :func:`links_of_pairs` per camera pair)."""
-
-    def __init__(self, cameras, span_ms, max_gap_s: float = DEFAULT_MAX_GAP_S,
-                 window_s: float = DEFAULT_WINDOW_S, metric: str = DEFAULT_METRIC,
-                 min_support: int = DEFAULT_MIN_SUPPORT,
-                 min_significance: float = DEFAULT_MIN_SIGNIFICANCE):
-        super().__init__()
-        self._pairs = CalibrationPairs(cameras, span_ms, max_gap_s, window_s, metric)
-        self._links = _LinksFn(max_gap_s, min_support, min_significance)
-
-    def expand(self, detections):
-        return (detections
-                | "Pairs" >> self._pairs
-                | "FindLinks" >> beam.ParDo(self._links))

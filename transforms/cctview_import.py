@@ -18,6 +18,8 @@ from apache_beam.metrics import Metrics
 from transforms.layout import FrameLayout, PathParseError
 from transforms.records import dead_letter, detection_id
 
+__all__ = ["DEAD_LETTER", "ImportCCTView", "NAMESPACE"]
+
 DEAD_LETTER = "dead_letter"
 NAMESPACE = "cctview"
 _FEATURES = "--features.json"

@@ -18,6 +18,10 @@ from typing import List, Optional, Tuple
 
 import apache_beam as beam
 
+__all__ = ["CONTROLS_PER_PAIR", "ClassifyControl", "DataSpan", "SHIFTED",
+           "WithShiftedControl", "base_camera", "classify_pair", "control_links",
+           "shift_for_control"]
+
 SHIFTED = "~"
 REAL, CONTROL = "real", "control"
 CONTROLS_PER_PAIR = 1  # (a, b~): counts are divided by this

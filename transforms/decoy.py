@@ -33,6 +33,11 @@ import math
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+__all__ = ["DECOY", "EvaluateWithDecoys", "FRONTIER", "b_side_counts", "best_point",
+           "classify_hit", "decoy_links", "decoy_ts", "evaluate_in_memory",
+           "evaluated_pairs", "half_of", "namespaces", "original_id", "pair_camera",
+           "precision_curve", "precision_row", "roles_of", "summarize", "with_decoys"]
+
 DECOY = "~decoy"
 FRONTIER = (0.8, 0.9)  # rows give the most excess at an estimated precision of at least these
 TARGET, DECOY_KIND = "target", "decoy"

@@ -13,9 +13,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import TimestampedValue
 from transforms import progress
+
+__all__ = ["DetectionColumns", "DetectionsSchemaError", "FileSpan", "NAMESPACE",
+           "OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "ReadDetections", "inspect_files",
+           "parquet_files", "row_group_spans", "table_to_columns", "table_to_detections"]
 
 NAMESPACE = "cctview"
 REQUIRED_COLUMNS = ("camera_id", "frame_ts", "detection_id", "embedding")

@@ -13,6 +13,8 @@ import apache_beam as beam
 from transforms.control import (CONTROL, CONTROLS_PER_PAIR, REAL, ClassifyControl,
                                 WithShiftedControl, control_links)
 
+__all__ = ["EvaluateWithControl", "precision_row"]
+
 
 def precision_row(pair, real: int, control_total: int) -> dict:
     control = control_total / CONTROLS_PER_PAIR

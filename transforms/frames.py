@@ -36,6 +36,10 @@ from transforms.layout import (
 from transforms.records import dead_letter
 from transforms.storage import list_child_folders
 
+__all__ = ["DEAD_LETTER", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS", "DEFAULT_MIN_SIDE",
+           "DecodeFrameFn", "FrameDecodeError", "NAMESPACE", "ReadFrames",
+           "ReadFramesOutput", "decode_image", "listing_patterns"]
+
 DEAD_LETTER = "dead_letter"
 NAMESPACE = "cctview"
 

@@ -22,6 +22,8 @@ from transforms import progress
 from transforms.backgrounds import EstimateBackgrounds
 from transforms.records import dead_letter, detection_id
 
+__all__ = ["CROPS", "DEAD_LETTER", "DetectFrames", "NAMESPACE", "detect_read_frames"]
+
 DEAD_LETTER = "dead_letter"
 CROPS = "crops"
 NAMESPACE = "cctview"

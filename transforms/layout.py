@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
 from zoneinfo import ZoneInfo
 
+__all__ = ["CCTVIEW_LAYOUT", "FrameLayout", "ParsedPath", "PathParseError", "glob_prefix",
+           "hour_prefixes", "optional_range", "parse_time", "split_camera_patterns"]
+
 CCTVIEW_LAYOUT = "cctview"
 
 _CCTVIEW_RE = re.compile(

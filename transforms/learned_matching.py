@@ -154,6 +154,17 @@ import numpy as np
 
 from transforms import match_blocks as mb
 
+__all__ = ["Candidates", "DEFAULT_CONTROL_SHIFTS", "DEFAULT_FEATURES",
+           "DEFAULT_MAX_CANDIDATES", "DEFAULT_MIN_PRECISION", "DEFAULT_PERIOD_S",
+           "DEFAULT_SCORER", "DEFAULT_TRAIN_SHIFTS", "FEATURES", "LearnedLinkMatch",
+           "MIN_TRAIN_ROWS", "NAMESPACE", "NORMALIZATIONS", "POLICY", "SCALE_K",
+           "SCALE_MAX_MS", "SCALE_MIN_MS", "STATS", "TRACKLET_FEATURES",
+           "TooManyCandidates", "best_achievable", "better_match", "candidate_features",
+           "candidate_ranks", "choose_threshold", "enumerate_candidates",
+           "greedy_one_to_one", "match_group", "match_linked_pair", "match_linked_periods",
+           "normalize_embeddings", "period_keys", "pool_tracklet_scores", "q_values",
+           "summary_record", "threshold_curve"]
+
 POLICY = "learned"
 DEFAULT_MIN_PRECISION = 0.7  # also the default of --min-precision
 NAMESPACE = "cctview.learned"

@@ -10,6 +10,8 @@ import json
 
 from transforms.match_blocks import normalize_links
 
+__all__ = ["load_links", "write_links"]
+
 
 def load_links(path) -> list:
     """Reads and validates a links.json from a local path or any Beam filesystem URI."""

@@ -20,6 +20,11 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+__all__ = ["DEAD_LETTER_SCHEMA", "DETECTIONS_SCHEMA", "MATCHES_SCHEMA", "NAMESPACE",
+           "ROW_GROUP_ROWS", "WriteParquetTable", "clear_table", "dead_letter_row",
+           "detection_row", "ensure_table", "hour_partition", "match_row",
+           "table_from_rows", "write_table_file"]
+
 NAMESPACE = "cctview"
 
 _TS = pa.timestamp("ms", tz="UTC")

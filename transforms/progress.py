@@ -33,7 +33,7 @@ from typing import Dict, Optional, Tuple
 
 from apache_beam.metrics import Metrics
 
-__all__ = ["ProgressCounter", "close_channel", "counter", "current_channel", "open_channel"]
+__all__ = ["ProgressCounter", "close_channel", "counter", "open_channel"]
 
 SEND_EVERY_S = 0.5
 
@@ -53,10 +53,6 @@ def close_channel() -> None:
     """Counters created from now on are plain Beam counters."""
     global _CHANNEL
     _CHANNEL = None
-
-
-def current_channel() -> Optional[Tuple[str, int, str]]:
-    return _CHANNEL
 
 
 def counter(namespace: str, name: str):

@@ -20,6 +20,8 @@ DeadLetter (any stage -> dead_letter Parquet):
 import hashlib
 import time
 
+__all__ = ["VEHICLE_CLASSES", "dead_letter", "detection_id"]
+
 VEHICLE_CLASSES = ("car", "bus", "truck", "motorcycle")
 
 

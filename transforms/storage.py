@@ -7,6 +7,8 @@ under a root: one delimiter listing (one level, no objects), done here per schem
 import os
 from typing import List, Optional
 
+__all__ = ["list_child_folders"]
+
 
 def _split_bucket(uri: str, scheme: str):
     rest = uri[len(scheme):]

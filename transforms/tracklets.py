@@ -49,6 +49,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+__all__ = ["CHANCE_LAG_MS", "DEFAULT_EMB_GATE_QUANTILE", "DEFAULT_MAX_DURATION_S",
+           "DEFAULT_MAX_GAP_S", "DEFAULT_MAX_LEN", "DEFAULT_MOTION_GATE",
+           "DEFAULT_SIZE_GATE", "DEFAULT_VELOCITY_GATE", "MIN_CHANCE_PAIRS", "Tracklets",
+           "aggregate_embeddings", "chance_gate", "link_tracklets"]
+
 DEFAULT_MAX_GAP_S = 4.0
 DEFAULT_MAX_LEN = 8
 DEFAULT_MAX_DURATION_S = 16.0

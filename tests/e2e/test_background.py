@@ -1,8 +1,7 @@
 """The classical ``background`` detector (models.background) on synthetic and real frames.
 
-On the synthetic world the truth is known, so recall and precision are asserted; on the
-real NYC frames there are only CCTView's reference detections, so that test guards
-against regressions with a loose bound and prints what it measured.
+The end-to-end half (Beam pipelines, servers, the long cases); the pure half, the
+module's full description and the helpers both use are in tests/unit/test_background.py.
 """
 import subprocess
 import sys

@@ -1,13 +1,42 @@
 """Calibration finds planted camera links and no others; the time-shift control
-estimates match precision as the ground truth measures it."""
+
+The end-to-end half (Beam pipelines, servers, the long cases); the pure half, the
+module's full description and the helpers both use are in tests/unit/test_calibration.py.
+"""
 import apache_beam as beam
 import numpy as np
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from conftest import collect
-from transforms.calibration import CalibrateLinks
+from transforms.calibration import CalibrationPairs, links_of_pairs
 from transforms.evaluation import EvaluateWithControl
 from transforms.matching import MatchDetections
+
+
+class _LinksFn(beam.DoFn):
+    """One camera pair's dt lists -> its links (links_of_pairs, default thresholds)."""
+
+    def __init__(self, max_gap_s: float):
+        self.max_gap_s = max_gap_s
+
+    def process(self, pair_dts):
+        yield from links_of_pairs(dict([pair_dts]), self.max_gap_s)[0]
+
+
+class CalibrateLinks(beam.PTransform):
+    """Detection dicts -> link dicts (links.json objects), in one job: CalibrationPairs,
+    then links_of_pairs per camera pair (``cctview calibrate`` runs the same two steps
+    over time chunks)."""
+
+    def __init__(self, cameras, span_ms, max_gap_s: float):
+        super().__init__()
+        self._pairs = CalibrationPairs(cameras, span_ms, max_gap_s)
+        self._links = _LinksFn(max_gap_s)
+
+    def expand(self, detections):
+        return (detections
+                | "Pairs" >> self._pairs
+                | "FindLinks" >> beam.ParDo(self._links))
 
 
 def _world(seed=0, vehicles=1500, span_s=3600, transit=25.0, jitter=2.0, dim=16, sigma=0.9,

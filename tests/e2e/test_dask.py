@@ -20,12 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from conftest import (FRAMES, MODELS, REPO, free_port, reference_minutes_of,
-                      require_shared)
+from conftest import (FRAMES, MODELS, REPO, assert_same_detections, done_counters,
+                      free_port, reference_minutes_of, require_shared)
 
 distributed = pytest.importorskip("distributed")
 
@@ -148,9 +147,8 @@ def command(capsys):
 
 
 def counters(stdout: str) -> dict:
-    line = [l for l in stdout.splitlines() if l.startswith("done: ")][-1]
-    pairs = line[len("done: "):].rsplit(" -> ", 1)[0].split(", ")
-    found = {k: int(v) for k, v in (p.split("=") for p in pairs)}
+    """The COUNTED counters of a command's ``done:`` line (0 for those it lacks)."""
+    found = done_counters(stdout)
     return {k: found.get(k, 0) for k in COUNTED}
 
 
@@ -178,17 +176,6 @@ def dead_letters(out: Path) -> list:
 
 def parquet_files(out: Path) -> list:
     return sorted(p.relative_to(out).as_posix() for p in out.rglob("*.parquet"))
-
-
-def assert_same_detections(a: dict, b: dict) -> None:
-    assert sorted(a) == sorted(b)
-    for detection_id, row in a.items():
-        other = b[detection_id]
-        for column in ("camera_id", "frame_ts", "frame_uri", "label", "detector", "embedder"):
-            assert row[column] == other[column], (detection_id, column)
-        assert np.allclose(row["box_xyxy"], other["box_xyxy"], atol=1e-3)
-        assert row["score"] == pytest.approx(other["score"], abs=1e-4)
-        assert np.allclose(row["embedding"], other["embedding"], atol=1e-4)
 
 
 def assert_same_matches(a: dict, b: dict) -> None:

@@ -1,4 +1,8 @@
-"""Target-decoy competition (transforms/decoy.py) against a planted ground truth."""
+"""Target-decoy competition (transforms/decoy.py) against a planted ground truth.
+
+The end-to-end half (Beam pipelines, servers, the long cases); the pure half, the
+module's full description and the helpers both use are in tests/unit/test_decoy.py.
+"""
 import apache_beam as beam
 import numpy as np
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner

@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from conftest import REPO
+from conftest import REPO, done_counters
 from models import handlers as handlers_module
 from models.handlers import DetectEmbedModelHandler
 from transforms import frames as frames_module
@@ -257,12 +257,6 @@ def clean(world, tmp_path_factory):
     return shot
 
 
-def _done_counters(text: str) -> dict:
-    line = [l for l in text.splitlines() if l.startswith("done: ")][-1]
-    body = line[len("done: "):].rsplit(" -> ", 1)[0]
-    return {k: int(v) for k, v in (kv.split("=") for kv in body.split(", "))}
-
-
 # ------------------------------------------------------------------------- tests
 
 def test_direct_runner_does_not_retry_a_failed_bundle(tmp_path):
@@ -309,7 +303,7 @@ def test_rerunning_after_transient_faults_converges(world, clean, inject, tmp_pa
     assert {s: fired(fault_dir, s) for s in faults} == faults
     assert len(failures) == sum(faults.values())  # no retries: each fault cost a run
     assert_same_as_clean(snapshot(out), clean)
-    counts = _done_counters(capsys.readouterr().out)
+    counts = done_counters(capsys.readouterr().out)
     assert counts["frames_listed"] == counts["frames_decoded"] == 60
 
 
@@ -323,7 +317,7 @@ def test_bundle_retries_absorb_transient_faults(world, clean, inject, tmp_path, 
     assert run_command(world, out, "--runner", "BundleBasedDirectRunner") == 0
     assert {s: fired(fault_dir, s) for s in faults} == faults
     assert_same_as_clean(snapshot(out), clean)
-    counts = _done_counters(capsys.readouterr().out)
+    counts = done_counters(capsys.readouterr().out)
     # Beam's BundleBasedDirectRunner keeps one metrics container across the attempts of
     # a bundle, so committed counters include work of failed attempts: the tables, not
     # the counters, are the truth under retries (documented in RELIABILITY.md).
@@ -339,7 +333,7 @@ def test_a_failed_inference_batch_is_retried_frame_by_frame(world, clean, inject
     assert run_command(world, out) == 0
     assert fired(fault_dir, "inference") == 1
     assert_same_as_clean(snapshot(out), clean)
-    counts = _done_counters(capsys.readouterr().out)
+    counts = done_counters(capsys.readouterr().out)
     assert counts["inference_batches_retried_one_by_one"] == 1
     assert counts.get("frames_inference_failed", 0) == 0
 
@@ -366,7 +360,7 @@ def test_a_frame_the_model_cannot_take_costs_only_itself(world, clean, inject, t
     clean_by_frame = {d[0]: d[3] for d in clean["detections"]}
     assert sorted(faulty["detection_ids"]) == sorted(
         i for i, uri in clean_by_frame.items() if uri != lost)
-    counts = _done_counters(capsys.readouterr().out)
+    counts = done_counters(capsys.readouterr().out)
     assert counts["frames_listed"] == counts["frames_decoded"] == 60
     assert counts["frames_inferred"] + counts["frames_inference_failed"] == 60
     assert counts["frames_inference_failed"] == 1

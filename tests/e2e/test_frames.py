@@ -1,4 +1,8 @@
-"""ReadFrames: listing, path parsing, decoding and dead letters, on real frames."""
+"""ReadFrames: listing, path parsing, decoding and dead letters, on real frames.
+
+The end-to-end half (Beam pipelines, servers, the long cases); the pure half, the
+module's full description and the helpers both use are in tests/unit/test_frames.py.
+"""
 import datetime as dt
 import io
 import re

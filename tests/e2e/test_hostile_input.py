@@ -1,26 +1,7 @@
 """Hostile inputs: fuzzed frame bytes and frame paths must never crash or hang ReadFrames.
 
-What is checked (hypothesis, plus fixed cases for the known-dangerous shapes):
-
-* ``decode_image`` on random bytes, bit-flipped and truncated real frames (read by path
-  from ``../shared/data/nyc-fdr/frames``), structure-aware PNG/JPEG mutations (chunk data
-  changed with a valid CRC, header segments rewritten), decompression bombs (huge sizes
-  declared in PNG IHDR / JPEG SOF), 1x1 and 10000x10 images, odd colour modes and other
-  formats: the only exception is ``FrameDecodeError`` with a reason from a fixed
-  vocabulary, every example finishes inside a deadline, and a decoded frame is always
-  HxWx3 uint8 of the declared size.
-* ``FrameLayout.parse`` on mutated layout paths (unicode, spaces, ``..``, slashes,
-  control characters, near misses) and on arbitrary text: a ``ParsedPath`` or a
-  ``PathParseError``, nothing else; a parsed camera id has no path syntax, so it can
-  never take an output path out of its folder.
-* End to end: ``ReadFrames`` over a folder of hostile files with unicode/space names on
-  the DirectRunner: every file ends as a frame or as a dead letter with a known reason,
-  and ``frames_listed == frames_decoded + frames_dead_lettered``.
-
-The fixed cases after the fuzz tests are regression tests for the bugs this fuzzing
-found (see RELIABILITY.md): a camera id or path ending in a newline, non-ASCII digits in
-the layout, capture times outside UTC's datetime range, a file name that is not UTF-8,
-a FIFO named like a frame.
+The end-to-end half (Beam pipelines, servers, the long cases); the pure half, the
+module's full description and the helpers both use are in tests/unit/test_hostile_input.py.
 """
 import datetime as dt
 import os

@@ -1,10 +1,7 @@
 """Learned linked-pair matching (transforms/learned_matching.py, models/pair_scorer.py).
 
-Synthetic data with a planted structure: vehicles (an identity vector + per-detection
-noise) are seen at camera a and half of them reappear at camera b dt ~ N(12, 2) s
-later, in one lane; camera b also sees distractors. Ground truth (the vehicle of every
-detection) is known, so true precision and recall are measured directly. Pipelines
-run on the FnApiRunner (the DirectRunner's batch engine; see tests/*/test_matching.py).
+The end-to-end half (Beam pipelines, servers, the long cases); the pure half, the
+module's full description and the helpers both use are in tests/unit/test_learned_matching.py.
 """
 import numpy as np
 import pytest

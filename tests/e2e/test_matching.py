@@ -1,13 +1,7 @@
 """Cross-camera matching: Beam transform and numpy core against a brute-force reference.
 
-The reference below is a plain double loop over pairs, written from the semantics in
-``transforms/match_blocks.py`` and sharing no code with it. Test data make distances
-exact in float32 (integer l2 embeddings; cosine embeddings with four +-1 entries, so
-every norm is 2 and every dot product a multiple of 0.25), so exact ties are common and
-the (distance, detection_id) tie-break is checked exactly.
-
-Pipelines run on the FnApiRunner (the engine the DirectRunner uses for batch; the
-DirectRunner of Beam 2.77 first tries to download the Prism runner from GitHub).
+The end-to-end half (Beam pipelines, servers, the long cases); the pure half, the
+module's full description and the helpers both use are in tests/unit/test_matching.py.
 """
 import json
 import os

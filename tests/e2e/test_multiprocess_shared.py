@@ -16,11 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from conftest import FRAMES, MODELS, REPO, require_shared
+from conftest import FRAMES, MODELS, REPO, assert_same_detections, done_counters, require_shared
 
 CLI = Path(sys.executable).with_name("cctview")
 TIME_LIMIT_S = 600
@@ -56,12 +55,6 @@ def _outputs(out: Path):
     return detections, matches, dead
 
 
-def _counters(stdout: str) -> dict:
-    line = [l for l in stdout.splitlines() if l.startswith("done: ")][-1]
-    pairs = line[len("done: "):].rsplit(" -> ", 1)[0].split(", ")
-    return {k: int(v) for k, v in (p.split("=") for p in pairs)}
-
-
 def test_run_on_shared_frames_same_outputs_single_and_multi_process(tmp_path):
     single_out = _run(tmp_path / "single", "--model-threads", "1")
     multi_out = _run(tmp_path / "multi", "--model-threads", "1", "--direct_running_mode",
@@ -71,7 +64,7 @@ def test_run_on_shared_frames_same_outputs_single_and_multi_process(tmp_path):
 
     frames_on_disk = sum(1 for p in FRAMES.rglob("*") if p.is_file())
     for stdout in (single_out, multi_out):
-        counts = _counters(stdout)
+        counts = done_counters(stdout)
         assert counts["frames_listed"] == frames_on_disk
         assert counts["frames_listed"] == counts["frames_inferred"] + counts.get(
             "frames_dead_lettered", 0) + counts.get("frames_inference_failed", 0)
@@ -80,18 +73,11 @@ def test_run_on_shared_frames_same_outputs_single_and_multi_process(tmp_path):
     counted = ("frames_listed", "frames_decoded", "frames_dead_lettered", "frames_inferred",
                "frames_with_detections", "frames_without_detections", "detections",
                "candidate_pairs", "matches_emitted")  # not timings such as block_compute_ms
-    assert ({k: _counters(single_out).get(k, 0) for k in counted}
-            == {k: _counters(multi_out).get(k, 0) for k in counted})
+    assert ({k: done_counters(single_out).get(k, 0) for k in counted}
+            == {k: done_counters(multi_out).get(k, 0) for k in counted})
 
     assert len(dets_1) > 1000 and len(matches_1) > 100
-    assert sorted(dets_1) == sorted(dets_2)
-    for detection_id, a in dets_1.items():
-        b = dets_2[detection_id]
-        for column in ("camera_id", "frame_ts", "frame_uri", "label", "detector", "embedder"):
-            assert a[column] == b[column], (detection_id, column)
-        assert np.allclose(a["box_xyxy"], b["box_xyxy"], atol=1e-3)
-        assert a["score"] == pytest.approx(b["score"], abs=1e-4)
-        assert np.allclose(a["embedding"], b["embedding"], atol=1e-4)
+    assert_same_detections(dets_1, dets_2)
     assert sorted(matches_1) == sorted(matches_2)
     for pair, a in matches_1.items():
         b = matches_2[pair]

@@ -1,6 +1,8 @@
 """The progress line: counters that tick from the workers to the driver, the line's
-format, the end-of-run accounting of frames, and real commands on real frames printing
-lines with done/total, rate and ETA on stderr (and none with --quiet)."""
+
+The end-to-end half (Beam pipelines, servers, the long cases); the pure half, the
+module's full description and the helpers both use are in tests/unit/test_progress.py.
+"""
 import os
 import pickle
 import re
@@ -39,7 +41,7 @@ def test_a_pickled_counter_ticks_to_the_open_receiver(monkeypatch):
         assert watch.counts() == {"detections_read": 15}
         watch.start_job("next", (progress.READING,))  # a new job counts from zero
         assert watch.counts() == {"detections_read": 0}
-    assert ticks.current_channel() is None
+    assert ticks._CHANNEL is None  # closed with the reporter
 
 
 def test_an_asynchronous_runner_is_polled_for_its_metrics(monkeypatch, capsys):

@@ -1,10 +1,7 @@
 """Runner presets, and proof offline that the pipelines build as Dataflow GPU jobs.
 
-The Dataflow tests run the real commands with ``--runner_preset dataflow --dry_run``
-against a GCS emulator on loopback (outputs are probed, nothing else is contacted):
-the DataflowRunner builds the whole job, and the test reads what would be submitted.
-The tests call ``runners.presets.expand_preset`` themselves before ``pipelines.cli.main``
-(expansion is idempotent), so they do not depend on where the CLI wires it.
+The end-to-end half (Beam pipelines, servers, the long cases); the pure half, the
+module's full description and the helpers both use are in tests/unit/test_runners.py.
 """
 
 import pytest

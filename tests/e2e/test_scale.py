@@ -1,8 +1,7 @@
 """Matching and calibration over long periods: the scale world, time chunks that change
-nothing, and a shuffle whose copies do not grow with the number of partner cameras.
 
-The worlds are small `cctview scale-world` outputs (real reference embeddings, planted
-links), made once per session; the commands run in-process as a user runs them.
+The end-to-end half (Beam pipelines, servers, the long cases); the pure half, the
+module's full description and the helpers both use are in tests/unit/test_scale.py.
 """
 import json
 

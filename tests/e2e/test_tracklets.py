@@ -1,10 +1,7 @@
 """Within-camera tracklets (transforms/tracklets.py) on synthetic tracks with known truth.
 
-Vehicles drive across a 352x240 image at constant velocity, seen every 2 s (some gaps
-of 1 s and some missed frames), with an identity embedding plus noise; several are in
-view at once, in parallel lanes. The true vehicle of every detection is known, so
-purity (a tracklet holds one vehicle) and completeness (a vehicle's detections stay in
-one tracklet) are measured directly.
+The end-to-end half (Beam pipelines, servers, the long cases); the pure half, the
+module's full description and the helpers both use are in tests/unit/test_tracklets.py.
 """
 import numpy as np
 

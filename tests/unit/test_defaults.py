@@ -9,7 +9,7 @@ from pipelines.options import (EMBEDDING_NORMS, POLICY_CHOICES, CalibrateOptions
                                CandidateOptions, MatchOptions)
 from pipelines.stages import policy_of
 from transforms import learned_matching
-from transforms.calibration import CalibrateLinks, CalibrationPairs, links_of_pairs
+from transforms.calibration import CalibrationPairs, find_links, links_of_pairs
 from transforms.match_blocks import METRICS, POLICIES
 from transforms.matching import MatchDetections
 
@@ -24,7 +24,7 @@ def _cli(group):
 
 def test_candidate_flags_default_to_the_matchers_defaults():
     flags = _cli(CandidateOptions)
-    for function in (MatchDetections, CalibrationPairs, CalibrateLinks):
+    for function in (MatchDetections, CalibrationPairs):
         assert flags.max_gap == _default(function, "max_gap_s")
         assert flags.window == _default(function, "window_s")
         assert flags.metric == _default(function, "metric")
@@ -42,7 +42,7 @@ def test_match_flags_default_to_the_matchers_defaults():
 
 def test_calibrate_flags_default_to_the_link_finders_defaults():
     flags = _cli(CalibrateOptions)
-    for function in (links_of_pairs, CalibrateLinks):
+    for function in (links_of_pairs, find_links):
         assert flags.min_support == _default(function, "min_support")
         assert flags.min_significance == _default(function, "min_significance")
 

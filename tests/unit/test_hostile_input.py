@@ -13,7 +13,8 @@ What is checked (hypothesis, plus fixed cases for the known-dangerous shapes):
   control characters, near misses) and on arbitrary text: a ``ParsedPath`` or a
   ``PathParseError``, nothing else; a parsed camera id has no path syntax, so it can
   never take an output path out of its folder.
-* End to end: ``ReadFrames`` over a folder of hostile files with unicode/space names on
+* End to end (tests/e2e/test_hostile_input.py, with the slowest fuzzing): ``ReadFrames``
+  over a folder of hostile files with unicode/space names on
   the DirectRunner: every file ends as a frame or as a dead letter with a known reason,
   and ``frames_listed == frames_decoded + frames_dead_lettered``.
 
