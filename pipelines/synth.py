@@ -649,16 +649,7 @@ def synthesize(output: str, cameras: int = 3, minutes: float = 5, seed: int = 0,
     began = time.perf_counter()
     cameras, seed = int(cameras), int(seed)
     minutes, noise, fps = float(minutes), float(noise), float(fps)
-    if not 1 <= cameras <= 99:
-        raise ValueError("--cameras must be between 1 and 99, got %d" % cameras)
-    if not (minutes > 0 and math.isfinite(minutes)) or minutes > 24 * 60:
-        raise ValueError("--minutes must be > 0 and at most a day, got %s" % minutes)
-    if not (0 < fps <= 1):
-        raise ValueError("--fps must be in (0, 1] (frame names have second resolution), got %s" % fps)
-    if not (0 <= noise <= 3):
-        raise ValueError("--noise must be between 0 and 3, got %s" % noise)
-    if not (rate_per_min > 0 and spacing_m >= 100):
-        raise ValueError("rate_per_min must be > 0 and spacing_m >= 100")
+    _check_arguments(cameras, minutes, fps, noise, rate_per_min, spacing_m)
     if start.tzinfo is None:
         start = start.replace(tzinfo=dt.timezone.utc)
     start = start.astimezone(dt.timezone.utc).replace(microsecond=0)
@@ -674,50 +665,11 @@ def synthesize(output: str, cameras: int = 3, minutes: float = 5, seed: int = 0,
                          float(rate_per_min), noise)
     cams = [_Camera(k, seed, noise) for k in range(cameras)]
     cam_ids = [c.id for c in cams]
-    rows = {k: [] for k in ("camera_id", "frame_ts", "frame_uri", "vehicle_id", "label",
-                            "box_xyxy", "visible_fraction", "direction")}
+    rows = {k: [] for k in TRUTH_COLUMNS}
     seen: Dict[Tuple[int, int], List[float]] = {}
-    frames = 0
-    for cam in cams:
-        passing = [(v, *v.passes[cam.index]) for v in vehicles if cam.index in v.passes]
-        crossings = np.array([p[1] for p in passing]) if passing else np.zeros(0)
-        # a vehicle is in view for well under a minute: pre-select by crossing time
-        window = (WIDTH + 80) / (cam.px_per_m * cam.cos * 7.0) + 2
-        sprites: dict = {}
-        for sec in cam.frame_times(duration, fps, seed):
-            rng = _rng(seed, 3, cam.index, sec)
-            t = sec + float(rng.random())            # true instant inside the named second
-            near = [passing[i] for i in np.flatnonzero(np.abs(crossings - t) < window)]
-            img, boxes = cam.render(t, near, sprites, rng)
-            img = cam.expose(img, t, rng)
-            when = start + dt.timedelta(seconds=sec)
-            uri = frame_path(output, cam.id, when)
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format="JPEG", quality=quality)
-            _write(uri, buf.getvalue())
-            frames += 1
-            ts_ms = int(when.timestamp() * 1000)
-            for v, box, frac in boxes:
-                rows["camera_id"].append(cam.id)
-                rows["frame_ts"].append(ts_ms)
-                rows["frame_uri"].append(uri)
-                rows["vehicle_id"].append(v.vid)
-                rows["label"].append(v.label)
-                rows["box_xyxy"].append(box)
-                rows["visible_fraction"].append(frac)
-                rows["direction"].append(v.direction)
-                if frac >= 0.5:
-                    seen.setdefault((cam.index, v.vid), []).append(float(sec))
-        _write(_join(output, "ground_truth", "backgrounds", cam.id + ".png"), _png(cam.neutral_view()))
-
-    import pyarrow.parquet as pq
-
-    table = _truth_table(rows)
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    _write(_join(output, "ground_truth", "boxes.parquet"), sink.getvalue())
-    links = _links(cam_ids, seen, vehicles)
-    _write(_join(output, "ground_truth", "links.json"), json.dumps(links, indent=2).encode())
+    frames = sum(_render_camera(cam, vehicles, output, start, duration, fps, seed, quality,
+                                rows, seen) for cam in cams)
+    links = _write_truth(output, rows, cam_ids, seen, vehicles)
     end = start + dt.timedelta(seconds=duration)
     return {
         "output": output,
@@ -735,6 +687,72 @@ def synthesize(output: str, cameras: int = 3, minutes: float = 5, seed: int = 0,
         "fps": fps,
         "seconds": round(time.perf_counter() - began, 2),
     }
+
+
+# The columns of ground_truth/boxes.parquet, as :func:`_render_camera` gathers them.
+TRUTH_COLUMNS = ("camera_id", "frame_ts", "frame_uri", "vehicle_id", "label", "box_xyxy",
+                 "visible_fraction", "direction")
+
+
+def _check_arguments(cameras: int, minutes: float, fps: float, noise: float,
+                     rate_per_min: float, spacing_m: float) -> None:
+    """ValueError for arguments no world can be rendered from (the CLI's one line)."""
+    if not 1 <= cameras <= 99:
+        raise ValueError("--cameras must be between 1 and 99, got %d" % cameras)
+    if not (minutes > 0 and math.isfinite(minutes)) or minutes > 24 * 60:
+        raise ValueError("--minutes must be > 0 and at most a day, got %s" % minutes)
+    if not (0 < fps <= 1):
+        raise ValueError("--fps must be in (0, 1] (frame names have second resolution), got %s" % fps)
+    if not (0 <= noise <= 3):
+        raise ValueError("--noise must be between 0 and 3, got %s" % noise)
+    if not (rate_per_min > 0 and spacing_m >= 100):
+        raise ValueError("rate_per_min must be > 0 and spacing_m >= 100")
+
+
+def _render_camera(cam: "_Camera", vehicles, output: str, start: dt.datetime, duration: float,
+                   fps: float, seed: int, quality: int, rows: dict, seen: dict) -> int:
+    """Writes one camera's frames (JPEG) and its neutral background (PNG); adds its boxes
+    to ``rows`` and its well-visible sightings (half the vehicle or more) to ``seen``;
+    -> the frames written."""
+    passing = [(v, *v.passes[cam.index]) for v in vehicles if cam.index in v.passes]
+    crossings = np.array([p[1] for p in passing]) if passing else np.zeros(0)
+    # a vehicle is in view for well under a minute: pre-select by crossing time
+    window = (WIDTH + 80) / (cam.px_per_m * cam.cos * 7.0) + 2
+    sprites: dict = {}
+    frames = 0
+    for sec in cam.frame_times(duration, fps, seed):
+        rng = _rng(seed, 3, cam.index, sec)
+        t = sec + float(rng.random())            # true instant inside the named second
+        near = [passing[i] for i in np.flatnonzero(np.abs(crossings - t) < window)]
+        img, boxes = cam.render(t, near, sprites, rng)
+        img = cam.expose(img, t, rng)
+        when = start + dt.timedelta(seconds=sec)
+        uri = frame_path(output, cam.id, when)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+        _write(uri, buf.getvalue())
+        frames += 1
+        ts_ms = int(when.timestamp() * 1000)
+        for v, box, frac in boxes:
+            for column, value in zip(TRUTH_COLUMNS, (cam.id, ts_ms, uri, v.vid, v.label, box,
+                                                     frac, v.direction)):
+                rows[column].append(value)
+            if frac >= 0.5:
+                seen.setdefault((cam.index, v.vid), []).append(float(sec))
+    _write(_join(output, "ground_truth", "backgrounds", cam.id + ".png"), _png(cam.neutral_view()))
+    return frames
+
+
+def _write_truth(output: str, rows: dict, cam_ids: List[str], seen: dict, vehicles) -> list:
+    """Writes ground_truth/boxes.parquet and ground_truth/links.json; -> the links."""
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(_truth_table(rows), sink)
+    _write(_join(output, "ground_truth", "boxes.parquet"), sink.getvalue())
+    links = _links(cam_ids, seen, vehicles)
+    _write(_join(output, "ground_truth", "links.json"), json.dumps(links, indent=2).encode())
+    return links
 
 
 def _png(img: np.ndarray) -> bytes:

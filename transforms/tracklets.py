@@ -45,7 +45,7 @@ the same for any input order; a tracklet's id is the detection id of its first
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -149,6 +149,62 @@ def link_tracklets(ids: Sequence[str], ts_ms, boxes=None, emb=None,
       emb_gate: cosine-distance gate; None -> :func:`chance_gate` at
         ``emb_gate_quantile``.
     """
+    if max_len < 1:
+        raise ValueError("max_len must be >= 1")
+    d = _sorted_detections(ids, ts_ms, boxes, emb)
+    if d.unit is not None:
+        gate_e = (chance_gate(d.ts, d.unit, emb_gate_quantile) if emb_gate is None
+                  else float(emb_gate))
+    else:
+        gate_e = float("inf")
+    gates = _Gates(motion_gate, velocity_gate, size_gate, gate_e, emb_weight)
+    max_gap_ms = int(round(max_gap_s * 1000))
+    max_dur_ms = int(round(max_duration_s * 1000))
+    chains = _Chains(len(d.ts))
+    frames, starts = np.unique(d.ts, return_index=True)
+    ends = np.r_[starts[1:], len(d.ts)]
+    open_ = []  # tracklet numbers that may still be extended
+    for f in range(len(frames)):
+        t = int(frames[f])
+        js = np.arange(starts[f], ends[f])
+        # close tracklets that can no longer grow
+        open_ = [k for k in open_ if t - d.ts[chains.last[k]] <= max_gap_ms
+                 and chains.count[k] < max_len and t - d.ts[chains.first[k]] <= max_dur_ms]
+        pairs = _frame_links(d, chains, open_, js[d.ok[js]], t, gates)
+        for k, j, dts in pairs:
+            chains.extend(k, j, (d.centre[j] - d.centre[chains.last[k]]) / dts)
+        taken = {j for _, j, _ in pairs}
+        for j in js.tolist():
+            if j not in taken:
+                k = chains.start(j)
+                if d.ok[j]:
+                    open_.append(k)
+    return _tracklets(d, chains, gate_e)
+
+
+class _Detected(NamedTuple):
+    """One camera's detections sorted by (time, id): ``ok`` where the box is usable,
+    box ``centre`` and ``size`` (sqrt of its area), unit embeddings (or None)."""
+    order: np.ndarray
+    ids: np.ndarray
+    ts: np.ndarray
+    ok: np.ndarray
+    centre: np.ndarray
+    size: np.ndarray
+    unit: Optional[np.ndarray]
+
+
+class _Gates(NamedTuple):
+    """What a link may cost: the motion, velocity, size and embedding gates."""
+    motion: float
+    velocity: float
+    size: float
+    emb: float
+    emb_weight: float
+
+
+def _sorted_detections(ids, ts_ms, boxes, emb) -> _Detected:
+    """:func:`link_tracklets`' inputs, checked and sorted by (time, id)."""
     ids = np.asarray([str(i) for i in ids], dtype=str)
     ts = np.asarray(ts_ms, dtype=np.int64).reshape(-1)
     n = len(ids)
@@ -156,10 +212,7 @@ def link_tracklets(ids: Sequence[str], ts_ms, boxes=None, emb=None,
         raise ValueError("ids and ts_ms disagree in length")
     if len(set(ids.tolist())) != n:
         raise ValueError("detection ids must be unique within a camera")
-    if max_len < 1:
-        raise ValueError("max_len must be >= 1")
     order = np.lexsort((ids, ts))
-    sid, sts = ids[order], ts[order]
     if boxes is None:
         box = np.full((n, 4), np.nan, np.float64)
     else:
@@ -170,104 +223,107 @@ def link_tracklets(ids: Sequence[str], ts_ms, boxes=None, emb=None,
     centre = np.column_stack([(box[:, 0] + box[:, 2]) / 2, (box[:, 1] + box[:, 3]) / 2])
     with np.errstate(invalid="ignore"):
         size = np.sqrt(np.where(ok, w * h, np.nan))
+    unit = None
     if emb is not None:
         e = np.asarray(emb, dtype=np.float32)
         e = e.reshape(n, e.shape[-1] if e.ndim == 2 else (e.size // n if n else 0))[order]
         unit = _normalise(e.astype(np.float32))
-        gate_e = (chance_gate(sts, unit, emb_gate_quantile) if emb_gate is None
-                  else float(emb_gate))
-    else:
-        unit, gate_e = None, float("inf")
+    return _Detected(order, ids[order], ts[order], ok, centre, size, unit)
 
-    max_gap_ms = int(round(max_gap_s * 1000))
-    max_dur_ms = int(round(max_duration_s * 1000))
-    trk = np.full(n, -1, np.int64)          # sorted position -> tracklet number
-    first, last, count, vel = [], [], [], []  # per tracklet
-    frames, starts = np.unique(sts, return_index=True)
-    ends = np.r_[starts[1:], len(sts)]
-    open_ = []  # tracklet numbers that may still be extended
-    for f in range(len(frames)):
-        t = int(frames[f])
-        js = np.arange(starts[f], ends[f])
-        # close tracklets that can no longer grow
-        open_ = [k for k in open_ if t - sts[last[k]] <= max_gap_ms and count[k] < max_len
-                 and t - sts[first[k]] <= max_dur_ms]
-        pairs = []
-        jv = js[ok[js]]
-        if open_ and len(jv):
-            ks = np.asarray(open_, np.int64)
-            tails = np.asarray([last[k] for k in open_], np.int64)
-            dt = (t - sts[tails]).astype(np.float64) / 1000.0  # > 0: earlier frames
-            v = np.asarray([vel[k] for k in open_], np.float64).reshape(-1, 2)
-            has_v = np.isfinite(v).all(1)
-            pred = centre[tails] + np.where(has_v[:, None], v * dt[:, None], 0.0)
-            disp = np.linalg.norm(centre[jv][None, :, :] - pred[:, None, :], axis=2)
-            s = np.sqrt(size[tails][:, None] * size[jv][None, :])
-            rel = disp / s
-            motion = np.where(has_v[:, None], rel / velocity_gate,
-                              rel / (dt[:, None] * motion_gate))
-            size_ok = np.abs(np.log(size[jv][None, :] / size[tails][:, None])) <= size_gate
-            cost = motion.copy()
-            gate = (motion <= 1.0) & size_ok
-            if unit is not None:
-                cd = 1.0 - unit[tails] @ unit[jv].T
-                if np.isfinite(gate_e):
-                    gate &= cd <= gate_e
-                    cost = cost + emb_weight * cd / max(gate_e, 1e-12)
-                else:
-                    cost = cost + emb_weight * cd
-            gate &= ok[tails][:, None]
-            qi, rj = np.nonzero(gate)
-            if len(qi):
-                # deterministic greedy: cost, then tracklet (first id order), then detection
-                tk_rank = np.asarray([first[k] for k in open_], np.int64)[qi]
-                sel = np.lexsort((jv[rj], tk_rank, cost[qi, rj]))
-                used_k, used_j = set(), set()
-                for q in sel.tolist():
-                    k, j = int(ks[qi[q]]), int(jv[rj[q]])
-                    if k in used_k or j in used_j:
-                        continue
-                    used_k.add(k)
-                    used_j.add(j)
-                    pairs.append((k, j, float(dt[qi[q]])))
-        taken = set()
-        for k, j, dts in pairs:
-            i = last[k]
-            v_new = (centre[j] - centre[i]) / dts
-            vel[k] = v_new if not np.isfinite(vel[k]).all() else (vel[k] + v_new) / 2.0
-            trk[j] = k
-            last[k] = j
-            count[k] += 1
-            taken.add(j)
-        for j in js.tolist():
-            if j in taken:
+
+class _Chains:
+    """The tracklets being built: per tracklet its first and last detection (sorted
+    positions), length and velocity (px/s, NaN until two members); per detection its
+    tracklet."""
+
+    def __init__(self, n: int):
+        self.trk = np.full(n, -1, np.int64)
+        self.first, self.last, self.count, self.vel = [], [], [], []
+
+    def start(self, j: int) -> int:
+        """A new tracklet of detection ``j``; -> its number."""
+        k = len(self.first)
+        self.first.append(j)
+        self.last.append(j)
+        self.count.append(1)
+        self.vel.append(np.array([np.nan, np.nan]))
+        self.trk[j] = k
+        return k
+
+    def extend(self, k: int, j: int, v_new: np.ndarray) -> None:
+        """Detection ``j`` joins tracklet ``k``, moving at ``v_new`` since its last one."""
+        self.vel[k] = v_new if not np.isfinite(self.vel[k]).all() else (self.vel[k] + v_new) / 2.0
+        self.trk[j] = k
+        self.last[k] = j
+        self.count[k] += 1
+
+
+def _frame_links(d: _Detected, chains: _Chains, open_: list, jv: np.ndarray, t: int,
+                 gates: _Gates) -> list:
+    """The links of one frame's usable detections ``jv`` (at time ``t``) to the open
+    tracklets: ``(tracklet, detection, dt_s)``, each side at most once, chosen greedily
+    by cost inside the gates."""
+    if not open_ or not len(jv):
+        return []
+    ks = np.asarray(open_, np.int64)
+    tails = np.asarray([chains.last[k] for k in open_], np.int64)
+    dt = (t - d.ts[tails]).astype(np.float64) / 1000.0  # > 0: earlier frames
+    v = np.asarray([chains.vel[k] for k in open_], np.float64).reshape(-1, 2)
+    has_v = np.isfinite(v).all(1)
+    pred = d.centre[tails] + np.where(has_v[:, None], v * dt[:, None], 0.0)
+    disp = np.linalg.norm(d.centre[jv][None, :, :] - pred[:, None, :], axis=2)
+    s = np.sqrt(d.size[tails][:, None] * d.size[jv][None, :])
+    rel = disp / s
+    motion = np.where(has_v[:, None], rel / gates.velocity,
+                      rel / (dt[:, None] * gates.motion))
+    size_ok = np.abs(np.log(d.size[jv][None, :] / d.size[tails][:, None])) <= gates.size
+    cost = motion.copy()
+    gate = (motion <= 1.0) & size_ok
+    if d.unit is not None:
+        cd = 1.0 - d.unit[tails] @ d.unit[jv].T
+        if np.isfinite(gates.emb):
+            gate &= cd <= gates.emb
+            cost = cost + gates.emb_weight * cd / max(gates.emb, 1e-12)
+        else:
+            cost = cost + gates.emb_weight * cd
+    gate &= d.ok[tails][:, None]
+    qi, rj = np.nonzero(gate)
+    pairs = []
+    if len(qi):
+        # deterministic greedy: cost, then tracklet (first id order), then detection
+        tk_rank = np.asarray([chains.first[k] for k in open_], np.int64)[qi]
+        sel = np.lexsort((jv[rj], tk_rank, cost[qi, rj]))
+        used_k, used_j = set(), set()
+        for q in sel.tolist():
+            k, j = int(ks[qi[q]]), int(jv[rj[q]])
+            if k in used_k or j in used_j:
                 continue
-            k = len(first)
-            first.append(j)
-            last.append(j)
-            count.append(1)
-            vel.append(np.array([np.nan, np.nan]))
-            trk[j] = k
-            if ok[j]:
-                open_.append(k)
-    m = len(first)
-    first_a = np.asarray(first, np.int64)
+            used_k.add(k)
+            used_j.add(j)
+            pairs.append((k, j, float(dt[qi[q]])))
+    return pairs
+
+
+def _tracklets(d: _Detected, chains: _Chains, gate_e: float) -> Tracklets:
+    """The finished chains as :class:`Tracklets` (in the input's order)."""
+    n, m = len(d.ts), len(chains.first)
+    first_a = np.asarray(chains.first, np.int64)
     index = np.empty(n, np.int64)
-    index[order] = trk
-    velocity = np.asarray(vel, np.float64).reshape(m, 2)
+    index[d.order] = chains.trk
+    velocity = np.asarray(chains.vel, np.float64).reshape(m, 2)
     # a typical size per tracklet (median member size) for the speed in box sizes
     sizes = np.full(m, np.nan)
     if m:
-        for k, pos in enumerate(_members_sorted(trk, m)):
-            sizes[k] = np.nanmedian(size[pos]) if ok[pos].any() else np.nan
+        for k, pos in enumerate(_members_sorted(chains.trk, m)):
+            sizes[k] = np.nanmedian(d.size[pos]) if d.ok[pos].any() else np.nan
     with np.errstate(invalid="ignore"):
         speed = velocity / sizes[:, None]
-    return Tracklets(index=index, ids=sid[first_a] if m else np.zeros(0, dtype=str),
-                     length=np.asarray(count, np.int64),
-                     start_ms=sts[first_a] if m else np.zeros(0, np.int64),
-                     end_ms=sts[np.asarray(last, np.int64)] if m else np.zeros(0, np.int64),
+    return Tracklets(index=index, ids=d.ids[first_a] if m else np.zeros(0, dtype=str),
+                     length=np.asarray(chains.count, np.int64),
+                     start_ms=d.ts[first_a] if m else np.zeros(0, np.int64),
+                     end_ms=d.ts[np.asarray(chains.last, np.int64)] if m else np.zeros(0, np.int64),
                      velocity=velocity.astype(np.float32), speed=speed.astype(np.float32),
-                     emb_gate=gate_e, order=order)
+                     emb_gate=gate_e, order=d.order)
 
 
 def _members_sorted(trk: np.ndarray, m: int) -> list:
