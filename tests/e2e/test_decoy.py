@@ -64,7 +64,8 @@ def test_scored_matcher_runs_once_at_every_threshold():
     """The learned policy under decoys: one run at min_precision 0; the row is what
     --min-precision returns (q_value <= 1 - min_precision), Beam == in memory, and on
     planted pairs the estimate is high and below the truth + 0.05."""
-    from unit.test_learned_matching import LINKS as LEARNED_LINKS, synth
+    from e2e.test_learned_matching import LINKS as LEARNED_LINKS
+    from unit.test_learned_matching import synth
 
     from transforms import learned_matching as lm
 
