@@ -37,9 +37,13 @@ def read_settings(path: str) -> Optional[dict]:
 
 def _matcher(settings: dict):
     """-> make_matches(detections, links) for :func:`transforms.decoy.evaluate_in_memory`
-    and the ``min_precision`` its rows are read at (None for unscored policies)."""
-    policy = settings.get("policy") or "mutual"
-    if policy == "learned":
+    and the ``min_precision`` its rows are read at (None for unscored policies). A
+    setting missing from an older match_settings.json takes the matchers' default."""
+    from transforms import matching
+    from transforms.learned_matching import DEFAULT_MIN_PRECISION, POLICY as LEARNED
+
+    policy = settings.get("policy") or matching.DEFAULT_POLICY
+    if policy == LEARNED:
         from transforms.learned_matching import match_linked_periods
 
         norm = settings.get("embedding_norm") or "none"
@@ -49,7 +53,7 @@ def _matcher(settings: dict):
         def learned(detections, links):  # at every threshold: summarize reads them all
             return match_linked_periods(detections, links, min_precision=0.0, **kwargs)[0]
 
-        return learned, float(settings.get("min_precision", 0.7))
+        return learned, float(settings.get("min_precision", DEFAULT_MIN_PRECISION))
     from transforms.match_blocks import match_arrays
 
     def arrays(detections, links):
@@ -59,9 +63,11 @@ def _matcher(settings: dict):
             [d["camera_id"] for d in detections], [d["frame_ts_ms"] for d in detections],
             np.stack([np.asarray(d["embedding"], dtype=np.float32) for d in detections]),
             [d["detection_id"] for d in detections], policy=policy,
-            metric=settings.get("metric", "l2"), max_gap_s=settings.get("max_gap_s", 300.0),
-            window_s=settings.get("window_s", 600.0), threshold=settings.get("threshold"),
-            top_k=int(settings.get("top_k") or 1), links=links)
+            metric=settings.get("metric", matching.DEFAULT_METRIC),
+            max_gap_s=settings.get("max_gap_s", matching.DEFAULT_MAX_GAP_S),
+            window_s=settings.get("window_s", matching.DEFAULT_WINDOW_S),
+            threshold=settings.get("threshold"),
+            top_k=int(settings.get("top_k") or matching.DEFAULT_TOP_K), links=links)
 
     return arrays, None
 
