@@ -130,14 +130,15 @@ def finish_distances(x: np.ndarray, metric: str) -> np.ndarray:
 
 
 def exact_distances(q: np.ndarray, r: np.ndarray, metric: str, qi: np.ndarray,
-                    rj: np.ndarray, rows: int = 4096) -> np.ndarray:
+                    rj: np.ndarray, rows: int = 64) -> np.ndarray:
     """Distances of the cells ``(q[qi[n]], r[rj[n]])`` of two prepared float32 arrays,
     computed in float64 and returned as float32 (non-finite -> +inf).
 
     The same two embeddings give the same value wherever they are compared: a cell of a
     matrix product can differ in its last bit with the shape of the tile it is computed
     in, which depends on which other detections a job holds (a time chunk of a period,
-    a backfill partition). ``rows`` bounds the float64 temporaries."""
+    a backfill partition). ``rows`` cells at a time: their float64 temporaries stay in
+    cache (64 rows of 1920-d: 1 MB; 4096 rows ran 2x slower)."""
     out = np.empty(len(qi), np.float32)
     for i in range(0, len(qi), rows):
         a, b = q[qi[i:i + rows]], r[rj[i:i + rows]]
