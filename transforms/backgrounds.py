@@ -28,6 +28,8 @@ import os
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+__all__ = ["EstimateBackgrounds"]
+
 NAMESPACE = "cctview"
 
 
