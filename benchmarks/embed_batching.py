@@ -29,9 +29,10 @@ BATCHES = (1, 4, 16)
 
 
 def per_crop_ms(embedder, runs: int, crops: int = 16) -> dict:
-    """Median ms per crop for each batch size, on ``crops`` random crops."""
+    """Median ms per crop for each batch size, on ``crops`` random crops (normalised as the
+    embedder's preprocessing does)."""
     torch.manual_seed(0)
-    x = torch.rand((crops, 3) + embedder.input_size)
+    x = embedder.preprocess.normalise(torch.rand((crops, 3) + embedder.input_size))
     out = {}
     with torch.inference_mode():
         for size in BATCHES:

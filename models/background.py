@@ -11,10 +11,11 @@ synthetic world.
 
 What it does per frame (:meth:`BackgroundDetector.detect`):
 
-1. Photometric normalisation. Cameras change exposure and white balance all the time, so
-   raw differences would flag the whole frame. Each channel of the frame is mapped to the
-   background by a gain and an offset fitted robustly (trimmed least squares on a pixel
-   subsample: vehicles are the outliers), see :func:`_photometric_fit`.
+1. Photometric normalisation, the detector's preprocessing (:class:`PhotometricMatch`, the
+   ``transforms`` of its spec :data:`BACKGROUND`). Cameras change exposure and white balance
+   all the time, so raw differences would flag the whole frame. Each channel of the frame is
+   mapped to the background by a gain and an offset fitted robustly (trimmed least squares
+   on a pixel subsample: vehicles are the outliers), see :func:`_photometric_fit`.
 2. Foreground: the per-pixel colour distance (Euclidean over RGB) above a threshold that
    adapts to the frame: ``max(diff_threshold, median + 6 * robust sigma)`` of the
    distance image, so heavy sensor noise or JPEG loss raises it where it must. A weaker
@@ -55,6 +56,11 @@ from typing import List, Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
+from models.weights import WeightsError, WeightsSpec
+
+__all__ = ["BACKGROUND", "VEHICLE_CLASSES", "BackgroundDetector", "PhotometricMatch", "background",
+           "estimate_background"]
+
 VEHICLE_CLASSES = ("car", "bus", "truck", "motorcycle")
 _REFERENCE_AREA = 352 * 240  # sizes below are tuned in pixels of a 352x240 frame
 
@@ -89,6 +95,25 @@ def _photometric_fit(img: np.ndarray, bg: np.ndarray, step: int = 4):
             keep = np.abs(resid) <= 2.5 * max(sigma, 1.0)
         gains[c], offsets[c] = gain, offset
     return gains, offsets
+
+
+class PhotometricMatch:
+    """The ``background`` detector's preprocessing: ``(frame, its camera's background)`` ->
+    the frame's first three channels as float32, mapped by :func:`_photometric_fit`'s
+    per-channel gain and offset onto the background's exposure and white balance."""
+
+    def __call__(self, image: np.ndarray, background: np.ndarray) -> np.ndarray:
+        img = image[..., :3].astype(np.float32)
+        gain, offset = _photometric_fit(img, background[..., :3].astype(np.float32))
+        img -= offset.astype(np.float32)
+        img /= gain.astype(np.float32)
+        return img
+
+
+BACKGROUND = WeightsSpec(
+    name="background", url="", sha256=None, transforms=PhotometricMatch, categories=VEHICLE_CLASSES,
+    meta={"input": "HxWx3 uint8 RGB frames and their camera's background (estimate_background)"},
+    file_format=None)
 
 
 def estimate_background(frames: Sequence[np.ndarray], max_frames: int = 60,
@@ -146,14 +171,16 @@ class BackgroundDetector:
     (both sides at least this many px), ``max_detections`` (per frame, best first),
     ``diff_threshold`` (lowest colour distance, 0..441, that counts as foreground; the
     frame's own noise can raise it), ``ignore_regions`` (xyxy boxes never to look at, e.g.
-    a burnt-in timestamp, whose digits change every frame).
+    a burnt-in timestamp, whose digits change every frame). ``preprocess``: the
+    photometric normalisation of a frame to its background (:class:`PhotometricMatch`).
     """
 
     name = "background"
 
-    def __init__(self, *, min_score: float = 0.25, classes: Optional[Sequence[str]] = VEHICLE_CLASSES,
+    def __init__(self, preprocess=None, *, min_score: float = 0.25, classes: Optional[Sequence[str]] = VEHICLE_CLASSES,
                  min_box: float = 6.0, max_detections: int = 100, diff_threshold: float = 40.0,
                  ignore_regions: Sequence[Sequence[float]] = (), device: str = "cpu"):
+        self.preprocess = PhotometricMatch() if preprocess is None else preprocess
         self.classes = tuple(VEHICLE_CLASSES if classes is None else classes)
         unknown = sorted(set(self.classes) - set(VEHICLE_CLASSES))
         if unknown:
@@ -196,12 +223,8 @@ class BackgroundDetector:
         (ringing and 4:2:0 chroma smear around high-contrast vehicles), which costs IoU on
         the 20 px vehicles of 352x240 footage, on synthetic and real frames alike.
         """
-        img = image[..., :3].astype(np.float32)
-        bg = background[..., :3].astype(np.float32)
-        gain, offset = _photometric_fit(img, bg)
-        img -= offset.astype(np.float32)
-        img /= gain.astype(np.float32)
-        img -= bg
+        img = self.preprocess(image, background)
+        img -= background[..., :3].astype(np.float32)
         diff = np.sqrt(np.einsum("ijk,ijk->ij", img, img))
         for x0, y0, x1, y1 in self.ignore_regions:
             diff[max(int(y0), 0):max(int(np.ceil(y1)), 0), max(int(x0), 0):max(int(np.ceil(x1)), 0)] = 0
@@ -287,19 +310,14 @@ class BackgroundDetector:
 
 
 def background(*, weights: Optional[str] = None, sha256: Optional[str] = None,
-               nms_iou: Optional[float] = None, device: str = "cpu",
+               nms_iou: Optional[float] = None, device: str = "cpu", spec: WeightsSpec = BACKGROUND,
                **options) -> BackgroundDetector:
     """Builder for the model registry: the ``background`` detector takes no weights.
 
     Passing weights (or a sha256 pin) is the same mistake as for ``color_histogram`` and
-    raises the same :class:`models.weights.WeightsError` (imported only then, since that
-    module needs torch and this one must not). ``nms_iou`` is accepted for the shared
-    detector flags and unused: connected components never overlap."""
+    raises the same :class:`models.weights.WeightsError`. ``nms_iou`` is accepted for the
+    shared detector flags and unused: connected components never overlap."""
     weights = weights or sha256
     if weights:
-        try:
-            from models.weights import WeightsError as error
-        except ImportError:  # no torch here: still refuse, with the plain error type
-            error = ValueError
-        raise error("background takes no weights, got %s" % weights)
-    return BackgroundDetector(device=device, **options)
+        raise WeightsError("background takes no weights, got %s" % weights)
+    return BackgroundDetector(spec.transforms(), device=device, **options)

@@ -6,14 +6,23 @@ original frame, ``scores`` float32 (N,) and ``labels`` (N COCO names), sorted
 by score. Only ``classes`` come back (vehicles unless asked otherwise: people
 on the sidewalk are never matched across cameras), at ``min_score`` or above,
 with both sides at least ``min_box`` pixels, at most ``max_detections``.
+
+Each detector runs its frames through :attr:`Detector.preprocess`, built by the
+``transforms`` of its :class:`models.weights.WeightsSpec`; for torchvision's
+detectors that is torchvision's own preset (``Weights.transforms``): the network
+resizes and normalises internally.
 """
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torchvision.models import detection as tv_detection
 
 from models.imaging import to_device
 from models.weights import WeightsSpec, apply_state_dict, load_state_dict, torchvision_state_dict
+
+__all__ = ["COCO_80", "COCO_91", "SPECS", "VEHICLE_CLASSES", "Detector", "TorchvisionDetector",
+           "fasterrcnn_resnet50_fpn_v2", "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2",
+           "ssdlite320_mobilenet_v3_large"]
 
 VEHICLE_CLASSES = ("car", "bus", "truck", "motorcycle")
 
@@ -31,17 +40,20 @@ _CANDIDATES_PER_IMAGE = 300
 class Detector:
     """Batched detection with the filters every detector shares.
 
-    Subclasses implement :meth:`_predict`; :meth:`detect_tensors` takes frames
-    already on the device (as :func:`models.imaging.to_device` makes them) so
-    that :class:`models.fused.DetectAndEmbed` can crop the same tensors.
+    Subclasses implement :meth:`_predict`, which runs the frames through
+    ``preprocess`` (the callable their spec's ``transforms`` built) and the network;
+    :meth:`detect_tensors` takes frames already on the device (as
+    :func:`models.imaging.to_device` makes them) so that
+    :class:`models.fused.DetectAndEmbed` can crop the same tensors.
     """
 
     name = "detector"
 
-    def __init__(self, categories: Sequence[str], *, min_score: float = 0.25, nms_iou: float = 0.45,
+    def __init__(self, categories: Sequence[str], preprocess: Callable, *, min_score: float = 0.25, nms_iou: float = 0.45,
                  classes: Optional[Sequence[str]] = VEHICLE_CLASSES, min_box: float = 0.0,
                  max_detections: int = 100, device: str = "cpu"):
         self.categories = tuple(categories)
+        self.preprocess = preprocess
         real = [c for c in self.categories if c not in ("__background__", "N/A")]
         self.classes = tuple(real if classes is None else classes)
         unknown = sorted(set(self.classes) - set(real))
@@ -87,22 +99,23 @@ class Detector:
 
 class TorchvisionDetector(Detector):
     """A torchvision detection model: it resizes and normalises internally and
-    returns boxes in the pixels of each input, whatever its size."""
+    returns boxes in the pixels of each input, whatever its size. Its preprocessing,
+    ``spec.transforms()`` (torchvision's ``ObjectDetection`` preset: float 0..1
+    images), runs on each frame."""
 
     def __init__(self, name: str, model: torch.nn.Module, spec: WeightsSpec, **options):
         self.name = name
         self.spec = spec
-        super().__init__(spec.categories, **options)
+        super().__init__(spec.categories, spec.transforms(), **options)
         self.model = model.eval().to(self.device)
 
     def _predict(self, frames) -> list:
-        return [(o["boxes"], o["scores"], o["labels"]) for o in self.model(list(frames))]
+        return [(o["boxes"], o["scores"], o["labels"]) for o in self.model([self.preprocess(f) for f in frames])]
 
 
 def _spec(name: str, weights_enum) -> WeightsSpec:
-    return WeightsSpec(name=name, url=weights_enum.url, sha256=None,
+    return WeightsSpec(name=name, url=weights_enum.url, sha256=None, transforms=weights_enum.transforms,
                        categories=tuple(weights_enum.meta["categories"]),
-                       transforms="float RGB 0..1, any size; the model resizes and normalises internally",
                        meta={"torchvision_weights": str(weights_enum)}, file_format="torch")
 
 
@@ -122,10 +135,12 @@ SPECS = {name: _spec(name, published) for name, (_, published, _) in _TORCHVISIO
 
 def _torchvision_detector(name: str, *, weights: Optional[str] = None, sha256: Optional[str] = None,
                           pretrained: bool = True, device: str = "cpu", min_score: float = 0.25,
-                          nms_iou: float = 0.45, **options) -> TorchvisionDetector:
+                          nms_iou: float = 0.45, spec: Optional[WeightsSpec] = None,
+                          **options) -> TorchvisionDetector:
     """Builds ``name`` untrained, then loads a state dict from ``weights`` or,
     without a URI, torchvision's published COCO weights; ``pretrained=False``
-    keeps the random initialisation (for tests)."""
+    keeps the random initialisation (for tests). ``spec``: its entry in
+    :data:`SPECS` unless given (the registry passes its own)."""
     build, published, prefix = _TORCHVISION[name]
     thresholds = {prefix + "score_thresh": min_score, prefix + "nms_thresh": nms_iou,
                   prefix + "detections_per_img": max(_CANDIDATES_PER_IMAGE, options.get("max_detections", 100))}
@@ -134,7 +149,7 @@ def _torchvision_detector(name: str, *, weights: Optional[str] = None, sha256: O
         apply_state_dict(model, load_state_dict(weights, sha256), weights, name)
     elif pretrained:
         apply_state_dict(model, torchvision_state_dict(published, name, "--detector-weights"), published.url, name)
-    return TorchvisionDetector(name, model, SPECS[name], min_score=min_score, nms_iou=nms_iou,
+    return TorchvisionDetector(name, model, spec or SPECS[name], min_score=min_score, nms_iou=nms_iou,
                                device=device, **options)
 
 

@@ -1,11 +1,15 @@
 """Appearance embedders behind one interface, and their builders.
 
-:meth:`Embedder.embed_crops` takes whole frames and the boxes found in them,
-cuts every crop from the frame's device tensor with ``roi_align``
-(:func:`models.imaging.crop_boxes`) and runs one forward for all crops of all
-frames. :meth:`Embedder.embed_pil` is CCTView's way for one crop (PIL crop,
-Resize, CenterCrop, ToTensor, Normalize), kept as the baseline for benchmarks.
+:meth:`Embedder.embed_crops` takes whole frames and the boxes found in them and
+runs one forward for all crops of all frames. Its input batch comes from the
+embedder's :attr:`Embedder.preprocess`, a :class:`models.imaging.CropTransform`
+built by the ``transforms`` of its :class:`models.weights.WeightsSpec`: every
+crop cut from the frame's device tensor with ``roi_align``, then normalised as
+the network was trained. :meth:`Embedder.embed_pil` is CCTView's way for one
+crop (PIL crop, Resize, CenterCrop, ToTensor, Normalize), kept as the baseline
+for benchmarks.
 """
+import functools
 from typing import Optional, Sequence
 
 import numpy as np
@@ -14,12 +18,21 @@ import torch.nn.functional as F
 import torchvision
 from torchvision import transforms as T
 
-from models.imaging import CENTER_CROP_FRACTION, crop_boxes, to_device
+from models.imaging import CENTER_CROP_FRACTION, CropTransform, to_device
 from models.weights import (WeightsError, WeightsSpec, apply_state_dict, load_state_dict, onnx_session,
                             torchvision_state_dict)
 
+__all__ = ["COLOR_HISTOGRAM", "IMAGENET_MEAN", "IMAGENET_STD", "OSNET_X0_25", "RESNET50", "VERI_DENSENET",
+           "ColorHistogramEmbedder", "DenseNetVeRI", "Embedder", "OnnxEmbedder", "TorchEmbedder",
+           "color_histogram", "densenet201_veri", "onnx", "resnet50"]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Resize(256), CenterCrop(224), ImageNet mean/std: how the ImageNet trunks were trained and
+# how CCTView prepared its crops (``crop='center'`` reproduces that geometry on the device).
+_IMAGENET_CROPS = functools.partial(CropTransform, input_size=(224, 224), crop="center",
+                                    mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 VERI_DENSENET = WeightsSpec(
     name="VeRI_densenet_ft50",
@@ -27,42 +40,51 @@ VERI_DENSENET = WeightsSpec(
     url="https://media.githubusercontent.com/media/samdbrice/cctview/"
         "332841f61cd7f618a5d87a4cb33869202593e787/models/VeRI_densenet_ft50.pth",
     sha256="bd82ed9950dfb18876b908bdc6b02eae8f9896e6f2f17e66f75f76c8ea123030",
-    transforms="Resize(256), CenterCrop(224), ImageNet mean/std",
+    transforms=_IMAGENET_CROPS,
     meta={"classes": 576, "embedding": "1920-d average-pooled DenseNet201 features, before the classifier",
           "source": "CCTView, after GeoTrouvetout/Vehicle_ReID (DenseNet201 fine-tuned on VeRi-776)"},
+)
+RESNET50 = WeightsSpec(
+    name="resnet50", url=torchvision.models.ResNet50_Weights.DEFAULT.url, sha256=None,
+    transforms=_IMAGENET_CROPS,
+    meta={"torchvision_weights": str(torchvision.models.ResNet50_Weights.DEFAULT), "embedding": "2048-d"},
 )
 OSNET_X0_25 = WeightsSpec(
     name="osnet_x0_25",
     url="https://github.com/KaiyangZhou/deep-person-reid",
     # Digest of the copy this project is tested with (OSNet x0.25, osnet_x0_25.onnx, as the tests read it).
     sha256="df72548a7133d2896a9faeac417019c62eaa5ec1a713182f7fb6762b99f4411d",
-    transforms="stretch to 256x128, RGB 0..1, ImageNet mean/std",
+    # The input size is the ONNX file's (256x128 for OSNet): the builder passes it.
+    transforms=functools.partial(CropTransform, crop="stretch", mean=IMAGENET_MEAN, std=IMAGENET_STD),
     # onnx_optimization: without onnxruntime's NCHWc layout rewrite its narrow and
     # depthwise convolutions run ~1.3x faster per crop on CPU (BENCHMARKS.md).
     meta={"embedding": "512-d", "trained_on": "people (generic appearance)", "onnx_optimization": "extended"},
     file_format="onnx",
+)
+COLOR_HISTOGRAM = WeightsSpec(
+    name="color_histogram", url="", sha256=None,
+    transforms=functools.partial(CropTransform, crop="stretch"),  # 0..1 RGB crops, not normalised
+    meta={"embedding": "bins**3-d joint RGB histogram, L2-normalised"}, file_format=None,
 )
 
 
 class Embedder:
     """Crops -> fixed-size float32 vectors; subclasses implement :meth:`_embed`.
 
-    ``crop`` is how a box becomes the input: ``stretch`` (the whole box warped
-    to ``input_size``) or ``center`` (CCTView's Resize + CenterCrop geometry).
+    ``preprocess`` (a :class:`models.imaging.CropTransform`) turns frames and boxes
+    into the network's input batch; its ``crop`` is how a box becomes the input:
+    ``stretch`` (the whole box warped to ``input_size``) or ``center`` (CCTView's
+    Resize + CenterCrop geometry).
     """
 
     name = "embedder"
     dim = 0
 
-    def __init__(self, *, input_size: Sequence[int], crop: str = "stretch", device: str = "cpu",
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        if crop not in ("stretch", "center"):
-            raise ValueError("crop must be 'stretch' or 'center', got %r" % crop)
-        self.input_size = tuple(int(v) for v in input_size)
-        self.crop = crop
-        self.device = torch.device(device)
-        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+    def __init__(self, preprocess: CropTransform):
+        self.preprocess = preprocess
+        self.input_size = preprocess.input_size
+        self.crop = preprocess.crop
+        self.device = preprocess.device
 
     def embed_crops(self, images, boxes) -> list:
         """One (Ni, dim) float32 array per HxWx3 uint8 RGB image, for its (Ni, 4) xyxy boxes."""
@@ -74,8 +96,7 @@ class Embedder:
         counts = [len(b) for b in boxes]
         if not sum(counts):
             return [np.zeros((0, self.dim), np.float32) for _ in counts]
-        crops = crop_boxes([f.to(self.device) for f in frames], boxes, self.input_size, self.crop)
-        return np.split(self._embed(crops), np.cumsum(counts)[:-1])
+        return np.split(self._embed(self.preprocess(frames, boxes)), np.cumsum(counts)[:-1])
 
     @torch.inference_mode()
     def embed_pil(self, crop) -> np.ndarray:
@@ -85,28 +106,25 @@ class Embedder:
         else:
             resize = [T.Resize(self.input_size)]
         tensor = T.Compose(resize + [T.ToTensor()])(crop.convert("RGB"))
-        return self._embed(tensor[None].to(self.device))[0]
+        return self._embed(self.preprocess.normalise(tensor[None].to(self.device)))[0]
 
-    def _normalise(self, crops: torch.Tensor) -> torch.Tensor:
-        return (crops - self._mean) / self._std
-
-    def _embed(self, crops: torch.Tensor) -> np.ndarray:
-        """(M, 3, H, W) RGB 0..1 crops on the device -> (M, dim) float32."""
+    def _embed(self, inputs: torch.Tensor) -> np.ndarray:
+        """The network on a batch :attr:`preprocess` prepared -> (M, dim) float32."""
         raise NotImplementedError
 
 
 class TorchEmbedder(Embedder):
     """A torch module whose ``forward`` (or the given method) returns embeddings."""
 
-    def __init__(self, name: str, model: torch.nn.Module, dim: int, spec: WeightsSpec,
-                 method: Optional[str] = None, **options):
-        super().__init__(**options)
+    def __init__(self, name: str, model: torch.nn.Module, dim: int, spec: WeightsSpec, preprocess: CropTransform,
+                 method: Optional[str] = None):
+        super().__init__(preprocess)
         self.name, self.dim, self.spec = name, dim, spec
         self.model = model.eval().to(self.device)
         self._forward = getattr(self.model, method) if method else self.model
 
-    def _embed(self, crops):
-        return self._forward(self._normalise(crops)).float().cpu().numpy()
+    def _embed(self, inputs):
+        return self._forward(inputs).float().cpu().numpy()
 
 
 class DenseNetVeRI(torch.nn.Module):
@@ -132,20 +150,20 @@ class DenseNetVeRI(torch.nn.Module):
 
 
 def densenet201_veri(*, weights: Optional[str] = None, sha256: Optional[str] = None, pretrained: bool = True,
-                     device: str = "cpu", crop: str = "center") -> TorchEmbedder:
+                     device: str = "cpu", crop: str = "center", spec: WeightsSpec = VERI_DENSENET) -> TorchEmbedder:
     """CCTView's DenseNet201-VeRi; ``crop='center'`` matches the embeddings CCTView stored."""
     model = DenseNetVeRI()
     if weights:
         apply_state_dict(model, load_state_dict(weights, sha256), weights, "densenet201_veri")
     elif pretrained:
         raise WeightsError("densenet201_veri needs CCTView's VeRI_densenet_ft50.pth: pass --embedder-weights URI "
-                           "(url: %s, sha256 %s)" % (VERI_DENSENET.url, VERI_DENSENET.sha256))
-    return TorchEmbedder("densenet201_veri", model, 1920, VERI_DENSENET, method="embed",
-                         input_size=(224, 224), crop=crop, device=device)
+                           "(url: %s, sha256 %s)" % (spec.url, spec.sha256))
+    return TorchEmbedder("densenet201_veri", model, 1920, spec, spec.transforms(crop=crop, device=device),
+                         method="embed")
 
 
 def resnet50(*, weights: Optional[str] = None, sha256: Optional[str] = None, pretrained: bool = True,
-             device: str = "cpu", crop: str = "center") -> TorchEmbedder:
+             device: str = "cpu", crop: str = "center", spec: WeightsSpec = RESNET50) -> TorchEmbedder:
     """torchvision's ResNet-50 trunk: the 2048-d pooled features (the classifier removed).
 
     ``weights`` may hold a full ResNet-50 state dict (as torchvision publishes
@@ -162,19 +180,17 @@ def resnet50(*, weights: Optional[str] = None, sha256: Optional[str] = None, pre
         apply_state_dict(model, torchvision_state_dict(published, "resnet50", "--embedder-weights"),
                          published.url, "resnet50")
     model.fc = torch.nn.Identity()
-    spec = WeightsSpec(name="resnet50", url=published.url, sha256=None,
-                       transforms="Resize(256), CenterCrop(224), ImageNet mean/std",
-                       meta={"torchvision_weights": str(published)})
-    return TorchEmbedder("resnet50", model, 2048, spec, input_size=(224, 224), crop=crop, device=device)
+    return TorchEmbedder("resnet50", model, 2048, spec, spec.transforms(crop=crop, device=device))
 
 
 class OnnxEmbedder(Embedder):
     """Any ONNX embedder with one fixed-size image input [N or 1, 3, H, W] and
-    an output [N, D]; run once per crop when its batch is fixed to 1."""
+    an output [N, D]; run once per crop when its batch is fixed to 1.
+    ``transforms`` builds its preprocessing from the input size (H, W)."""
 
     name = "onnx"
 
-    def __init__(self, session, *, bgr: bool = False, scale: float = 1.0, **options):
+    def __init__(self, session, transforms):
         inputs, outputs = session.get_inputs(), session.get_outputs()
         shape = inputs[0].shape if len(inputs) == 1 else []
         out_shape = outputs[0].shape if outputs else []
@@ -183,9 +199,8 @@ class OnnxEmbedder(Embedder):
             raise WeightsError("not an ONNX embedder: expected one input [N,3,H,W] with fixed H, W (N dynamic or 1) "
                                "and an output [N,D], got inputs %s and outputs %s"
                                % ([i.shape for i in inputs], [o.shape for o in outputs]))
-        super().__init__(input_size=shape[2:], **options)
+        super().__init__(transforms(input_size=shape[2:]))
         self.session = session
-        self.bgr, self.scale = bgr, float(scale)
         self._input_name = inputs[0].name
         self._one_per_run = shape[0] == 1
         self.dim = out_shape[1] if isinstance(out_shape[1], int) else self._run(
@@ -197,30 +212,26 @@ class OnnxEmbedder(Embedder):
                                    for i in range(len(batch))])
         return self.session.run(None, {self._input_name: batch})[0]
 
-    def _normalise(self, crops):
-        return super()._normalise((crops[:, [2, 1, 0]] if self.bgr else crops) * self.scale)
-
-    def _embed(self, crops):
-        return self._run(self._normalise(crops).cpu().numpy()).astype(np.float32, copy=False)
+    def _embed(self, inputs):
+        return self._run(inputs.cpu().numpy()).astype(np.float32, copy=False)
 
 
 def onnx(*, weights: Optional[str] = None, sha256: Optional[str] = None, device: str = "cpu",
          crop: str = "stretch", mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
          bgr: bool = False, scale: float = 1.0, threads: int = 0,
-         optimization: Optional[str] = None) -> OnnxEmbedder:
+         optimization: Optional[str] = None, spec: WeightsSpec = OSNET_X0_25) -> OnnxEmbedder:
     """An ONNX embedder from ``weights`` (e.g. OSNet x0.25, ``osnet_x0_25.onnx``).
 
-    Its input is prepared as ``(pixel * scale - mean) / std`` with pixels in
-    0..1, RGB unless ``bgr``: the default suits ImageNet-normalised networks.
-    ``threads`` and ``optimization`` go to :func:`models.weights.onnx_session`
-    (known files such as OSNet x0.25 carry their measured optimisation level).
+    Its input is prepared by ``spec.transforms`` as ``(pixel * scale - mean) / std``
+    with pixels in 0..1, RGB unless ``bgr``: the default suits ImageNet-normalised
+    networks. ``threads`` and ``optimization`` go to :func:`models.weights.onnx_session`
+    (a file with ``spec``'s sha256 gets its measured optimisation level).
     """
     if not weights:
         raise WeightsError("onnx embedder needs an ONNX file: pass --embedder-weights URI")
-    session = onnx_session(weights, sha256, device, threads=threads, optimization=optimization,
-                           known=(OSNET_X0_25,))
-    return OnnxEmbedder(session, bgr=bgr, scale=scale,
-                        crop=crop, device=device, mean=mean, std=std)
+    session = onnx_session(weights, sha256, device, threads=threads, optimization=optimization, known=(spec,))
+    return OnnxEmbedder(session, functools.partial(spec.transforms, crop=crop, mean=mean, std=std, bgr=bgr,
+                                                   scale=scale, device=device))
 
 
 class ColorHistogramEmbedder(Embedder):
@@ -232,8 +243,8 @@ class ColorHistogramEmbedder(Embedder):
 
     name = "color_histogram"
 
-    def __init__(self, *, bins: int = 8, size: int = 64, **options):
-        super().__init__(input_size=(size, size), **options)
+    def __init__(self, preprocess: CropTransform, *, bins: int = 8):
+        super().__init__(preprocess)
         self.bins = int(bins)
         self.dim = self.bins ** 3
 
@@ -246,11 +257,12 @@ class ColorHistogramEmbedder(Embedder):
 
 
 def color_histogram(*, weights: Optional[str] = None, sha256: Optional[str] = None, device: str = "cpu",
-                    bins: int = 8, size: int = 64, crop: str = "stretch") -> ColorHistogramEmbedder:
-    """The classical colour-histogram embedder (``bins``**3 dimensions).
+                    bins: int = 8, size: int = 64, crop: str = "stretch",
+                    spec: WeightsSpec = COLOR_HISTOGRAM) -> ColorHistogramEmbedder:
+    """The classical colour-histogram embedder (``bins``**3 dimensions) of ``size``x``size`` crops.
 
     Takes ``weights``/``sha256`` like every builder, only to refuse them.
     """
     if weights or sha256:
         raise WeightsError("color_histogram takes no weights, got %s" % (weights or "a sha256"))
-    return ColorHistogramEmbedder(bins=bins, size=size, crop=crop, device=device)
+    return ColorHistogramEmbedder(spec.transforms(input_size=(size, size), crop=crop, device=device), bins=bins)

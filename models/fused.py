@@ -9,6 +9,8 @@ from models.detectors import Detector
 from models.embedders import Embedder
 from models.imaging import to_device
 
+__all__ = ["DetectAndEmbed", "with_embeddings"]
+
 
 def with_embeddings(detections: dict, embeddings) -> list:
     """One frame's ``{boxes, scores, labels}`` and (N, dim) embeddings -> one dict per detection."""
@@ -30,8 +32,10 @@ class DetectAndEmbed:
         self.embedder = embedder
 
     def __call__(self, images, backgrounds=None) -> list:
-        """``backgrounds`` (one per image) is for detectors that compare each frame with
-        its camera's background (``background``); learnt detectors take none."""
+        """``backgrounds`` (one per image, from :class:`models.handlers.WithBackgrounds`) is
+        for a detector that compares each frame with its camera's background (the
+        ``background`` detector, which reads the arrays); learnt detectors take none and
+        read the device frames that the embedder then crops."""
         if backgrounds is not None:
             detections = self.detector.detect(list(images), list(backgrounds))
             frames = to_device(images, self.embedder.device)

@@ -7,6 +7,12 @@ itself is built on the worker, in :meth:`load_model`, through the registry.
 On a GPU the model is shared across the SDK worker processes of a VM (one
 copy per GPU, ``model_copies`` to change it) instead of one copy per process,
 which runs the GPU out of memory (apache/beam#22895).
+
+Behaviour is composed by wrappers, as Beam composes it (``KeyedModelHandler``,
+``with_preprocess_fn``): :class:`WithBackgrounds` hands each frame's camera background
+to a detector that needs one, and :func:`detection_handlers`, from the registry's
+entries, decides once whether detection and embedding run fused or as two steps and
+which handler serves each model.
 """
 from typing import Any, NamedTuple, Optional
 
@@ -14,9 +20,13 @@ import torch
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from models import registry
 from models.fused import DetectAndEmbed, with_embeddings
 from models.registry import build_detector, build_embedder
 
+__all__ = ["NAMESPACE", "DetectEmbedModelHandler", "DetectModelHandler", "DetectionHandlers", "EmbedModelHandler",
+           "FailedInference", "WithBackgrounds", "detect_results", "detection_handlers", "embed_results",
+           "infer_with_retry", "nbytes"]
 
 NAMESPACE = "cctview"
 
@@ -51,6 +61,7 @@ def infer_with_retry(infer, batch) -> list:
 
 
 def nbytes(element) -> int:
+    """The bytes of an element's arrays (a tuple's: all of them), for Beam's metrics."""
     if isinstance(element, (tuple, list)):
         return sum(nbytes(e) for e in element)
     return int(getattr(element, "nbytes", 0))
@@ -75,11 +86,14 @@ class _Handler(ModelHandler):
         return builder(name, weights, self._device, **options)
 
     def run_inference(self, batch, model, inference_args: Optional[dict[str, Any]] = None):
-        """The batch through :meth:`_infer`, with :func:`infer_with_retry`."""
-        return infer_with_retry(lambda elements: self._infer(elements, model), batch)
+        """The batch through :meth:`infer`, with :func:`infer_with_retry` (no inference_args
+        are taken: Beam's default check refuses them)."""
+        return infer_with_retry(lambda elements: self.infer(elements, model), batch)
 
-    def _infer(self, batch, model) -> list:
-        """One PredictionResult per element of ``batch``, in order."""
+    def infer(self, batch, model, **context) -> list:
+        """One PredictionResult per element of ``batch``, in order, without retries.
+        ``context`` (``backgrounds``: one per element, from :class:`WithBackgrounds`)
+        goes to the model's call."""
         raise NotImplementedError
 
     def get_num_bytes(self, batch) -> int:
@@ -89,17 +103,56 @@ class _Handler(ModelHandler):
         return NAMESPACE
 
 
-def _split_backgrounds(batch):
-    """Elements are frames, or (frame, background) pairs for the ``background`` detector."""
-    if batch and isinstance(batch[0], tuple):
-        return [frame for frame, _ in batch], [bg for _, bg in batch]
-    return list(batch), None
+class WithBackgrounds(ModelHandler):
+    """A ModelHandler of ``(frame, its camera's background)`` examples around ``base``, a
+    handler of frames whose detector compares each frame with its camera's background
+    (registry entries with ``per_camera_background``).
+
+    As Beam's ``KeyedModelHandler`` strips keys, it strips the backgrounds and hands them
+    to the model's call; the predictions are ``base``'s, with the frame as their example,
+    so nothing downstream can tell it from another detector (a frame that fails on its
+    own keeps its pair as its example). Everything else is ``base``'s.
+    """
+
+    def __init__(self, base: _Handler):
+        self._base = base
+        self._env_vars = getattr(base, "_env_vars", {})
+
+    def load_model(self):
+        return self._base.load_model()
+
+    def run_inference(self, batch, model, inference_args: Optional[dict[str, Any]] = None):
+        def infer(pairs):
+            return self._base.infer([frame for frame, _ in pairs], model,
+                                    backgrounds=[background for _, background in pairs])
+
+        return infer_with_retry(infer, batch)
+
+    def get_num_bytes(self, batch) -> int:
+        return self._base.get_num_bytes(batch)
+
+    def get_metrics_namespace(self) -> str:
+        return self._base.get_metrics_namespace()
+
+    def get_resource_hints(self):
+        return self._base.get_resource_hints()
+
+    def batch_elements_kwargs(self):
+        return self._base.batch_elements_kwargs()
+
+    def validate_inference_args(self, inference_args):
+        return self._base.validate_inference_args(inference_args)
+
+    def share_model_across_processes(self) -> bool:
+        return self._base.share_model_across_processes()
+
+    def model_copies(self) -> int:
+        return self._base.model_copies()
 
 
 class DetectEmbedModelHandler(_Handler):
-    """Element: an HxWx3 uint8 RGB frame, or a (frame, camera background) pair for
-    the ``background`` detector. Inference: a list of dicts (box_xyxy, score, label,
-    embedding), from :class:`models.fused.DetectAndEmbed`."""
+    """Element: an HxWx3 uint8 RGB frame. Inference: a list of dicts (box_xyxy, score,
+    label, embedding), from :class:`models.fused.DetectAndEmbed`."""
 
     def __init__(self, detector: str, embedder: str, *, detector_weights: Optional[str] = None,
                  embedder_weights: Optional[str] = None, detector_options: Optional[dict] = None,
@@ -112,14 +165,12 @@ class DetectEmbedModelHandler(_Handler):
         return DetectAndEmbed(self._build(build_detector, self._detector),
                               self._build(build_embedder, self._embedder))
 
-    def _infer(self, batch, model):
-        frames, backgrounds = _split_backgrounds(batch)
-        return [PredictionResult(x, y) for x, y in zip(batch, model(frames, backgrounds))]
+    def infer(self, batch, model, **context):
+        return [PredictionResult(x, y) for x, y in zip(batch, model(list(batch), **context))]
 
 
 class DetectModelHandler(_Handler):
-    """Element: an HxWx3 uint8 RGB frame (or a (frame, background) pair). Inference:
-    dict(boxes, scores, labels)."""
+    """Element: an HxWx3 uint8 RGB frame. Inference: dict(boxes, scores, labels)."""
 
     def __init__(self, detector: str, *, weights: Optional[str] = None, options: Optional[dict] = None,
                  **handler_options):
@@ -129,15 +180,14 @@ class DetectModelHandler(_Handler):
     def load_model(self):
         return self._build(build_detector, self._model)
 
-    def _infer(self, batch, model):
-        return detect_results(model, batch)
+    def infer(self, batch, model, **context):
+        return detect_results(model, batch, **context)
 
 
-def detect_results(detector, batch) -> list:
-    """A :class:`DetectModelHandler` batch through ``detector``: one PredictionResult per element."""
-    frames, backgrounds = _split_backgrounds(batch)
-    found = detector.detect(frames) if backgrounds is None else detector.detect(frames, backgrounds)
-    return [PredictionResult(x, y) for x, y in zip(batch, found)]
+def detect_results(detector, batch, **context) -> list:
+    """A :class:`DetectModelHandler` batch through ``detector`` (``context``: as
+    :meth:`_Handler.infer`'s): one PredictionResult per element."""
+    return [PredictionResult(x, y) for x, y in zip(batch, detector.detect(list(batch), **context))]
 
 
 class EmbedModelHandler(_Handler):
@@ -158,7 +208,7 @@ class EmbedModelHandler(_Handler):
     def load_model(self):
         return self._build(build_embedder, self._model)
 
-    def _infer(self, batch, model):
+    def infer(self, batch, model, **context):
         return embed_results(model, batch)
 
 
@@ -169,3 +219,39 @@ def embed_results(embedder, batch) -> list:
     embeddings = embedder.embed_crops(images, boxes)
     return [PredictionResult(x, with_embeddings(x[1], e) if isinstance(x[1], dict) else e)
             for x, e in zip(batch, embeddings)]
+
+
+class DetectionHandlers(NamedTuple):
+    """The ModelHandlers of one detection step: ``detect`` is fused (detect and embed) when
+    ``embed`` is None, else it detects and ``embed`` embeds its ``(image, detections)``."""
+    detect: ModelHandler
+    embed: Optional[ModelHandler]
+
+
+def detection_handlers(detector: str, embedder: str, *, separate: bool = False,
+                       detector_weights: Optional[str] = None, embedder_weights: Optional[str] = None,
+                       detector_options: Optional[dict] = None, embedder_options: Optional[dict] = None,
+                       **handler_options) -> DetectionHandlers:
+    """The handlers for ``detector`` and ``embedder`` (registry names), chosen in this one place.
+
+    Fused (:class:`DetectEmbedModelHandler`) unless ``separate`` or a model that runs alone
+    (TensorFlow: Beam's TensorFlow handler, models/tf_handlers.py, imported only then); a
+    detector with ``per_camera_background`` is wrapped in :class:`WithBackgrounds`.
+    ``handler_options`` (device, batch sizes, threads) go to every handler.
+    """
+    detect_entry, embed_entry = registry.detector(detector), registry.embedder(embedder)
+    if separate or detect_entry.runs_alone or embed_entry.runs_alone:
+        detect_class, embed_class = DetectModelHandler, EmbedModelHandler
+        if detect_entry.runs_alone or embed_entry.runs_alone:
+            from models import tf_handlers
+
+            detect_class = tf_handlers.TFDetectModelHandler if detect_entry.runs_alone else detect_class
+            embed_class = tf_handlers.TFEmbedModelHandler if embed_entry.runs_alone else embed_class
+        detect = detect_class(detector, weights=detector_weights, options=detector_options, **handler_options)
+        embed = embed_class(embedder, weights=embedder_weights, options=embedder_options, **handler_options)
+    else:
+        detect = DetectEmbedModelHandler(detector, embedder, detector_weights=detector_weights,
+                                         embedder_weights=embedder_weights, detector_options=detector_options,
+                                         embedder_options=embedder_options, **handler_options)
+        embed = None
+    return DetectionHandlers(WithBackgrounds(detect) if detect_entry.per_camera_background else detect, embed)

@@ -30,26 +30,49 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms
 
+from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
+
 from models.detectors import _CANDIDATES_PER_IMAGE, COCO_80, COCO_91, Detector, TorchvisionDetector
 from models.imaging import to_uint8
 from models.weights import WeightsError, WeightsSpec, _first_line, local_file
 
+__all__ = ["SPECS", "YOLO_INPUT", "ImageAILetterbox", "ImageAIYoloDetector", "imageai_retinanet",
+           "imageai_tiny_yolov3", "imageai_yolov3", "load_imageai_network"]
+
 _RELEASE = "https://github.com/OlafenwaMoses/ImageAI/releases/download/3.0.0-pretrained/"
 YOLO_INPUT = 416
+
+
+class ImageAILetterbox:
+    """ImageAI's YOLOv3 preprocessing: each frame through ImageAI's own ``prepare_image``
+    (letterbox to ``size`` x ``size``, cv2 bicubic, pad 128, RGB 0..1), stacked.
+    ImageAI expects OpenCV's BGR order, so each frame is handed over as BGR pixels."""
+
+    def __init__(self, size: int = YOLO_INPUT):
+        from imageai.yolov3.utils import prepare_image
+
+        self.size = int(size)
+        self._prepare = prepare_image
+
+    def __call__(self, frames) -> torch.Tensor:
+        batch = []
+        for frame in frames:
+            bgr = np.ascontiguousarray(to_uint8(frame)[:, :, ::-1])
+            batch.append(self._prepare(bgr, (self.size, self.size)))
+        return torch.cat(batch)
+
 
 SPECS = {
     "imageai_retinanet": WeightsSpec(
         name="imageai_retinanet", url=_RELEASE + "retinanet_resnet50_fpn_coco-eeacb38b.pth", sha256=None,
-        categories=COCO_91, transforms="float RGB 0..1, any size; the model resizes and normalises internally",
-        meta={"imageai_model_type": "RetinaNet"}),
+        transforms=RetinaNet_ResNet50_FPN_Weights.COCO_V1.transforms,  # torchvision's network, its preset
+        categories=COCO_91, meta={"imageai_model_type": "RetinaNet"}),
     "imageai_yolov3": WeightsSpec(
-        name="imageai_yolov3", url=_RELEASE + "yolov3.pt", sha256=None, categories=COCO_80,
-        transforms="ImageAI's letterbox to 416x416 (cv2 bicubic, pad 128), RGB 0..1",
-        meta={"imageai_model_type": "YOLOv3"}),
+        name="imageai_yolov3", url=_RELEASE + "yolov3.pt", sha256=None, transforms=ImageAILetterbox,
+        categories=COCO_80, meta={"imageai_model_type": "YOLOv3"}),
     "imageai_tiny_yolov3": WeightsSpec(
-        name="imageai_tiny_yolov3", url=_RELEASE + "tiny-yolov3.pt", sha256=None, categories=COCO_80,
-        transforms="ImageAI's letterbox to 416x416 (cv2 bicubic, pad 128), RGB 0..1",
-        meta={"imageai_model_type": "TinyYOLOv3"}),
+        name="imageai_tiny_yolov3", url=_RELEASE + "tiny-yolov3.pt", sha256=None, transforms=ImageAILetterbox,
+        categories=COCO_80, meta={"imageai_model_type": "TinyYOLOv3"}),
 }
 
 
@@ -61,10 +84,11 @@ def _object_detection():
     return ObjectDetection
 
 
-def load_imageai_network(name: str, weights: Optional[str], sha256: Optional[str], device: str) -> torch.nn.Module:
-    """The network of ImageAI model ``name`` with the weight file at ``weights`` (local or
+def load_imageai_network(spec: WeightsSpec, weights: Optional[str], sha256: Optional[str],
+                         device: str) -> torch.nn.Module:
+    """The network of the ImageAI model of ``spec`` with the weight file at ``weights`` (local or
     any Beam URI), loaded by ImageAI's ``ObjectDetection.loadModel``, in eval mode on ``device``."""
-    spec = SPECS[name]
+    name = spec.name
     if not weights:
         raise WeightsError("%s needs an ImageAI weight file: pass --detector-weights URI (ImageAI's: %s)"
                            % (name, spec.url))
@@ -83,44 +107,36 @@ def load_imageai_network(name: str, weights: Optional[str], sha256: Optional[str
 
 
 def imageai_retinanet(*, weights: Optional[str] = None, sha256: Optional[str] = None, device: str = "cpu",
-                      min_score: float = 0.25, nms_iou: float = 0.45, **options) -> TorchvisionDetector:
+                      min_score: float = 0.25, nms_iou: float = 0.45, spec: WeightsSpec = SPECS["imageai_retinanet"],
+                      **options) -> TorchvisionDetector:
     """ImageAI's RetinaNet (``retinanet_resnet50_fpn_coco-eeacb38b.pth``), batched as torchvision runs it,
     with the box thresholds of ``retinanet_resnet50_fpn``."""
-    model = load_imageai_network("imageai_retinanet", weights, sha256, device)
+    model = load_imageai_network(spec, weights, sha256, device)
     model.score_thresh, model.nms_thresh = min_score, nms_iou
     model.detections_per_img = max(_CANDIDATES_PER_IMAGE, options.get("max_detections", 100))
-    return TorchvisionDetector("imageai_retinanet", model, SPECS["imageai_retinanet"], min_score=min_score,
+    return TorchvisionDetector("imageai_retinanet", model, spec, min_score=min_score,
                                nms_iou=nms_iou, device=device, **options)
 
 
 class ImageAIYoloDetector(Detector):
-    """An ImageAI YOLOv3 network: ImageAI's preprocessing per frame, one forward and one
-    vectorised decoding + NMS for the batch (ImageAI's semantics, module docstring).
+    """An ImageAI YOLOv3 network: ``preprocess`` (ImageAI's, :class:`ImageAILetterbox`) per
+    frame, one forward and one vectorised decoding + NMS for the batch (ImageAI's
+    semantics, module docstring).
 
     ImageAI's detection layers keep each forward's output in a module attribute before
     returning it, so one network must not run two forwards at once: RunInference shares
     the model between the threads of a worker, and a lock keeps their forwards apart.
     """
 
-    def __init__(self, name: str, model: torch.nn.Module, **options):
+    def __init__(self, name: str, model: torch.nn.Module, preprocess: ImageAILetterbox, **options):
         self.name = name
-        super().__init__(COCO_80, **options)
+        super().__init__(COCO_80, preprocess, **options)
         self.model = model
         self._forward_lock = threading.Lock()
-        from imageai.yolov3.utils import prepare_image
-
-        self._prepare = prepare_image
-
-    def _letterboxed(self, frames) -> torch.Tensor:
-        """ImageAI's input for each frame (it expects OpenCV's BGR order), stacked."""
-        batch = []
-        for frame in frames:
-            bgr = np.ascontiguousarray(to_uint8(frame)[:, :, ::-1])
-            batch.append(self._prepare(bgr, (YOLO_INPUT, YOLO_INPUT)))
-        return torch.cat(batch).to(self.device)
 
     def _predict(self, frames) -> list:
-        batch = self._letterboxed(frames)
+        batch = self.preprocess(frames).to(self.device)
+        size = self.preprocess.size
         with self._forward_lock:
             pred = self.model(batch)  # (B, anchors, 5 + 80): cx, cy, w, h (416 px), objectness, classes
         image, anchor = (pred[..., 4] > self.min_score).nonzero(as_tuple=True)
@@ -134,24 +150,24 @@ class ImageAIYoloDetector(Detector):
         image, boxes, scores, labels = image[kept], boxes[kept], scores[kept], labels[kept]
         sizes = torch.tensor([[f.shape[-1], f.shape[-2]] for f in frames], dtype=boxes.dtype, device=boxes.device)
         wh = sizes[image]
-        scale = torch.min(YOLO_INPUT / wh, dim=1, keepdim=True).values
-        offset = (YOLO_INPUT - scale * wh) / 2
+        scale = torch.min(size / wh, dim=1, keepdim=True).values
+        offset = (size - scale * wh) / 2
         boxes = (boxes - offset.repeat(1, 2)) / scale
         return [(boxes[image == i], scores[image == i], labels[image == i]) for i in range(len(frames))]
 
 
-def _yolo(name: str, weights, sha256, device, **options) -> ImageAIYoloDetector:
-    model = load_imageai_network(name, weights, sha256, device)
-    return ImageAIYoloDetector(name, model, device=device, **options)
+def _yolo(spec: WeightsSpec, weights, sha256, device, **options) -> ImageAIYoloDetector:
+    model = load_imageai_network(spec, weights, sha256, device)
+    return ImageAIYoloDetector(spec.name, model, spec.transforms(), device=device, **options)
 
 
 def imageai_yolov3(*, weights: Optional[str] = None, sha256: Optional[str] = None, device: str = "cpu",
-                   **options) -> ImageAIYoloDetector:
+                   spec: WeightsSpec = SPECS["imageai_yolov3"], **options) -> ImageAIYoloDetector:
     """ImageAI's YOLOv3 (``yolov3.pt``)."""
-    return _yolo("imageai_yolov3", weights, sha256, device, **options)
+    return _yolo(spec, weights, sha256, device, **options)
 
 
 def imageai_tiny_yolov3(*, weights: Optional[str] = None, sha256: Optional[str] = None, device: str = "cpu",
-                        **options) -> ImageAIYoloDetector:
+                        spec: WeightsSpec = SPECS["imageai_tiny_yolov3"], **options) -> ImageAIYoloDetector:
     """ImageAI's TinyYOLOv3 (``tiny-yolov3.pt``)."""
-    return _yolo("imageai_tiny_yolov3", weights, sha256, device, **options)
+    return _yolo(spec, weights, sha256, device, **options)

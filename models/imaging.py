@@ -4,8 +4,11 @@ A frame is uploaded once, as uint8 (a quarter of the bytes of float32), and
 turned into a float ``(3, H, W)`` tensor in 0..1 on the device. Detectors read
 that tensor, and embedders cut their crops from the same tensor with
 ``roi_align``: no PIL crop, no per-crop resize on the CPU, no second upload.
+:class:`CropTransform` is the preprocessing of every embedder: the crops, then
+the normalisation its network was trained with.
 """
 from collections import defaultdict
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -14,6 +17,8 @@ from torchvision.ops import roi_align
 # ImageNet evaluation convention (Resize(256) then CenterCrop(224)): the crop
 # keeps 224/256 of the shorter side of the box around its centre.
 CENTER_CROP_FRACTION = 224 / 256
+
+__all__ = ["CENTER_CROP_FRACTION", "CropTransform", "crop_boxes", "crop_rois", "to_device", "to_uint8"]
 
 
 def to_device(images, device) -> list:
@@ -83,3 +88,41 @@ def crop_boxes(frames, boxes, size, mode: str = "stretch") -> torch.Tensor:
         where = torch.cat([torch.arange(starts[i], starts[i + 1], device=device) for i in group])
         out[where] = crops
     return out
+
+
+class CropTransform:
+    """An embedder's preprocessing: the boxes of device frames -> its input batch.
+
+    Each box is cut with :func:`crop_boxes` to ``input_size`` (``crop``: ``stretch`` or
+    ``center``), then :meth:`normalise` prepares the pixels as the network expects
+    them: ``(pixel * scale - mean) / std`` of 0..1 pixels in RGB order (BGR with
+    ``bgr``; no ``mean``: left in 0..1), or, with ``pixels``, uint8 0..255 values.
+    The ``transforms`` of an embedder's :class:`models.weights.WeightsSpec` builds it.
+    """
+
+    def __init__(self, input_size: Sequence[int], *, crop: str = "stretch", mean: Optional[Sequence[float]] = None,
+                 std: Optional[Sequence[float]] = None, bgr: bool = False, scale: float = 1.0,
+                 pixels: bool = False, device: str = "cpu"):
+        if crop not in ("stretch", "center"):
+            raise ValueError("crop must be 'stretch' or 'center', got %r" % crop)
+        self.input_size = tuple(int(v) for v in input_size)
+        self.crop = crop
+        self.device = torch.device(device)
+        self.bgr, self.scale, self.pixels = bool(bgr), float(scale), bool(pixels)
+        self._mean = None if mean is None else torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._std = None if std is None else torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+
+    def __call__(self, frames, boxes) -> torch.Tensor:
+        """``frames`` as from :func:`to_device` (any device) and one (Ni, 4) xyxy array per
+        frame -> the (sum Ni, 3, H, W) input batch on :attr:`device`, in frame order."""
+        return self.normalise(crop_boxes([f.to(self.device) for f in frames], boxes, self.input_size, self.crop))
+
+    def normalise(self, crops: torch.Tensor) -> torch.Tensor:
+        """(M, 3, H, W) RGB 0..1 crops -> the network's input values."""
+        if self.pixels:
+            return crops.mul(255).round_().to(torch.uint8)
+        if self.bgr:
+            crops = crops[:, [2, 1, 0]]
+        if self.scale != 1.0:
+            crops = crops * self.scale
+        return crops if self._mean is None else (crops - self._mean) / self._std

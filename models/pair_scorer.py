@@ -36,6 +36,8 @@ from typing import Optional
 
 import numpy as np
 
+__all__ = ["PairScorer"]
+
 
 @contextlib.contextmanager
 def _torch_threads(n: int):

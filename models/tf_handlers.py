@@ -24,6 +24,8 @@ from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerTensor
 from models.handlers import NAMESPACE, detect_results, embed_results, infer_with_retry, nbytes
 from models.registry import build_detector, build_embedder
 
+__all__ = ["TFDetectModelHandler", "TFEmbedModelHandler", "detect_batch", "embed_batch"]
+
 
 def detect_batch(model, batch, inference_args=None, model_id=None) -> list:
     """``inference_fn`` of :class:`TFDetectModelHandler`: frames -> dict(boxes, scores, labels)."""

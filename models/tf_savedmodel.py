@@ -14,6 +14,7 @@ The folder is read from any Beam filesystem URI (:func:`models.weights.local_fol
 and pinned by :func:`models.weights.folder_sha256`. tensorflow is imported only when a
 model is built, after torchvision (see :mod:`models`).
 """
+import functools
 from collections import defaultdict
 from typing import Optional, Sequence
 
@@ -22,11 +23,34 @@ import torch
 
 from models.detectors import COCO_91, Detector
 from models.embedders import IMAGENET_MEAN, IMAGENET_STD, Embedder
-from models.imaging import to_uint8
-from models.weights import WeightsError, _first_line, local_folder
+from models.imaging import CropTransform, to_uint8
+from models.weights import WeightsError, WeightsSpec, _first_line, local_folder
+
+__all__ = ["DETECTION_INPUT", "DETECTION_OUTPUTS", "SAVEDMODEL_DETECTOR", "SAVEDMODEL_EMBEDDER", "Pixels",
+           "TFSavedModelDetector", "TFSavedModelEmbedder", "detector", "embedder", "load_signature", "tensorflow"]
 
 DETECTION_INPUT = "input_tensor"
 DETECTION_OUTPUTS = ("detection_boxes", "detection_scores", "detection_classes", "num_detections")
+
+
+class Pixels:
+    """A detector SavedModel's preprocessing: device frames -> the HxWx3 uint8 RGB arrays it takes
+    (exact: :func:`models.imaging.to_uint8`); resizing and normalising happen inside the model."""
+
+    def __call__(self, frames) -> list:
+        return [to_uint8(frame) for frame in frames]
+
+
+# No published files: any SavedModel with these signatures (the module docstring), given as weights.
+SAVEDMODEL_DETECTOR = WeightsSpec(
+    name="tf_savedmodel", url="", sha256=None, transforms=Pixels, categories=COCO_91,
+    meta={"signature": "input_tensor uint8 [N,H,W,3] -> the Object Detection API outputs"},
+    file_format="savedmodel")
+SAVEDMODEL_EMBEDDER = WeightsSpec(
+    name="tf_savedmodel", url="", sha256=None,
+    # The crop size is the signature's; a uint8 input gets pixels, a float32 one these mean/std.
+    transforms=functools.partial(CropTransform, crop="stretch", mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    meta={"signature": "crops [N,H,W,3] uint8 or float32 -> vectors [N,D]"}, file_format="savedmodel")
 
 
 def tensorflow():
@@ -80,7 +104,7 @@ class TFSavedModelDetector(Detector):
 
     name = "tf_savedmodel"
 
-    def __init__(self, loaded, signature, uri: str, **options):
+    def __init__(self, loaded, signature, uri: str, preprocess: Pixels, **options):
         specs, outputs = _input_specs(signature), signature.structured_outputs
         spec = specs.get(DETECTION_INPUT)
         missing = [k for k in DETECTION_OUTPUTS if k not in outputs]
@@ -90,25 +114,13 @@ class TFSavedModelDetector(Detector):
                                "outputs %s; got inputs %s and outputs %s"
                                % (uri, DETECTION_INPUT, ", ".join(DETECTION_OUTPUTS),
                                   {k: (v.dtype.name, v.shape.as_list()) for k, v in specs.items()}, sorted(outputs)))
-        super().__init__(COCO_91, **options)
+        super().__init__(COCO_91, preprocess, **options)
         self._loaded, self._signature = loaded, signature
         self._tf_device = _tf_device(str(self.device))
 
-    def detect(self, images) -> list:
-        """Detections for HxWx3 uint8 RGB arrays, without a detour through torch frames."""
-        for image in images:
-            if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
-                    and image.shape[2] == 3):
-                raise ValueError("expected an HxWx3 uint8 RGB array, got %s %s" % (
-                    getattr(image, "dtype", type(image).__name__), getattr(image, "shape", "")))
-        raw = self._predict_arrays(list(images))
-        return [self._finish(*r, image.shape[:2]) for r, image in zip(raw, images)]
-
     def _predict(self, frames) -> list:
-        return self._predict_arrays([to_uint8(f) for f in frames])
-
-    def _predict_arrays(self, images) -> list:
         """One signature call per frame size; boxes to pixels xyxy, class ids to labels."""
+        images = self.preprocess(frames)
         tf = tensorflow()
         results = [None] * len(images)
         for (height, width, _), index in _by_shape(images).items():
@@ -133,7 +145,7 @@ class TFSavedModelEmbedder(Embedder):
 
     name = "tf_savedmodel"
 
-    def __init__(self, loaded, signature, uri: str, **options):
+    def __init__(self, loaded, signature, uri: str, transforms):
         specs, outputs = _input_specs(signature), signature.structured_outputs
         input_name, spec = next(iter(specs.items())) if len(specs) == 1 else (None, None)
         shape = spec.shape.as_list() if spec is not None and spec.shape.rank is not None else []
@@ -143,38 +155,35 @@ class TFSavedModelEmbedder(Embedder):
                                "fixed H, W and one output [N,D]; got inputs %s and outputs %s"
                                % (uri, {k: (v.dtype.name, v.shape.as_list()) for k, v in specs.items()},
                                   sorted(outputs)))
-        super().__init__(input_size=shape[1:3], **options)
+        super().__init__(transforms(input_size=shape[1:3], pixels=spec.dtype.name == "uint8"))
         self._loaded, self._signature = loaded, signature
         self._input, self._output = input_name, next(iter(outputs))
-        self._uint8 = spec.dtype.name == "uint8"
         self._tf_device = _tf_device(str(self.device))
-        self.dim = self._embed(torch.zeros((1, 3) + self.input_size, device=self.device)).shape[1]
+        blank = torch.zeros((1, 3) + self.input_size, device=self.device)
+        self.dim = self._embed(self.preprocess.normalise(blank)).shape[1]
 
-    def _embed(self, crops: torch.Tensor) -> np.ndarray:
+    def _embed(self, inputs: torch.Tensor) -> np.ndarray:
         tf = tensorflow()
-        if self._uint8:
-            batch = crops.mul(255).round_().to(torch.uint8)
-        else:
-            batch = self._normalise(crops)
         with tf.device(self._tf_device):
-            out = self._signature(**{self._input: tf.constant(batch.permute(0, 2, 3, 1).contiguous().cpu().numpy())})
+            out = self._signature(**{self._input: tf.constant(inputs.permute(0, 2, 3, 1).contiguous().cpu().numpy())})
         vectors = out[self._output].numpy()
-        if vectors.ndim != 2 or len(vectors) != len(crops):
-            raise ValueError("SavedModel embedder returned shape %s for %d crops" % (vectors.shape, len(crops)))
+        if vectors.ndim != 2 or len(vectors) != len(inputs):
+            raise ValueError("SavedModel embedder returned shape %s for %d crops" % (vectors.shape, len(inputs)))
         return vectors.astype(np.float32, copy=False)
 
 
 def detector(*, weights: Optional[str] = None, sha256: Optional[str] = None, device: str = "cpu",
-             **options) -> TFSavedModelDetector:
+             spec: WeightsSpec = SAVEDMODEL_DETECTOR, **options) -> TFSavedModelDetector:
     """A TF2 Object Detection API SavedModel folder at ``weights`` (local or any Beam URI)."""
     loaded, signature = load_signature(weights, sha256)
-    return TFSavedModelDetector(loaded, signature, weights, device=device, **options)
+    return TFSavedModelDetector(loaded, signature, weights, spec.transforms(), device=device, **options)
 
 
 def embedder(*, weights: Optional[str] = None, sha256: Optional[str] = None, device: str = "cpu",
-             crop: str = "stretch", mean: Sequence[float] = IMAGENET_MEAN,
-             std: Sequence[float] = IMAGENET_STD) -> TFSavedModelEmbedder:
+             crop: str = "stretch", mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+             spec: WeightsSpec = SAVEDMODEL_EMBEDDER) -> TFSavedModelEmbedder:
     """A SavedModel embedder folder at ``weights``; a float32 input gets ``(pixel - mean) / std``
-    of 0..1 RGB pixels, a uint8 input the raw 0..255 pixels."""
+    of 0..1 RGB pixels, a uint8 input the raw 0..255 pixels (``spec.transforms``)."""
     loaded, signature = load_signature(weights, sha256)
-    return TFSavedModelEmbedder(loaded, signature, weights, crop=crop, device=device, mean=mean, std=std)
+    transforms = functools.partial(spec.transforms, crop=crop, mean=mean, std=std, device=device)
+    return TFSavedModelEmbedder(loaded, signature, weights, transforms)

@@ -17,10 +17,15 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 from urllib.parse import urlparse
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ONNX_OPTIMIZATION", "WeightsError", "WeightsSpec", "apply_state_dict", "folder_sha256", "is_local",
+           "load_bytes", "load_state_dict", "local_file", "local_folder", "onnx_session", "open_uri",
+           "torchvision_state_dict"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -36,15 +41,22 @@ class WeightsSpec:
     Modelled on torchvision's ``Weights`` entries, but for files the job reads
     from a URI rather than downloads: ``url`` says where the published file
     lives, ``sha256`` (when known) lets a caller pin the exact file.
+
+    ``transforms``, as in torchvision, builds the preprocessing the model was
+    trained with: the model's builder calls it (with what only the loaded file
+    knows, such as its input size, and the user's options) and the model runs
+    every input through the callable it returns, so the recipe is stated once,
+    here, and is the code that runs. A classical model has no file: its ``url``
+    is empty and its ``file_format`` None.
     """
 
     name: str
     url: str
     sha256: Optional[str]
+    transforms: Callable[..., Callable]
     categories: tuple = ()
-    transforms: str = ""
     meta: dict = dataclasses.field(default_factory=dict)
-    file_format: str = "torch"  # 'torch' (a state dict) or 'onnx'
+    file_format: Optional[str] = "torch"  # 'torch' (a state dict), 'onnx', 'savedmodel', None (no file)
 
 
 def _first_line(error: Exception) -> str:
@@ -187,6 +199,8 @@ def load_state_dict(uri: str, sha256: Optional[str] = None) -> dict:
     ``nn.DataParallel`` adds. Loads with ``weights_only=True``: a checkpoint
     is data, and unpickling arbitrary objects from a URI would run their code.
     """
+    import torch  # here, so that the classical models (numpy only) can use this module
+
     data = load_bytes(uri, sha256)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -203,7 +217,7 @@ def load_state_dict(uri: str, sha256: Optional[str] = None) -> dict:
     return state
 
 
-def apply_state_dict(model: torch.nn.Module, state: dict, uri: str, name: str) -> None:
+def apply_state_dict(model: "torch.nn.Module", state: dict, uri: str, name: str) -> None:
     """Loads ``state`` into ``model`` strictly, or says in one line why it does not fit."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]

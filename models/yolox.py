@@ -4,7 +4,7 @@ The exported YOLOX graph stops before decoding: per anchor it gives grid
 offsets, log sizes, objectness and 80 class scores (sigmoids applied). The
 letterbox, the decoding and class-aware NMS run here in torch, vectorised over
 the batch, on the detector's device; only the network itself runs in
-onnxruntime.
+onnxruntime. The letterbox is YOLOX-Nano's spec's ``transforms`` (:class:`Letterbox`).
 """
 from typing import Optional
 
@@ -16,28 +16,41 @@ from torchvision.ops import batched_nms
 from models.detectors import COCO_80, Detector
 from models.weights import WeightsError, WeightsSpec, onnx_session
 
+__all__ = ["PAD_VALUE", "STRIDES", "YOLOX_NANO", "Letterbox", "YoloxDetector", "letterbox", "yolox"]
+
+STRIDES = (8, 16, 32)
+PAD_VALUE = 114.0
+
+
+class Letterbox:
+    """YOLOX's preprocessing for an input of ``size`` (H, W): frames -> :func:`letterbox`."""
+
+    def __init__(self, size):
+        self.size = tuple(int(v) for v in size)
+
+    def __call__(self, frames):
+        return letterbox(frames, self.size)
+
+
 YOLOX_NANO = WeightsSpec(
     name="yolox_nano",
     url="https://github.com/Megvii-BaseDetection/YOLOX/releases/download/0.1.1rc0/yolox_nano.onnx",
     # Digest of the copy this project is tested with (YOLOX-Nano, yolox_nano.onnx, as the tests read it).
     sha256="e8af074932d4ed7e232278e3055cefcdea3edf178874a3694ae292649fb464dd",
+    transforms=Letterbox,  # to the ONNX file's input size (416x416 for YOLOX-Nano)
     categories=COCO_80,
-    transforms="letterbox to 416x416 keeping the aspect ratio (top-left, pad 114), BGR, float 0..255, "
-               "no normalisation",
     meta={"params": 910_000, "input": "images [1,3,416,416]", "output": "output [1,3549,85]",
           "onnx_optimization": "all"},
     file_format="onnx",
 )
-
-STRIDES = (8, 16, 32)
-PAD_VALUE = 114.0
 
 
 def letterbox(frames, size):
     """Frames (float (3, h, w) RGB 0..1) -> a (B, 3, H, W) BGR 0..255 batch and the scale of each.
 
     As YOLOX's own preprocessing: scale to fit keeping the aspect ratio
-    (bilinear, like cv2.INTER_LINEAR), top-left aligned, pad with 114.
+    (bilinear, like cv2.INTER_LINEAR), top-left aligned, pad with 114, no
+    normalisation.
     """
     height, width = size
     device = frames[0].device
@@ -69,12 +82,12 @@ def _grid(size, device):
 
 
 class YoloxDetector(Detector):
-    """A YOLOX ONNX session; one session run per frame when its batch is fixed to 1."""
+    """A YOLOX ONNX session; one session run per frame when its batch is fixed to 1.
+    ``transforms`` builds its preprocessing from the session's input size (H, W)."""
 
     name = "yolox"
 
-    def __init__(self, session, **options):
-        super().__init__(COCO_80, **options)
+    def __init__(self, session, transforms=Letterbox, **options):
         inputs, outputs = session.get_inputs(), session.get_outputs()
         shape = inputs[0].shape if len(inputs) == 1 else []
         out_shape = outputs[0].shape if len(outputs) == 1 else []
@@ -83,8 +96,9 @@ class YoloxDetector(Detector):
             raise WeightsError("not a YOLOX model: expected one input [N,3,H,W] and one output [N,A,%d], "
                                "got inputs %s and outputs %s" % (5 + len(COCO_80),
                                                                  [i.shape for i in inputs], [o.shape for o in outputs]))
-        self.session = session
         self.input_size = (shape[2], shape[3])
+        super().__init__(COCO_80, transforms(self.input_size), **options)
+        self.session = session
         self._input_name = inputs[0].name
         self._one_per_run = shape[0] == 1
         self._cells, self._strides = _grid(self.input_size, self.device)
@@ -99,7 +113,7 @@ class YoloxDetector(Detector):
         return self.session.run(None, {self._input_name: batch})[0]
 
     def _predict(self, frames) -> list:
-        batch, scales = letterbox(frames, self.input_size)
+        batch, scales = self.preprocess(frames)
         out = torch.from_numpy(self._run(batch.cpu().numpy())).to(self.device)
         centre = (out[..., :2] + self._cells) * self._strides
         half = out[..., 2:4].exp() * self._strides / 2
@@ -114,13 +128,12 @@ class YoloxDetector(Detector):
 
 
 def yolox(*, weights: Optional[str] = None, sha256: Optional[str] = None, device: str = "cpu",
-          threads: int = 0, optimization: Optional[str] = None, **options) -> YoloxDetector:
-    """YOLOX from an ONNX file at ``weights`` (e.g. YOLOX-Nano, ``yolox_nano.onnx``).
-
-    ``threads`` and ``optimization`` go to :func:`models.weights.onnx_session`.
-    """
+          threads: int = 0, optimization: Optional[str] = None, spec: WeightsSpec = YOLOX_NANO,
+          **options) -> YoloxDetector:
+    """YOLOX from an ONNX file at ``weights`` (e.g. YOLOX-Nano, ``yolox_nano.onnx``), prepared by
+    ``spec.transforms``. ``threads`` and ``optimization`` go to :func:`models.weights.onnx_session`
+    (a file with ``spec``'s sha256 gets its measured optimisation level)."""
     if not weights:
-        raise WeightsError("yolox needs an ONNX file: pass --detector-weights URI (YOLOX-Nano: %s)" % YOLOX_NANO.url)
-    session = onnx_session(weights, sha256, device, threads=threads, optimization=optimization,
-                           known=(YOLOX_NANO,))
-    return YoloxDetector(session, device=device, **options)
+        raise WeightsError("yolox needs an ONNX file: pass --detector-weights URI (YOLOX-Nano: %s)" % spec.url)
+    session = onnx_session(weights, sha256, device, threads=threads, optimization=optimization, known=(spec,))
+    return YoloxDetector(session, spec.transforms, device=device, **options)

@@ -13,28 +13,26 @@ from apache_beam.io.filesystems import FileSystems
 from runners.errors import UsageError
 from transforms import parquet_io
 
-__all__ = ["ROW_BUILDERS", "SORT_KEYS", "TABLES", "check_writable", "finish", "prepare",
-           "table_dir", "write", "write_crops"]
+__all__ = ["SORT_KEYS", "TABLES", "check_writable", "finish", "prepare", "table_dir",
+           "write", "write_crops"]
 
+# Per table: its schema, the record -> Parquet row builder, and the record's stable id
+# and hive partition. Records are keyed and shuffled as the pipeline's own dicts (ints,
+# strings, floats: encoded natively) and become rows only in the writer, after the
+# grouping: a row's datetimes would be pickled one by one through the shuffle.
 TABLES = {
-    "detections": (parquet_io.DETECTIONS_SCHEMA,
-                   lambda r: r["detection_id"], lambda r: parquet_io.hour_partition(
-                       int(r["frame_ts"].timestamp() * 1000))),
-    "matches": (parquet_io.MATCHES_SCHEMA,
+    "detections": (parquet_io.DETECTIONS_SCHEMA, parquet_io.detection_row,
+                   lambda r: r["detection_id"],
+                   lambda r: parquet_io.hour_partition(int(r["frame_ts_ms"]))),
+    "matches": (parquet_io.MATCHES_SCHEMA, parquet_io.match_row,
                 lambda r: r["detection_id_a"] + "|" + r["detection_id_b"],
-                lambda r: parquet_io.hour_partition(int(r["frame_ts_a"].timestamp() * 1000))),
-    "dead_letter": (parquet_io.DEAD_LETTER_SCHEMA,
+                lambda r: parquet_io.hour_partition(int(r["frame_ts_a_ms"]))),
+    "dead_letter": (parquet_io.DEAD_LETTER_SCHEMA, parquet_io.dead_letter_row,
                     lambda r: r["stage"] + "|" + r["uri"], None),
 }
 
 # Detections are stored in time order, so a reader of a time range skips row groups.
-SORT_KEYS = {"detections": lambda r: (r["frame_ts"], r["detection_id"])}
-
-ROW_BUILDERS = {
-    "detections": parquet_io.detection_row,
-    "matches": parquet_io.match_row,
-    "dead_letter": parquet_io.dead_letter_row,
-}
+SORT_KEYS = {"detections": lambda r: (r["frame_ts_ms"], r["detection_id"])}
 
 
 def table_dir(output: str, table: str) -> str:
@@ -64,15 +62,11 @@ def prepare(output: str, tables) -> None:
 def write(pcoll, output: str, table: str, shards: int = 1, file_prefix: str = "part-"):
     """Writes internal records of ``table`` kind under ``output`` (``file_prefix``: see
     :class:`transforms.parquet_io.WriteParquetTable`)."""
-    schema, id_fn, partition_fn = TABLES[table]
-    return (
-        pcoll
-        | "%sRows" % table >> beam.Map(ROW_BUILDERS[table])
-        | "Write_%s" % table >> parquet_io.WriteParquetTable(
-            table_dir(output, table), schema, id_fn, partition_fn,
-            shards=shards if partition_fn else 1, name=table, file_prefix=file_prefix,
-            sort_fn=SORT_KEYS.get(table))
-    )
+    schema, row_fn, id_fn, partition_fn = TABLES[table]
+    return pcoll | "Write_%s" % table >> parquet_io.WriteParquetTable(
+        table_dir(output, table), schema, id_fn, partition_fn,
+        shards=shards if partition_fn else 1, name=table, file_prefix=file_prefix,
+        sort_fn=SORT_KEYS.get(table), row_fn=row_fn)
 
 
 def finish(output: str, tables) -> None:

@@ -47,15 +47,15 @@ def model_threads(opts: ModelOptions) -> int:
     return 0
 
 
-def _threads(model: str, threads: int) -> dict:
-    from models.registry import ONNX_MODELS
-
-    return {"threads": threads} if threads and model in ONNX_MODELS else {}
+def _threads(entry, threads: int) -> dict:
+    return {"threads": threads} if threads and entry.takes_threads else {}
 
 
 def detector_options(opts: ModelOptions, threads: int = 0) -> dict:
+    from models import registry
+
     return {
-        **_threads(opts.detector, threads),
+        **_threads(registry.detector(opts.detector), threads),
         "sha256": opts.detector_sha256,
         "min_score": opts.min_score,
         "nms_iou": opts.nms_iou,
@@ -66,7 +66,9 @@ def detector_options(opts: ModelOptions, threads: int = 0) -> dict:
 
 
 def embedder_options(opts: ModelOptions, threads: int = 0) -> dict:
-    return {"sha256": opts.embedder_sha256, **_threads(opts.embedder, threads)}
+    from models import registry
+
+    return {"sha256": opts.embedder_sha256, **_threads(registry.embedder(opts.embedder), threads)}
 
 
 def _remote_weights(opts: ModelOptions) -> List[str]:
@@ -101,51 +103,24 @@ def check_models(opts: ModelOptions) -> None:
     del detector, embedder
 
 
-def _handler_classes(opts: ModelOptions):
-    """(detect handler class, embed handler class) for two RunInference steps: Beam's
-    TensorFlow handler for a TensorFlow model, the project's torch/ONNX handler otherwise."""
-    from models.handlers import DetectModelHandler, EmbedModelHandler
-    from models.registry import TF_MODELS
-
-    if opts.detector in TF_MODELS or opts.embedder in TF_MODELS:
-        from models.tf_handlers import TFDetectModelHandler, TFEmbedModelHandler
-
-        return (TFDetectModelHandler if opts.detector in TF_MODELS else DetectModelHandler,
-                TFEmbedModelHandler if opts.embedder in TF_MODELS else EmbedModelHandler)
-    return DetectModelHandler, EmbedModelHandler
-
-
 def detect_stage(opts: ModelOptions):
-    """DetectFrames with the handlers the flags ask for: fused unless --separate-stages or
-    a TensorFlow model, which runs in a RunInference step of its own (Beam's TensorFlow
-    handler, models/tf_handlers.py).
+    """DetectFrames with the handlers the flags ask for (fused unless --separate-stages or a
+    model that runs alone: :func:`models.handlers.detection_handlers` decides).
 
     Imported here, not at module level: Beam's RunInference package takes ~3 s to
     import, which `match` and `calibrate` (no models) should not pay."""
     from transforms.inference import DetectFrames
 
-    from models.handlers import DetectEmbedModelHandler
-    from models.registry import TF_MODELS
+    from models.handlers import detection_handlers
 
     check_models(opts)
     threads = model_threads(opts)
-    batching = {"device": opts.device, "max_batch_size": opts.batch_size,
-                "min_batch_size": 1, "threads": threads}
-    if opts.separate_stages or opts.detector in TF_MODELS or opts.embedder in TF_MODELS:
-        detect_class, embed_class = _handler_classes(opts)
-        detect = detect_class(opts.detector, weights=opts.detector_weights,
-                              options=detector_options(opts, threads), **batching)
-        embed = embed_class(opts.embedder, weights=opts.embedder_weights,
-                            options=embedder_options(opts, threads), **batching)
-        return DetectFrames(detect, opts.detector, opts.embedder, embed_handler=embed,
-                            needs_background=opts.detector == "background",
-                            max_detections=opts.max_detections, write_crops=opts.write_crops)
-    handler = DetectEmbedModelHandler(
-        opts.detector, opts.embedder, detector_weights=opts.detector_weights,
-        embedder_weights=opts.embedder_weights, detector_options=detector_options(opts, threads),
-        embedder_options=embedder_options(opts, threads), **batching)
-    return DetectFrames(handler, opts.detector, opts.embedder,
-                        needs_background=opts.detector == "background",
+    handlers = detection_handlers(
+        opts.detector, opts.embedder, separate=opts.separate_stages,
+        detector_weights=opts.detector_weights, embedder_weights=opts.embedder_weights,
+        detector_options=detector_options(opts, threads), embedder_options=embedder_options(opts, threads),
+        device=opts.device, max_batch_size=opts.batch_size, min_batch_size=1, threads=threads)
+    return DetectFrames(handlers.detect, opts.detector, opts.embedder, embed_handler=handlers.embed,
                         max_detections=opts.max_detections, write_crops=opts.write_crops)
 
 

@@ -28,7 +28,7 @@ import os
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-__all__ = ["EstimateBackgrounds", "NAMESPACE"]
+__all__ = ["EstimateBackgrounds"]
 
 NAMESPACE = "cctview"
 

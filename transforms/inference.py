@@ -17,12 +17,12 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.transforms.window import TimestampedValue
 
-from models.handlers import FailedInference
+from models.handlers import FailedInference, WithBackgrounds
 from transforms import progress
 from transforms.backgrounds import EstimateBackgrounds
 from transforms.records import dead_letter, detection_id
 
-__all__ = ["CROPS", "DEAD_LETTER", "DetectFrames", "NAMESPACE", "detect_read_frames"]
+__all__ = ["CROPS", "DEAD_LETTER", "DetectFrames", "detect_read_frames"]
 
 DEAD_LETTER = "dead_letter"
 CROPS = "crops"
@@ -31,11 +31,6 @@ NAMESPACE = "cctview"
 
 def _frame_key(frame: dict):
     return frame["uri"], frame["camera_id"], frame["frame_ts_ms"]
-
-
-def _frame_image(example):
-    """The frame inside a RunInference example: an image, or a tuple led by one."""
-    return example[0] if isinstance(example, tuple) else example
 
 
 def _jpeg_crop(image, box) -> bytes:
@@ -91,7 +86,7 @@ class _ToDetectionsFn(beam.DoFn):
             yield TimestampedValue(record, ts_ms / 1000.0)
             if self._write_crops:
                 yield beam.pvalue.TaggedOutput(CROPS, (
-                    record, _jpeg_crop(_frame_image(result.example), box)))
+                    record, _jpeg_crop(result.example, box)))
 
 
 class _FailedBatchFn(beam.DoFn):
@@ -143,24 +138,23 @@ class DetectFrames(beam.PTransform):
     is a list of ``{box_xyxy, score, label, embedding}``. With ``embed_handler`` the
     two stages run as two RunInference steps: ``handler`` then detects (its result
     for an image is ``{boxes, scores, labels}``) and ``embed_handler`` embeds the
-    ``(image, boxes)`` pairs. With ``needs_background`` (the ``background`` detector)
-    each frame goes to the detector with its camera's background, estimated from the
-    camera's own frames (:class:`EstimateBackgrounds`, a side input); pass
-    ``{"frames": read.frames, "index": read.index}`` of :class:`ReadFrames` so that the
-    sample comes from the listing and decoded frames are not held in memory. With
+    ``(image, boxes)`` pairs. With ``handler`` a
+    :class:`models.handlers.WithBackgrounds` (a detector that compares each frame with
+    its camera's background) each frame goes to it with its camera's background,
+    estimated from the camera's own frames (:class:`EstimateBackgrounds`, a side input);
+    pass ``{"frames": read.frames, "index": read.index}`` of :class:`ReadFrames` so that
+    the sample comes from the listing and decoded frames are not held in memory. With
     ``write_crops`` each detection also comes out as ``(record, JPEG bytes)`` on the
     ``crops`` output (crops are personal data: only when the user asks). Returns
     ``{"detections": ..., "crops": ..., "dead_letter": ...}``.
     """
 
     def __init__(self, handler, detector_name: str, embedder_name: str,
-                 embed_handler: Optional[object] = None, needs_background: bool = False,
-                 max_detections: int = 100, write_crops: bool = False):
+                 embed_handler: Optional[object] = None, max_detections: int = 100, write_crops: bool = False):
         super().__init__()
         self._handler = handler
         self._embed_handler = embed_handler
         self._names = (detector_name, embedder_name)
-        self._needs_background = needs_background
         self._max_detections = max_detections
         self._write_crops = write_crops
 
@@ -170,7 +164,7 @@ class DetectFrames(beam.PTransform):
             frames, index = frames["frames"], frames.get("index")
         keyed = frames | "KeyByFrame" >> beam.Map(lambda f: (_frame_key(f), f["image"]))
         to_detect = keyed
-        if self._needs_background:
+        if isinstance(self._handler, WithBackgrounds):
             # From the frame index when there is one: the backgrounds then depend on the
             # listing only, and decoded frames stream through detection instead of all
             # being held until every camera's background is known.
@@ -185,6 +179,7 @@ class DetectFrames(beam.PTransform):
             # frames (a join would hold every decoded frame until all were detected).
             to_embed = predictions | "ImageAndBoxes" >> beam.Map(_image_and_boxes)
             predictions, dead_embed = _infer(to_embed, self._embed_handler, "Embed")
+            predictions = predictions | "FrameExamples" >> beam.Map(_frame_example)
             dead.append(dead_embed)
         converted = predictions | "ToDetections" >> beam.ParDo(
             _ToDetectionsFn(*self._names, self._max_detections, self._write_crops)
@@ -216,4 +211,11 @@ def _with_background(element, backgrounds):
 def _image_and_boxes(element):
     """(key, detector PredictionResult) -> (key, (image, its detections)) for the embedder."""
     key, result = element
-    return key, (_frame_image(result.example), result.inference)
+    return key, (result.example, result.inference)
+
+
+def _frame_example(element):
+    """(key, embedder PredictionResult of (image, detections)) -> the same with the image as
+    its example, as the fused step gives it."""
+    key, result = element
+    return key, result._replace(example=result.example[0])

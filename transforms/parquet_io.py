@@ -176,16 +176,19 @@ def write_table_file(path: str, table: pa.Table) -> None:
 
 class _WriteShardFn(beam.DoFn):
     def __init__(self, table_dir: str, schema: pa.Schema, sort_key: Callable, name: str,
-                 file_prefix: str):
+                 file_prefix: str, row_fn: Optional[Callable[[dict], dict]]):
         self._table_dir = table_dir.rstrip("/")
         self._schema = schema
         self._sort_key = sort_key
         self._file_prefix = file_prefix
+        self._row_fn = row_fn
         self._rows = Metrics.counter(NAMESPACE, "%s_rows_written" % name)
 
     def process(self, element):
         (partition, shard), rows = element
         rows = sorted(rows, key=self._sort_key)
+        if self._row_fn is not None:
+            rows = [self._row_fn(r) for r in rows]
         folder = "%s/%s" % (self._table_dir, partition) if partition else self._table_dir
         path = "%s/%s%05d.parquet" % (folder, self._file_prefix, shard)
         write_table_file(path, table_from_rows(rows, self._schema))
@@ -194,11 +197,13 @@ class _WriteShardFn(beam.DoFn):
 
 
 class WriteParquetTable(beam.PTransform):
-    """Writes rows (dicts matching ``schema``) under ``table_dir`` as hive partitions.
+    """Writes records under ``table_dir`` as hive partitions: ``row_fn(record)`` is the
+    row (a dict matching ``schema``; None: the records are rows), built in the writer
+    after the grouping, so the shuffle carries the records as they are.
 
-    ``partition_fn(row) -> "k=v/k2=v2"`` (or "" for none); ``id_fn(row)`` gives the
-    stable id that picks the row's shard and, unless ``sort_fn(row)`` is given, orders
-    rows inside a file. Files are named
+    ``partition_fn(record) -> "k=v/k2=v2"`` (or "" for none); ``id_fn(record)`` gives the
+    stable id that picks the record's shard and, unless ``sort_fn(record)`` is given,
+    orders rows inside a file. Files are named
     ``<file_prefix><shard>.parquet``: jobs that write disjoint rows of one table (the
     time chunks of one run) give each its own prefix. Returns the written paths.
     """
@@ -206,7 +211,8 @@ class WriteParquetTable(beam.PTransform):
     def __init__(self, table_dir: str, schema: pa.Schema, id_fn: Callable[[dict], str],
                  partition_fn: Optional[Callable[[dict], str]] = None, shards: int = 1,
                  name: str = "table", file_prefix: str = "part-",
-                 sort_fn: Optional[Callable[[dict], object]] = None):
+                 sort_fn: Optional[Callable[[dict], object]] = None,
+                 row_fn: Optional[Callable[[dict], dict]] = None):
         super().__init__()
         self._table_dir = table_dir
         self._schema = schema
@@ -216,6 +222,7 @@ class WriteParquetTable(beam.PTransform):
         self._name = name
         self._file_prefix = file_prefix
         self._sort_fn = sort_fn or id_fn
+        self._row_fn = row_fn
 
     def expand(self, rows):
         id_fn, partition_fn, shards = self._id_fn, self._partition_fn, self._shards
@@ -227,7 +234,7 @@ class WriteParquetTable(beam.PTransform):
             | "GroupByFile" >> beam.GroupByKey()
             | "WriteFile" >> beam.ParDo(
                 _WriteShardFn(self._table_dir, self._schema, self._sort_fn, self._name,
-                              self._file_prefix))
+                              self._file_prefix, self._row_fn))
         )
 
 

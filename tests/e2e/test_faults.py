@@ -153,13 +153,12 @@ class FlakyDetectEmbedModelHandler(DetectEmbedModelHandler):
         self._fault_dir, self._times = _plan()
         self._poison = set(PLAN.get("poison", ()))
 
-    def _infer(self, batch, model):
-        frames = [e[0] if isinstance(e, tuple) else e for e in batch]
-        if self._poison & {frame_digest(f) for f in frames}:
+    def infer(self, batch, model, **context):
+        if self._poison & {frame_digest(f) for f in batch}:
             raise TransientFault("a poisoned frame in a batch of %d" % len(batch))
         if fire(self._fault_dir, "inference", self._times.get("inference", 0)):
             raise TransientFault("batch of %d frames" % len(batch))
-        return super()._infer(batch, model)
+        return super().infer(batch, model, **context)
 
 
 # site -> (module, name, flaky class): what ``inject`` swaps in.

@@ -451,3 +451,98 @@ def test_handlers_set_the_worker_thread_budget(frames):
         assert model.embedder.session.get_session_options().intra_op_num_threads == 1
     finally:
         torch.set_num_threads(before)
+
+
+# --- the registry's specs --------------------------------------------------------------------
+
+class _Recording:
+    """A model's preprocessing callable that records what it returns; its attributes are the
+    wrapped callable's (an embedder reads its crop geometry from them)."""
+
+    def __init__(self, inner, outputs: list):
+        self._inner, self._outputs = inner, outputs
+
+    def __call__(self, *args):
+        out = self._inner(*args)
+        self._outputs.append(out)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _recording_entry(monkeypatch, table: dict, name: str) -> list:
+    """Swaps ``table[name]`` for the same entry whose spec's transforms build a
+    :class:`_Recording` of the real preprocessing; -> the list its outputs go to."""
+    import dataclasses
+
+    entry, outputs = table[name], []
+    real = entry.weights.transforms
+
+    def transforms(*args, **kwargs):
+        return _Recording(real(*args, **kwargs), outputs)
+
+    spec = dataclasses.replace(entry.weights, transforms=transforms)
+    monkeypatch.setitem(table, name, dataclasses.replace(entry, weights=spec))
+    return outputs
+
+
+@pytest.mark.parametrize("name, weights, options", [
+    ("yolox", YOLOX_ONNX, {}),
+    ("ssdlite320_mobilenet_v3_large", None, {"pretrained": False, "min_score": 0.0, "classes": None}),
+])
+def test_a_detectors_preprocessing_is_its_registry_specs(frames, monkeypatch, name, weights, options):
+    """The registry's callable is what prepares the frames: every forward goes through it, and
+    a model built with it detects exactly what the model built without the swap does."""
+    uri = str(require_shared(weights)) if weights else None
+    torch.manual_seed(0)
+    plain = build_detector(name, uri, **options)
+    outputs = _recording_entry(monkeypatch, DETECTORS, name)
+    torch.manual_seed(0)
+    recorded = build_detector(name, uri, **options)
+    _, images = frames
+    got, expected = recorded.detect(images[:2]), plain.detect(images[:2])
+    assert outputs, "the registry's preprocessing did not run"
+    if name == "yolox":
+        batch, scales = outputs[0]
+        assert batch.shape == (2, 3, 416, 416) and float(batch.max()) > 1  # BGR 0..255, letterboxed
+    for a, b in zip(got, expected):
+        assert a["labels"] == b["labels"]
+        np.testing.assert_array_equal(a["boxes"], b["boxes"])
+
+
+@pytest.mark.parametrize("name, weights", [("onnx", OSNET_ONNX), ("color_histogram", None)])
+def test_an_embedders_preprocessing_is_its_registry_specs(frames, monkeypatch, name, weights):
+    """The registry's callable cuts and normalises the crops the network sees: the embeddings
+    are the network's output on exactly the batch it returned."""
+    uri = str(require_shared(weights)) if weights else None
+    outputs = _recording_entry(monkeypatch, EMBEDDERS, name)
+    embedder = build_embedder(name, uri)
+    _, images = frames
+    boxes = [np.array([[10, 20, 60, 50], [100, 80, 130, 140]], np.float32)]
+    vectors = embedder.embed_crops(images[:1], boxes)[0]
+    assert len(outputs) == 1 and outputs[0].shape == (2, 3) + embedder.input_size
+    np.testing.assert_array_equal(vectors, embedder._embed(outputs[0]))
+    if name == "onnx":  # OSNet's recipe: ImageNet mean/std, so values leave 0..1
+        assert float(outputs[0].min()) < 0
+
+
+def test_the_background_detectors_preprocessing_is_its_registry_specs(monkeypatch):
+    from models.background import BackgroundDetector
+
+    rng = np.random.default_rng(0)
+    background = np.clip(rng.normal(100, 6, (120, 160, 3)), 0, 255).astype(np.uint8)
+    frame = background.copy()
+    frame[40:60, 50:90] = (220, 40, 40)
+    outputs = _recording_entry(monkeypatch, DETECTORS, "background")
+    found = build_detector("background").detect([frame], [background])[0]
+    assert len(outputs) == 1 and outputs[0].dtype == np.float32 and outputs[0].shape == frame.shape
+    expected = BackgroundDetector().detect([frame], [background])[0]
+    assert len(found["boxes"]) == 1
+    np.testing.assert_array_equal(found["boxes"], expected["boxes"])
+
+
+def test_every_registry_entry_has_a_callable_preprocessing():
+    for table in (DETECTORS, EMBEDDERS):
+        for name, entry in table.items():
+            assert callable(entry.weights.transforms), name

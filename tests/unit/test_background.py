@@ -137,3 +137,31 @@ def test_real_frames_against_cctview_reference():
           % (camera, recall, hits, total))
     assert total > 30
     assert recall >= 0.5
+
+
+def test_the_background_wrapper_supplies_each_frames_background():
+    """The registry marks ``background`` as comparing frames with their camera's background,
+    so its handler is a WithBackgrounds (fused or not); the wrapper hands each pair's
+    background to the detector, and its predictions carry the frame as their example."""
+    from models.fused import DetectAndEmbed
+    from models.handlers import EmbedModelHandler, WithBackgrounds, detection_handlers
+
+    bg, img = _scene()
+    fused = detection_handlers("background", "color_histogram")
+    separate = detection_handlers("background", "color_histogram", separate=True)
+    assert fused.embed is None and isinstance(fused.detect, WithBackgrounds)
+    assert isinstance(separate.detect, WithBackgrounds) and isinstance(separate.embed, EmbedModelHandler)
+    assert isinstance(separate.detect.load_model(), BackgroundDetector)
+    assert not isinstance(detection_handlers("ssdlite320_mobilenet_v3_large", "color_histogram").detect,
+                          WithBackgrounds)
+    handler = fused.detect
+    model = handler.load_model()
+    assert isinstance(model, DetectAndEmbed)
+    with_scene_bg, with_own_bg = handler.run_inference([(img, bg), (img, img)], model)
+    assert with_scene_bg.example is img and with_own_bg.example is img
+    expected = BackgroundDetector().detect([img], [bg])[0]
+    assert [d["label"] for d in with_scene_bg.inference] == expected["labels"] and len(expected["labels"]) == 3
+    np.testing.assert_array_equal([d["box_xyxy"] for d in with_scene_bg.inference], expected["boxes"])
+    assert with_own_bg.inference == []  # a frame against itself: nothing differs
+    boxes = separate.detect.run_inference([(img, bg)], separate.detect.load_model())[0].inference["boxes"]
+    np.testing.assert_array_equal(boxes, expected["boxes"])

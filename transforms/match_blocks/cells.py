@@ -96,17 +96,22 @@ def tile_mask(tile: Tile) -> np.ndarray:
 
 
 def mask_outside(d: np.ndarray, tile: Tile) -> None:
-    """Sets every cell of the distance tile ``d`` that is not a candidate to +inf."""
+    """Sets every cell of the distance tile ``d`` that is not a candidate to +inf.
+
+    A row's candidate ranges are in interval order and do not overlap (intervals are
+    sorted and disjoint, references sorted by time), so its other cells are the gaps
+    before, between and after them: a few slice writes per row, no (rows x columns)
+    mask (the mask costs as much as the distances' add and subtract passes)."""
     inf = np.float32(np.inf)
     width = d.shape[1]
-    if len(tile.starts) == 1:  # one interval: a range per row, no mask needed
-        for i, (a, b) in enumerate(zip(tile.starts[0].tolist(), tile.ends[0].tolist())):
+    starts, ends = tile.starts.T.tolist(), tile.ends.T.tolist()
+    for i, (row_starts, row_ends) in enumerate(zip(starts, ends)):
+        line, done = d[i], 0
+        for a, b in zip(row_starts, row_ends):
             if b <= a:
-                d[i] = inf
                 continue
-            if a > 0:
-                d[i, :a] = inf
-            if b < width:
-                d[i, b:] = inf
-        return
-    d[~tile_mask(tile)] = inf
+            if a > done:
+                line[done:a] = inf
+            done = b
+        if done < width:
+            line[done:] = inf

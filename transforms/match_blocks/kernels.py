@@ -130,22 +130,26 @@ def finish_distances(x: np.ndarray, metric: str) -> np.ndarray:
 
 
 def exact_distances(q: np.ndarray, r: np.ndarray, metric: str, qi: np.ndarray,
-                    rj: np.ndarray, rows: int = 4096) -> np.ndarray:
+                    rj: np.ndarray, rows: int = 64) -> np.ndarray:
     """Distances of the cells ``(q[qi[n]], r[rj[n]])`` of two prepared float32 arrays,
     computed in float64 and returned as float32 (non-finite -> +inf).
 
     The same two embeddings give the same value wherever they are compared: a cell of a
     matrix product can differ in its last bit with the shape of the tile it is computed
     in, which depends on which other detections a job holds (a time chunk of a period,
-    a backfill partition). ``rows`` bounds the float64 temporaries."""
+    a backfill partition). ``rows`` cells at a time: their float64 temporaries stay in
+    cache (64 rows of 1920-d: 1 MB; 4096 rows ran 2x slower)."""
     out = np.empty(len(qi), np.float32)
     for i in range(0, len(qi), rows):
-        a, b = q[qi[i:i + rows]], r[rj[i:i + rows]]
+        # Gathered rows converted to float64 first: numpy's float32 -> float64 casting
+        # inside a ufunc or einsum runs buffered and is ~2x slower than astype.
+        a = q[qi[i:i + rows]].astype(np.float64)
+        b = r[rj[i:i + rows]].astype(np.float64)
         if metric == "cosine":
-            d = np.clip(1.0 - np.einsum("ij,ij->i", a, b, dtype=np.float64), 0.0, 2.0)
+            d = np.clip(1.0 - np.einsum("ij,ij->i", a, b), 0.0, 2.0)
         else:
-            diff = np.subtract(a, b, dtype=np.float64)  # exact: float32 - float32
-            d = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+            a -= b  # exact: float32 - float32
+            d = np.sqrt(np.einsum("ij,ij->i", a, a))
         out[i:i + rows] = d
     out[~np.isfinite(out)] = np.inf
     return out
