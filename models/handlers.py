@@ -10,9 +10,8 @@ which runs the GPU out of memory (apache/beam#22895).
 
 Behaviour is composed by wrappers, as Beam composes it (``KeyedModelHandler``,
 ``with_preprocess_fn``): :class:`WithBackgrounds` hands each frame's camera background
-to a detector that needs one, and :func:`detection_handlers`, from the registry's
-entries, decides once whether detection and embedding run fused or as two steps and
-which handler serves each model.
+to a detector that needs one; :func:`models.steps.detection_handlers` picks, from the
+registry's entries, the handlers of a detection step.
 """
 from typing import Any, NamedTuple, Optional
 
@@ -20,12 +19,11 @@ import torch
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from models import registry
 from models.fused import DetectAndEmbed, with_embeddings
 from models.registry import build_detector, build_embedder
 
-__all__ = ["NAMESPACE", "DetectEmbedModelHandler", "DetectModelHandler", "DetectionHandlers", "EmbedModelHandler",
-           "FailedInference", "WithBackgrounds", "detect_results", "detection_handlers", "embed_results",
+__all__ = ["NAMESPACE", "DetectEmbedModelHandler", "DetectModelHandler", "EmbedModelHandler",
+           "FailedInference", "WithBackgrounds", "detect_results", "embed_results",
            "infer_with_retry", "nbytes"]
 
 NAMESPACE = "cctview"
@@ -219,39 +217,3 @@ def embed_results(embedder, batch) -> list:
     embeddings = embedder.embed_crops(images, boxes)
     return [PredictionResult(x, with_embeddings(x[1], e) if isinstance(x[1], dict) else e)
             for x, e in zip(batch, embeddings)]
-
-
-class DetectionHandlers(NamedTuple):
-    """The ModelHandlers of one detection step: ``detect`` is fused (detect and embed) when
-    ``embed`` is None, else it detects and ``embed`` embeds its ``(image, detections)``."""
-    detect: ModelHandler
-    embed: Optional[ModelHandler]
-
-
-def detection_handlers(detector: str, embedder: str, *, separate: bool = False,
-                       detector_weights: Optional[str] = None, embedder_weights: Optional[str] = None,
-                       detector_options: Optional[dict] = None, embedder_options: Optional[dict] = None,
-                       **handler_options) -> DetectionHandlers:
-    """The handlers for ``detector`` and ``embedder`` (registry names), chosen in this one place.
-
-    Fused (:class:`DetectEmbedModelHandler`) unless ``separate`` or a model that runs alone
-    (TensorFlow: Beam's TensorFlow handler, models/tf_handlers.py, imported only then); a
-    detector with ``per_camera_background`` is wrapped in :class:`WithBackgrounds`.
-    ``handler_options`` (device, batch sizes, threads) go to every handler.
-    """
-    detect_entry, embed_entry = registry.detector(detector), registry.embedder(embedder)
-    if separate or detect_entry.runs_alone or embed_entry.runs_alone:
-        detect_class, embed_class = DetectModelHandler, EmbedModelHandler
-        if detect_entry.runs_alone or embed_entry.runs_alone:
-            from models import tf_handlers
-
-            detect_class = tf_handlers.TFDetectModelHandler if detect_entry.runs_alone else detect_class
-            embed_class = tf_handlers.TFEmbedModelHandler if embed_entry.runs_alone else embed_class
-        detect = detect_class(detector, weights=detector_weights, options=detector_options, **handler_options)
-        embed = embed_class(embedder, weights=embedder_weights, options=embedder_options, **handler_options)
-    else:
-        detect = DetectEmbedModelHandler(detector, embedder, detector_weights=detector_weights,
-                                         embedder_weights=embedder_weights, detector_options=detector_options,
-                                         embedder_options=embedder_options, **handler_options)
-        embed = None
-    return DetectionHandlers(WithBackgrounds(detect) if detect_entry.per_camera_background else detect, embed)

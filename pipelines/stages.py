@@ -105,13 +105,13 @@ def check_models(opts: ModelOptions) -> None:
 
 def detect_stage(opts: ModelOptions):
     """DetectFrames with the handlers the flags ask for (fused unless --separate-stages or a
-    model that runs alone: :func:`models.handlers.detection_handlers` decides).
+    model that runs alone: :func:`models.steps.detection_handlers` decides).
 
     Imported here, not at module level: Beam's RunInference package takes ~3 s to
     import, which `match` and `calibrate` (no models) should not pay."""
     from transforms.inference import DetectFrames
 
-    from models.handlers import detection_handlers
+    from models.steps import detection_handlers
 
     check_models(opts)
     threads = model_threads(opts)

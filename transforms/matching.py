@@ -98,13 +98,12 @@ __all__ = ["DEFAULT_MAX_GAP_S", "DEFAULT_METRIC", "DEFAULT_POLICY", "DEFAULT_TOP
 
 NAMESPACE = "cctview.matching"
 # The defaults of every matching transform, which the CLI's flags show and use
-# (pipelines/options.py). The window is 600 s: `assignment` results depend on it, and
-# 600 s is what the CLI has always used (match_blocks' in-memory functions default to
-# 60 s of their own).
+# (pipelines/options.py); the max gap and the window (600 s: `assignment` results depend
+# on it) are match_blocks' own, so its in-memory functions agree.
 DEFAULT_POLICY = "mutual"
 DEFAULT_METRIC = "l2"
 DEFAULT_MAX_GAP_S = mb.DEFAULT_MAX_GAP_S
-DEFAULT_WINDOW_S = 600.0
+DEFAULT_WINDOW_S = mb.DEFAULT_WINDOW_S
 DEFAULT_TOP_K = 1
 # Detections of one camera and block travel together, up to this many per element.
 DEFAULT_MAX_BATCH = 2048

@@ -144,7 +144,8 @@ def test_the_background_wrapper_supplies_each_frames_background():
     so its handler is a WithBackgrounds (fused or not); the wrapper hands each pair's
     background to the detector, and its predictions carry the frame as their example."""
     from models.fused import DetectAndEmbed
-    from models.handlers import EmbedModelHandler, WithBackgrounds, detection_handlers
+    from models.handlers import EmbedModelHandler, WithBackgrounds
+    from models.steps import detection_handlers
 
     bg, img = _scene()
     fused = detection_handlers("background", "color_histogram")

@@ -17,7 +17,7 @@ __all__ = ["POLICIES", "METRICS", "DEFAULT_MAX_GAP_S", "DEFAULT_WINDOW_S",
 POLICIES = ("all", "topk", "mutual", "assignment")
 METRICS = ("l2", "cosine")
 DEFAULT_MAX_GAP_S = 300.0
-DEFAULT_WINDOW_S = 60.0
+DEFAULT_WINDOW_S = 600.0
 DEFAULT_MAX_CANDIDATES_PER_BLOCK = 50_000_000
 
 _EPS_MS = 1e-6  # 1 ns, in ms: absorbs 0.1 s -> 100.00000000000001 ms style errors
