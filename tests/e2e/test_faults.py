@@ -38,7 +38,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from conftest import REPO, done_counters
-from models import handlers as handlers_module
+from models import steps as steps_module
 from models.handlers import DetectEmbedModelHandler
 from transforms import frames as frames_module
 from transforms import matching as matching_module
@@ -165,7 +165,8 @@ class FlakyDetectEmbedModelHandler(DetectEmbedModelHandler):
 SWAPS = {"decode": (frames_module, "DecodeFrameFn", FlakyDecodeFrameFn),
          "match": (matching_module, "MatchDetections", FlakyMatchDetections),
          "write": (parquet_io, "_WriteShardFn", FlakyWriteShardFn),
-         "inference": (handlers_module, "DetectEmbedModelHandler",
+         # models.steps builds the handlers (from the names it imported)
+         "inference": (steps_module, "DetectEmbedModelHandler",
                        FlakyDetectEmbedModelHandler)}
 
 
