@@ -173,7 +173,8 @@ def test_run_builds_a_complete_dataflow_gpu_job_offline(gcs_server, dataflow_job
     # One model copy per GPU: the handler runs on cuda and is shared across processes.
     (handler,) = _inference_handlers(job)
     assert handler.share_model_across_processes()
-    assert handler._unkeyed._device == "cuda"
+    model_handler = handler._unkeyed  # under the background wrapper, if any
+    assert getattr(model_handler, "_base", model_handler)._device == "cuda"
 
 
 def test_backfill_builds_its_first_job_on_dataflow_offline(gcs_server, dataflow_jobs, world,
