@@ -1,7 +1,8 @@
 """The full ``cctview run`` on the shared NYC DOT frames gives the same outputs under the
 single-process DirectRunner and under its multi-process mode with 2 SDK workers.
 
-Real frames (all of ``../shared/data/nyc-fdr/frames``), the real YOLOX-Nano and OSNet
+Real frames (the first 120 of each camera of ``../shared/data/nyc-fdr/frames``: two
+runs of all 1,058 took five minutes of a CI machine), the real YOLOX-Nano and OSNet
 ONNX models. Detections are compared row by row by their deterministic ids (camera,
 time, label, box, score, embedding within float noise), matches as sets of pairs, dead
 letters as sets. Both runs give each model call one thread (``--model-threads 1``):
@@ -19,16 +20,17 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from conftest import FRAMES, MODELS, REPO, assert_same_detections, done_counters, require_shared
+from conftest import (FRAMES, MODELS, REPO, assert_same_detections, copy_frames, done_counters,
+                      require_shared)
 
 CLI = Path(sys.executable).with_name("cctview")
 TIME_LIMIT_S = 600
+FRAMES_PER_CAMERA = 120
 
 
-def _run(out: Path, *extra) -> str:
-    require_shared(FRAMES)
+def _run(frames: Path, out: Path, *extra) -> str:
     require_shared(MODELS / "yolox_nano.onnx")
-    command = [str(CLI), "run", "--input", str(FRAMES), "--timezone", "America/New_York",
+    command = [str(CLI), "run", "--input", str(frames), "--timezone", "America/New_York",
                "--detector", "yolox", "--detector-weights", str(MODELS / "yolox_nano.onnx"),
                "--embedder", "onnx", "--embedder-weights", str(MODELS / "osnet_x0_25.onnx"),
                "--output", str(out), *extra]
@@ -56,13 +58,16 @@ def _outputs(out: Path):
 
 
 def test_run_on_shared_frames_same_outputs_single_and_multi_process(tmp_path):
-    single_out = _run(tmp_path / "single", "--model-threads", "1")
-    multi_out = _run(tmp_path / "multi", "--model-threads", "1", "--direct_running_mode",
+    frames = tmp_path / "frames"
+    for camera in sorted(p.name for p in require_shared(FRAMES).iterdir()):
+        copy_frames(frames, camera, FRAMES_PER_CAMERA)
+    single_out = _run(frames, tmp_path / "single", "--model-threads", "1")
+    multi_out = _run(frames, tmp_path / "multi", "--model-threads", "1", "--direct_running_mode",
                      "multi_processing", "--direct_num_workers", "2")
     single, multi = _outputs(tmp_path / "single"), _outputs(tmp_path / "multi")
     (dets_1, matches_1, dead_1), (dets_2, matches_2, dead_2) = single, multi
 
-    frames_on_disk = sum(1 for p in FRAMES.rglob("*") if p.is_file())
+    frames_on_disk = sum(1 for p in frames.rglob("*") if p.is_file())
     for stdout in (single_out, multi_out):
         counts = done_counters(stdout)
         assert counts["frames_listed"] == frames_on_disk
@@ -76,7 +81,7 @@ def test_run_on_shared_frames_same_outputs_single_and_multi_process(tmp_path):
     assert ({k: done_counters(single_out).get(k, 0) for k in counted}
             == {k: done_counters(multi_out).get(k, 0) for k in counted})
 
-    assert len(dets_1) > 1000 and len(matches_1) > 100
+    assert len(dets_1) > 300 and len(matches_1) > 30
     assert_same_detections(dets_1, dets_2)
     assert sorted(matches_1) == sorted(matches_2)
     for pair, a in matches_1.items():
