@@ -171,7 +171,7 @@ def reconcile(frames_dir: Path, out: Path, counters: dict, truth_path=None) -> d
     uris = set(detections["frame_uri"].to_pylist())
     pairs = list(zip(matches["detection_id_a"].to_pylist(),
                      matches["detection_id_b"].to_pylist()))
-    id_set = set(ids)
+    id_set, pair_set = set(ids), set(pairs)
     dead_uris = set(dead["uri"].to_pylist())
     on_disk = frames_on_disk(frames_dir)
     numbers = {
@@ -185,7 +185,7 @@ def reconcile(frames_dir: Path, out: Path, counters: dict, truth_path=None) -> d
         "detections": len(ids),
         "distinct_detection_ids": len(id_set),
         "matches": len(pairs),
-        "distinct_match_pairs": len(set(pairs)),
+        "distinct_match_pairs": len(pair_set),
     }
     checks = [
         ("frames on disk == frames_listed", on_disk == counters.get("frames_listed")),
@@ -199,9 +199,8 @@ def reconcile(frames_dir: Path, out: Path, counters: dict, truth_path=None) -> d
         ("detections counter == rows written", counters.get("detections") == len(ids)),
         ("no duplicate detection_id", len(id_set) == len(ids)),
         ("matches counter == rows written", counters.get("matches_emitted") == len(pairs)),
-        ("no duplicate match pair", len(set(pairs)) == len(pairs)),
-        ("no pair with itself reversed",
-         not any((b, a) in set(pairs) for a, b in pairs)),
+        ("no duplicate match pair", len(pair_set) == len(pairs)),
+        ("no pair with itself reversed", not any((b, a) in pair_set for a, b in pairs)),
         ("every match refers to written detections",
          all(a in id_set and b in id_set for a, b in pairs)),
         ("camera_id_a < camera_id_b",
