@@ -220,7 +220,8 @@ class MatchOptions(PipelineOptions):
                  "where no threshold does gets no matches (default %g)."
                  % learned_matching.DEFAULT_MIN_PRECISION)
         parser.add_argument(
-            "--tracklets", dest="tracklets", choices=("on", "off"), default="on",
+            "--tracklets", dest="tracklets", choices=("on", "off"),
+            default="on" if learned_matching.DEFAULT_TRACKLETS else "off",
             help="For --policy learned: link each camera's detections into short "
                  "tracklets (consecutive frames, by box motion, size and appearance) and "
                  "judge a pair of tracklets as a whole by its best-scoring detection pair; "

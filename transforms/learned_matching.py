@@ -91,8 +91,8 @@ the judge's half-shifted data select 239 (precision 0.70, excess 554) and on 16 
 shifts 233 +- 13; mutual nearest neighbours: 1114 real / 772 control (0.31). About 13 s
 on one CPU thread.
 
-Tracklets (``tracklets=True``; on by default for ``cctview match --links``)
-=========================================================================
+Tracklets (``tracklets=True``, the default of the library and of ``--tracklets``)
+================================================================================
 Each side's detections are first linked into short within-camera tracklets
 (:mod:`transforms.tracklets`: consecutive frames <= 4 s apart, one-to-one by box motion,
 size and appearance, with gates). They are linked once, on the side's own unshifted
@@ -156,7 +156,7 @@ from transforms import match_blocks as mb
 
 __all__ = ["Candidates", "DEFAULT_CONTROL_SHIFTS", "DEFAULT_FEATURES",
            "DEFAULT_MAX_CANDIDATES", "DEFAULT_MIN_PRECISION", "DEFAULT_PERIOD_S",
-           "DEFAULT_SCORER", "DEFAULT_TRAIN_SHIFTS", "FEATURES", "LearnedLinkMatch",
+           "DEFAULT_SCORER", "DEFAULT_TRACKLETS", "DEFAULT_TRAIN_SHIFTS", "FEATURES", "LearnedLinkMatch",
            "MIN_TRAIN_ROWS", "NAMESPACE", "NORMALIZATIONS", "POLICY", "SCALE_K",
            "SCALE_MAX_MS", "SCALE_MIN_MS", "STATS", "TRACKLET_FEATURES",
            "TooManyCandidates", "best_achievable", "better_match", "candidate_features",
@@ -174,6 +174,7 @@ DEFAULT_TRAIN_SHIFTS = (0.25, 0.75)
 DEFAULT_CONTROL_SHIFTS = (0.125, 0.375, 0.625, 0.875)
 DEFAULT_MAX_CANDIDATES = 20_000_000
 DEFAULT_PERIOD_S = 3600.0
+DEFAULT_TRACKLETS = True  # also the default of --tracklets (on)
 MIN_TRAIN_ROWS = 200  # per class and fold; fewer -> abstain (reason "too_little_data")
 
 FEATURES = (
@@ -696,7 +697,7 @@ def match_linked_pair(a: dict, b: dict, bands, min_precision: float = DEFAULT_MI
                       features: Optional[Sequence[str]] = None,
                       scorer_params: Optional[dict] = None,
                       dt_jitter_s: Optional[float] = None, threads: int = 1,
-                      tracklets=None, tracklet_pooling: Optional[str] = None,
+                      tracklets=DEFAULT_TRACKLETS, tracklet_pooling: Optional[str] = None,
                       tracklet_selection: bool = False, normalize: str = ""
                       ) -> Tuple[List[dict], dict]:
     """Learned one-to-one matching of two linked cameras (see the module docstring).
@@ -729,7 +730,7 @@ def match_linked_pair(a: dict, b: dict, bands, min_precision: float = DEFAULT_MI
         without the jitter the scorer learned the grid phase of the real alignment,
         which shifted alignments do not share, and its control counts swung by 3x.
       threads: torch threads for distances and the scorer (restored afterwards).
-      tracklets: None/False (off), True (on, default linking) or a dict of
+      tracklets: None/False (off), True (on, default linking; the default) or a dict of
         :func:`transforms.tracklets.link_tracklets` arguments. Each side's detections
         are linked into within-camera tracklets on their own unshifted timestamps
         (a shifted alignment moves b's tracklets whole); the matches get
@@ -1243,7 +1244,8 @@ if beam is not None:
         """
 
         def __init__(self, links, min_precision: float = DEFAULT_MIN_PRECISION,
-                     period_s: float = DEFAULT_PERIOD_S, tracklets=None, normalize: str = "",
+                     period_s: float = DEFAULT_PERIOD_S, tracklets=DEFAULT_TRACKLETS,
+                     normalize: str = "",
                      label: Optional[str] = None):
             super().__init__(label)
             self.pair_bands = mb.link_bands(links)

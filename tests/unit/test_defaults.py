@@ -38,6 +38,8 @@ def test_match_flags_default_to_the_matchers_defaults():
     for function in (learned_matching.match_linked_pair, learned_matching.match_linked_periods,
                      learned_matching.LearnedLinkMatch):
         assert flags.min_precision == _default(function, "min_precision")
+    for function in (learned_matching.match_linked_pair, learned_matching.LearnedLinkMatch):
+        assert (flags.tracklets == "on") == _default(function, "tracklets")
 
 
 def test_calibrate_flags_default_to_the_link_finders_defaults():

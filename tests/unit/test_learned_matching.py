@@ -5,7 +5,13 @@ noise) are seen at camera a and half of them reappear at camera b dt ~ N(12, 2) 
 later, in one lane; camera b also sees distractors. Ground truth (the vehicle of every
 detection) is known, so true precision and recall are measured directly. Pipelines
 run on the FnApiRunner (the DirectRunner's batch engine; see tests/*/test_matching.py).
+
+The boxes here do not move with their vehicle, so within-camera tracklets (on by
+default) would join unrelated detections: these tests call the detection-level matcher
+(``tracklets=False``); tests/unit/test_tracklets.py tests tracklets on moving boxes.
 """
+import functools
+
 import numpy as np
 import pytest
 
@@ -16,6 +22,7 @@ from transforms import match_blocks as mb
 
 T0_MS = 1_700_000_400_000  # a multiple of 600 s: period boundaries at T0 + k * 600 s
 BANDS = np.array([[4.0, 20.0]])
+match_pair = functools.partial(lm.match_linked_pair, tracklets=False)
 
 
 def synth(seed=0, span_s=1200, rate_a=0.6, frac_to_b=0.5, rate_b_extra=0.5, dim=24, sigma=1.1,
@@ -74,7 +81,7 @@ def sides(dets):
 def linked():
     dets = synth(seed=0)
     a, b = sides(dets)
-    matches, stats = lm.match_linked_pair(a, b, BANDS, min_precision=0.8)
+    matches, stats = match_pair(a, b, BANDS, min_precision=0.8)
     return dets, matches, stats
 
 
@@ -125,7 +132,7 @@ def test_planted_pairs_found_with_high_true_precision(linked):
 
 def test_no_true_pairs_abstains_or_nearly():
     a, b = sides(synth(seed=1, linked=False))
-    matches, stats = lm.match_linked_pair(a, b, BANDS)
+    matches, stats = match_pair(a, b, BANDS)
     assert len(matches) <= 5
     if not matches:
         assert stats["abstained"] and stats["reason"] == "precision_not_reached"
@@ -137,11 +144,11 @@ def test_abstaining_pair_says_what_min_precision_would_match():
     """A target above what weak data supports: no matches, and the summary names the
     best estimated precision; asking for that much returns matches."""
     a, b = sides(synth(seed=5, sigma=1.6))
-    none, stats = lm.match_linked_pair(a, b, BANDS, min_precision=0.9)
+    none, stats = match_pair(a, b, BANDS, min_precision=0.9)
     best = stats["best"]
     assert not none and stats["abstained"] and best is not None and best["precision"] < 1.0
     record = lm.summary_record(dict(stats, period=0))
-    again, stats2 = lm.match_linked_pair(a, b, BANDS,
+    again, stats2 = match_pair(a, b, BANDS,
                                          min_precision=record["min_precision_for_matches"])
     assert len(again) >= best["matches"] and not stats2["abstained"]
     from pipelines.commands import format_match_summary
@@ -160,7 +167,7 @@ def test_normalize_embeddings_removes_the_camera_bias():
     assert np.allclose(x, y, atol=1e-5)  # the same crops, with and without the cast
     assert np.allclose(np.linalg.norm(lm.normalize_embeddings(ident), axis=1), 1, atol=1e-5)
     with pytest.raises(ValueError):
-        lm.match_linked_pair(*sides(synth(seed=1, span_s=60)), BANDS, normalize="whiten")
+        match_pair(*sides(synth(seed=1, span_s=60)), BANDS, normalize="whiten")
 
 
 def test_q_values_and_best_achievable():
@@ -179,20 +186,20 @@ def test_q_values_and_best_achievable():
 def test_deterministic_for_a_seed(linked):
     dets, matches, _ = linked
     a, b = sides(dets)
-    again, _ = lm.match_linked_pair(a, b, BANDS, min_precision=0.8)
+    again, _ = match_pair(a, b, BANDS, min_precision=0.8)
     assert again == matches
     # input order does not matter (sides are sorted by (ts, id))
     perm = np.random.default_rng(3).permutation(len(b["ids"]))
     b2 = {"camera_id": "cam-b", "ids": [b["ids"][i] for i in perm], "ts_ms": b["ts_ms"][perm],
           "emb": b["emb"][perm], "box": b["box"][perm]}
-    shuffled, _ = lm.match_linked_pair(a, b2, BANDS, min_precision=0.8)
+    shuffled, _ = match_pair(a, b2, BANDS, min_precision=0.8)
     assert shuffled == matches
 
 
 def test_without_boxes_still_works():
     a, b = sides(synth(seed=0))
     a["box"] = b["box"] = None
-    matches, stats = lm.match_linked_pair(a, b, BANDS)
+    matches, stats = match_pair(a, b, BANDS)
     assert stats["reason"] in (None, "precision_not_reached")
     check_one_to_one(matches)
 
@@ -245,14 +252,14 @@ def test_choose_threshold_and_greedy():
 def test_shift_and_parameter_validation():
     a, b = sides(synth(seed=0, span_s=200))
     with pytest.raises(ValueError):
-        lm.match_linked_pair(a, b, BANDS, train_shifts=(0.0, 0.5))
+        match_pair(a, b, BANDS, train_shifts=(0.0, 0.5))
     with pytest.raises(ValueError):
-        lm.match_linked_pair(a, b, BANDS, folds=1)
+        match_pair(a, b, BANDS, folds=1)
     with pytest.raises(ValueError):
-        lm.match_linked_pair(a, b, BANDS, features=("nope",))
-    matches, stats = lm.match_linked_pair(a, b, BANDS, max_candidates=5)
+        match_pair(a, b, BANDS, features=("nope",))
+    matches, stats = match_pair(a, b, BANDS, max_candidates=5)
     assert matches == [] and stats["reason"] == "too_many_candidates"
-    matches, stats = lm.match_linked_pair(a, b, np.array([[500.0, 600.0]]))
+    matches, stats = match_pair(a, b, np.array([[500.0, 600.0]]))
     assert matches == [] and stats["reason"] == "no_candidates"
 
 

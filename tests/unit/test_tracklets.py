@@ -226,7 +226,7 @@ def matched():
     dets = two_cameras()
     a, b = side(dets, "cam-a"), side(dets, "cam-b")
     on = lm.match_linked_pair(a, b, BANDS, min_precision=0.8, tracklets=True)
-    off = lm.match_linked_pair(a, b, BANDS, min_precision=0.8)
+    off = lm.match_linked_pair(a, b, BANDS, min_precision=0.8, tracklets=False)
     torch.set_num_threads(prev)
     return dets, a, b, on, off
 
@@ -271,8 +271,9 @@ def test_pooling_and_tracklet_selection():
     assert lm.greedy_one_to_one(sc, ia, ib, ia, ib, group_a=ga, group_b=gb).tolist() == [0, 2]
     a, b = side(two_cameras(span_s=100), "cam-a"), side(two_cameras(span_s=100), "cam-b")
     with pytest.raises(ValueError):
-        lm.match_linked_pair(a, b, BANDS, tracklet_pooling="max")
+        lm.match_linked_pair(a, b, BANDS, tracklets=False, tracklet_pooling="max")
     with pytest.raises(ValueError):
         lm.match_linked_pair(a, b, BANDS, tracklets={"no_such": 1})
     with pytest.raises(ValueError):
-        lm.match_linked_pair(a, b, BANDS, features=lm.DEFAULT_FEATURES + ("trk_cos",))
+        lm.match_linked_pair(a, b, BANDS, tracklets=False,
+                             features=lm.DEFAULT_FEATURES + ("trk_cos",))
