@@ -209,6 +209,172 @@ def git_copy(ref, dest):
     return dest
 
 
+def measure_rounds(args, files, pairs, features, q, r) -> tuple:
+    """Every step of every round, in a shuffled order per round -> (results: lists of
+    seconds and RSS per step, the counters of the command's runs)."""
+    results = {"command": [], "rss": [], "cctview": [], "floor": [], "baseline": [],
+               "baseline_rss": [], "fixed": [], "fixed_rss": [], "beam": [], "read": []}
+    all_counters = []
+    with tempfile.TemporaryDirectory(prefix="bench-match-") as tmp:
+        tmp = Path(tmp)
+        base_dir = None
+        if args.baseline:
+            (tmp / "baseline").mkdir()
+            base_dir = git_copy(args.baseline, tmp / "baseline")
+        tiny = tmp / "five.parquet"
+        pq.write_table(pq.read_table(files[0]).slice(0, 5), tiny)
+        for i in range(args.runs):
+            steps = ["command", "cctview", "floor", "beam", "read"] + (
+                ["baseline"] if base_dir else []) + (["fixed"] if args.fixed else [])
+            random.Random(i).shuffle(steps)
+            for step in steps:
+                run_step(step, results, all_counters, files, tmp, base_dir, tiny,
+                         pairs, features, q, r)
+            print("round %d: command %.2f s, CCTView %.1f us/pair, floor %.4f us/cell%s%s" % (
+                i + 1, results["command"][-1], results["cctview"][-1] * 1e6,
+                results["floor"][-1] * 1e6,
+                ", baseline %.2f s" % results["baseline"][-1] if base_dir else "",
+                ", 5 detections %.2f s" % results["fixed"][-1] if args.fixed else ""),
+                flush=True)
+    return results, all_counters
+
+
+def run_step(step, results, all_counters, files, tmp, base_dir, tiny, pairs, features, q, r):
+    """One timed step of a round, appended to ``results``."""
+    if step == "command":
+        seconds, rss, counters = command(files, tmp / "out")
+        all_counters.append(counters)
+        results["command"].append(seconds)
+        results["rss"].append(rss)
+    elif step == "baseline":
+        seconds, rss, base_counters = command(files, tmp / "out-base", base_dir)
+        if all_counters and base_counters.get("candidate_pairs") != all_counters[-1].get(
+                "candidate_pairs"):
+            raise RuntimeError("baseline counted other candidate pairs")
+        results["baseline"].append(seconds)
+        results["baseline_rss"].append(rss)
+    elif step == "fixed":
+        seconds, rss, _ = command([tiny], tmp / "out-five")
+        results["fixed"].append(seconds)
+        results["fixed_rss"].append(rss)
+    elif step == "beam":
+        results["beam"].append(beam_minimum())
+    elif step == "read":
+        results["read"].append(read_files(files))
+    elif step == "cctview":
+        results["cctview"].append(cctview_way(features, pairs))
+    else:
+        results["floor"].append(floor_way(q, r))
+
+
+def _gb(v):
+    return "n/a" if v is None else "%.1f GB" % (v / 2 ** 30)
+
+
+def _rss_median(results, key):
+    values = [v for v in results[key] if v is not None]
+    return statistics.median(values) if values else None
+
+
+def table_rows(args, results, all_counters, med, n_pairs, n_cctview, dim) -> list:
+    """(what, seconds per candidate pair, compared with CCTView and the floor?, note)."""
+    per_pair = med["command"] / n_pairs
+    rows = [("`cctview match`, end to end (this tree)", per_pair, True,
+             "%.2f s wall, peak RSS %s" % (med["command"], _gb(_rss_median(results, "rss"))))]
+    if args.baseline:
+        rows.append(("`cctview match`, end to end (commit %s)" % args.baseline,
+                     med["baseline"] / n_pairs, True, "%.2f s wall, peak RSS %s" % (
+                         med["baseline"], _gb(_rss_median(results, "baseline_rss")))))
+    if args.fixed:
+        rows.append(("start-up alone: the same command on 5 detections (its time / the "
+                     "full run's pairs)", med["fixed"] / n_pairs, False,
+                     "%.2f s wall, peak RSS %s" % (med["fixed"],
+                                                   _gb(_rss_median(results, "fixed_rss")))))
+        rows.append(("end to end minus start-up (this tree, derived)",
+                     (med["command"] - med["fixed"]) / n_pairs, True,
+                     "%.2f s" % (med["command"] - med["fixed"])))
+    compute_ms = [c["block_compute_ms"] for c in all_counters if "block_compute_ms" in c]
+    if compute_ms:
+        rows.append(("inside the command: its block computation alone (`block_compute_ms` "
+                     "counter)", statistics.median(compute_ms) / 1000 / n_pairs, True,
+                     "%.2f s; %d distance cells computed for the %d candidates" % (
+                         statistics.median(compute_ms) / 1000,
+                         all_counters[-1].get("distance_cells", 0), n_pairs)))
+    rows.append(("lower bound: the smallest Beam job (import, a one-element pipeline)",
+                 med["beam"] / n_pairs, False, "%.2f s wall" % med["beam"]))
+    rows.append(("lower bound: pyarrow alone decoding the files' columns that matching needs",
+                 med["read"] / n_pairs, False, "%.2f s wall" % med["read"]))
+    bound = med["beam"] + med["read"] + med["floor"] * n_pairs
+    rows.append(("lower bound of any Beam job over these files: the two above + the floor "
+                 "for every candidate pair", bound / n_pairs, True, "%.2f s" % bound))
+    rows.append(("CCTView's way (`calc_med` per pair, sample of %d pairs)" % n_cctview,
+                 med["cctview"], True, "torch %s" % torch.__version__))
+    rows.append(("floor: one float32 matmul distance computation, per cell", med["floor"],
+                 True, "4096 x 8192 x %d" % dim))
+    return rows
+
+
+def markdown_table(rows, cct, floor) -> str:
+    lines = ["| what | us per candidate pair | speedup vs CCTView's way | ratio to floor "
+             "| notes |", "| --- | ---: | ---: | ---: | --- |"]
+    for name, value, compare, note in rows:
+        if compare:
+            lines.append("| %s | %.4f | %.0fx | %.1fx | %s |" % (
+                name, value * 1e6, cct / value, value / floor, note))
+        else:
+            lines.append("| %s | %.4f | - | - | %s |" % (name, value * 1e6, note))
+    return "\n".join(lines)
+
+
+def verdict_text(med, all_counters, n_pairs) -> str:
+    cct, floor, per_pair = med["cctview"], med["floor"], med["command"] / n_pairs
+    speedup, ratio = cct / per_pair, per_pair / floor
+    bound = med["beam"] + med["read"] + floor * n_pairs
+    verdict = ("Targets: at least 1000x CCTView's way per candidate pair end to end: %s "
+               "(%.0fx); within 3x of the floor: %s (%.1fx)." % (
+                   "met" if speedup >= 1000 else "NOT met", speedup,
+                   "met" if ratio <= 3 else "NOT met", ratio))
+    verdict += (" No Beam job over these files gets closer than %.1fx the floor: Beam's "
+                "smallest job and decoding the files' embeddings already take %.2f s, 3x "
+                "the floor is %.2f s." % (bound / n_pairs / floor, med["beam"] + med["read"],
+                                          3 * floor * n_pairs))
+    compute_ms = [c["block_compute_ms"] for c in all_counters if "block_compute_ms" in c]
+    if compute_ms:
+        verdict += (" The block computation inside the command alone: %.1fx the floor per "
+                    "candidate pair; the rest of the wall time is start-up, Parquet and "
+                    "the runner moving the embeddings between stages." % (
+                        statistics.median(compute_ms) / 1000 / n_pairs / floor))
+    return verdict
+
+
+def runs_text(results) -> str:
+    return "Runs (s): command %s%s; CCTView's way (us/pair) %s; floor (us/cell) %s." % (
+        ", ".join("%.2f" % v for v in results["command"]),
+        ("; baseline " + ", ".join("%.2f" % v for v in results["baseline"]))
+        if results["baseline"] else "",
+        ", ".join("%.1f" % (v * 1e6) for v in results["cctview"]),
+        ", ".join("%.4f" % (v * 1e6) for v in results["floor"]))
+
+
+def record(argv_shown, args, files, n_pairs, counters, n_cctview, table, verdict, runs):
+    record_section("Matching", "\n".join([
+        "Machine: %s (nproc %d)." % (machine(), os.cpu_count() or 0),
+        "Command: `.venv/bin/python %s`: %d rounds, each timing every row below in "
+        "random order under the same load; medians." % (argv_shown, args.runs),
+        "Timed command: `.venv/bin/cctview match --detections %s --output OUT %s`, "
+        "the whole wall time "
+        "(Python and Beam start-up, Parquet in and out, DirectRunner) divided by the "
+        "`candidate_pairs` counter it prints (%d; %s matches)." % (
+            " ".join("DATA/nyc-fdr/reference/%s" % f.name for f in files),
+            " ".join(FLAGS), n_pairs, counters.get("matches_emitted")),
+        "CCTView's way: its `calc_med` (a `torch.FloatTensor` from each embedding's "
+        "Python list, then `torch.norm(p - q).item()`) on %d random candidate pairs "
+        "of the same files, feature lists already in memory. Floor: the faster of "
+        "numpy and torch computing `sqrt(|q|^2 + |r|^2 - 2 q.r)` for 4096 x 8192 of "
+        "the same embeddings in float32, per distance cell." % n_cctview,
+        "", table, "", verdict, "", runs]))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="rounds (medians are reported)")
@@ -236,126 +402,13 @@ def main(argv=None):
     dim = emb.shape[1]
     del emb
 
-    results = {"command": [], "rss": [], "cctview": [], "floor": [], "baseline": [],
-               "baseline_rss": [], "fixed": [], "fixed_rss": [], "beam": [], "read": []}
-    counters, all_counters = {}, []
-    with tempfile.TemporaryDirectory(prefix="bench-match-") as tmp:
-        tmp = Path(tmp)
-        base_dir = None
-        if args.baseline:
-            (tmp / "baseline").mkdir()
-            base_dir = git_copy(args.baseline, tmp / "baseline")
-        tiny = tmp / "five.parquet"
-        pq.write_table(pq.read_table(files[0]).slice(0, 5), tiny)
-        for i in range(args.runs):
-            steps = ["command", "cctview", "floor", "beam", "read"] + (
-                ["baseline"] if base_dir else []) + \
-                (["fixed"] if args.fixed else [])
-            random.Random(i).shuffle(steps)
-            for step in steps:
-                if step == "command":
-                    seconds, rss, counters = command(files, tmp / "out")
-                    all_counters.append(counters)
-                    results["command"].append(seconds)
-                    results["rss"].append(rss)
-                elif step == "baseline":
-                    seconds, rss, base_counters = command(files, tmp / "out-base", base_dir)
-                    if base_counters.get("candidate_pairs") != counters.get(
-                            "candidate_pairs", base_counters.get("candidate_pairs")):
-                        raise RuntimeError("baseline counted other candidate pairs")
-                    results["baseline"].append(seconds)
-                    results["baseline_rss"].append(rss)
-                elif step == "fixed":
-                    seconds, rss, _ = command([tiny], tmp / "out-five")
-                    results["fixed"].append(seconds)
-                    results["fixed_rss"].append(rss)
-                elif step == "beam":
-                    results["beam"].append(beam_minimum())
-                elif step == "read":
-                    results["read"].append(read_files(files))
-                elif step == "cctview":
-                    results["cctview"].append(cctview_way(features, pairs))
-                else:
-                    results["floor"].append(floor_way(q, r))
-            print("round %d: command %.2f s, CCTView %.1f us/pair, floor %.4f us/cell%s%s" % (
-                i + 1, results["command"][-1], results["cctview"][-1] * 1e6,
-                results["floor"][-1] * 1e6,
-                ", baseline %.2f s" % results["baseline"][-1] if base_dir else "",
-                ", 5 detections %.2f s" % results["fixed"][-1] if args.fixed else ""),
-                flush=True)
-
+    results, all_counters = measure_rounds(args, files, pairs, features, q, r)
+    counters = all_counters[-1]
     n_pairs = counters["candidate_pairs"]
     med = {k: statistics.median(v) for k, v in results.items() if v and "rss" not in k}
-    cct, floor = med["cctview"], med["floor"]
-
-    def gb(v):
-        return "n/a" if v is None else "%.1f GB" % (v / 2 ** 30)
-
-    def rss_median(key):
-        values = [v for v in results[key] if v is not None]
-        return statistics.median(values) if values else None
-
-    per_pair = med["command"] / n_pairs
-    rows = [("`cctview match`, end to end (this tree)", per_pair, True,
-             "%.2f s wall, peak RSS %s" % (med["command"], gb(rss_median("rss"))))]
-    if base_dir:
-        rows.append(("`cctview match`, end to end (commit %s)" % args.baseline,
-                     med["baseline"] / n_pairs, True, "%.2f s wall, peak RSS %s" % (
-                         med["baseline"], gb(rss_median("baseline_rss")))))
-    if args.fixed:
-        rows.append(("start-up alone: the same command on 5 detections (its time / the "
-                     "full run's pairs)", med["fixed"] / n_pairs, False,
-                     "%.2f s wall, peak RSS %s" % (med["fixed"], gb(rss_median("fixed_rss")))))
-        rows.append(("end to end minus start-up (this tree, derived)",
-                     (med["command"] - med["fixed"]) / n_pairs, True,
-                     "%.2f s" % (med["command"] - med["fixed"])))
-    compute_ms = [c.get("block_compute_ms") for c in all_counters if "block_compute_ms" in c]
-    if compute_ms:
-        rows.append(("inside the command: its block computation alone (`block_compute_ms` "
-                     "counter)", statistics.median(compute_ms) / 1000 / n_pairs, True,
-                     "%.2f s; %d distance cells computed for the %d candidates" % (
-                         statistics.median(compute_ms) / 1000,
-                         counters.get("distance_cells", 0), n_pairs)))
-    rows.append(("lower bound: the smallest Beam job (import, a one-element pipeline)",
-                 med["beam"] / n_pairs, False, "%.2f s wall" % med["beam"]))
-    rows.append(("lower bound: pyarrow alone decoding the files' columns that matching needs",
-                 med["read"] / n_pairs, False, "%.2f s wall" % med["read"]))
-    bound = med["beam"] + med["read"] + floor * n_pairs
-    rows.append(("lower bound of any Beam job over these files: the two above + the floor "
-                 "for every candidate pair", bound / n_pairs, True, "%.2f s" % bound))
-    rows.append(("CCTView's way (`calc_med` per pair, sample of %d pairs)" % len(pairs), cct,
-                 True, "torch %s" % torch.__version__))
-    rows.append(("floor: one float32 matmul distance computation, per cell", floor, True,
-                 "4096 x 8192 x %d" % dim))
-    lines = ["| what | us per candidate pair | speedup vs CCTView's way | ratio to floor "
-             "| notes |", "| --- | ---: | ---: | ---: | --- |"]
-    for name, value, compare, note in rows:
-        if compare:
-            lines.append("| %s | %.4f | %.0fx | %.1fx | %s |" % (
-                name, value * 1e6, cct / value, value / floor, note))
-        else:
-            lines.append("| %s | %.4f | - | - | %s |" % (name, value * 1e6, note))
-    table = "\n".join(lines)
-    speedup, ratio = cct / per_pair, per_pair / floor
-    verdict = ("Targets: at least 1000x CCTView's way per candidate pair end to end: %s "
-               "(%.0fx); within 3x of the floor: %s (%.1fx)." % (
-                   "met" if speedup >= 1000 else "NOT met", speedup,
-                   "met" if ratio <= 3 else "NOT met", ratio))
-    verdict += (" No Beam job over these files gets closer than %.1fx the floor: Beam's "
-                "smallest job and decoding the files' embeddings already take %.2f s, 3x "
-                "the floor is %.2f s." % (bound / n_pairs / floor, med["beam"] + med["read"],
-                                          3 * floor * n_pairs))
-    if compute_ms:
-        verdict += (" The block computation inside the command alone: %.1fx the floor per "
-                    "candidate pair; the rest of the wall time is start-up, Parquet and "
-                    "the runner moving the embeddings between stages." % (
-                        statistics.median(compute_ms) / 1000 / n_pairs / floor))
-    runs = "Runs (s): command %s%s; CCTView's way (us/pair) %s; floor (us/cell) %s." % (
-        ", ".join("%.2f" % v for v in results["command"]),
-        ("; baseline " + ", ".join("%.2f" % v for v in results["baseline"])) if base_dir
-        else "",
-        ", ".join("%.1f" % (v * 1e6) for v in results["cctview"]),
-        ", ".join("%.4f" % (v * 1e6) for v in results["floor"]))
+    rows = table_rows(args, results, all_counters, med, n_pairs, len(pairs), dim)
+    table = markdown_table(rows, med["cctview"], med["floor"])
+    verdict, runs = verdict_text(med, all_counters, n_pairs), runs_text(results)
     print(table)
     print("candidate_pairs=%d, matches_emitted=%s" % (n_pairs, counters.get("matches_emitted")))
     print(verdict)
@@ -363,22 +416,7 @@ def main(argv=None):
     if args.record:
         argv_shown = " ".join(["benchmarks/match.py"] + (argv if argv is not None
                                                          else sys.argv[1:]))
-        record_section("Matching", "\n".join([
-            "Machine: %s (nproc %d)." % (machine(), os.cpu_count() or 0),
-            "Command: `.venv/bin/python %s`: %d rounds, each timing every row below in "
-            "random order under the same load; medians." % (argv_shown, args.runs),
-            "Timed command: `.venv/bin/cctview match --detections %s --output OUT %s`, "
-            "the whole wall time "
-            "(Python and Beam start-up, Parquet in and out, DirectRunner) divided by the "
-            "`candidate_pairs` counter it prints (%d; %s matches)." % (
-                " ".join("DATA/nyc-fdr/reference/%s" % f.name for f in files),
-                " ".join(FLAGS), n_pairs, counters.get("matches_emitted")),
-            "CCTView's way: its `calc_med` (a `torch.FloatTensor` from each embedding's "
-            "Python list, then `torch.norm(p - q).item()`) on %d random candidate pairs "
-            "of the same files, feature lists already in memory. Floor: the faster of "
-            "numpy and torch computing `sqrt(|q|^2 + |r|^2 - 2 q.r)` for 4096 x 8192 of "
-            "the same embeddings in float32, per distance cell." % len(pairs),
-            "", table, "", verdict, "", runs]))
+        record(argv_shown, args, files, n_pairs, counters, len(pairs), table, verdict, runs)
 
 
 if __name__ == "__main__":
