@@ -47,6 +47,8 @@ def _unit_tests_stay_pure(request, monkeypatch):
         return
     import apache_beam as beam
 
+    import models  # noqa: F401  (its first import, torchvision's, runs ldconfig: not the test's)
+
     def refuse(what):
         def refused(*args, **kwargs):
             raise RuntimeError("a unit test may not %s: move it to tests/e2e" % what)
