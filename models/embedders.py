@@ -22,9 +22,9 @@ from models.imaging import CENTER_CROP_FRACTION, CropTransform, to_device
 from models.weights import (WeightsError, WeightsSpec, apply_state_dict, load_state_dict, onnx_session,
                             torchvision_state_dict)
 
-__all__ = ["COLOR_HISTOGRAM", "IMAGENET_MEAN", "IMAGENET_STD", "OSNET_X0_25", "RESNET50", "VERI_DENSENET",
-           "ColorHistogramEmbedder", "DenseNetVeRI", "Embedder", "OnnxEmbedder", "TorchEmbedder",
-           "color_histogram", "densenet201_veri", "onnx", "resnet50"]
+__all__ = ["COLOR_BANDS", "COLOR_HISTOGRAM", "IMAGENET_MEAN", "IMAGENET_STD", "OSNET_X0_25", "RESNET50", "VERI_DENSENET",
+           "ColorBandsEmbedder", "ColorHistogramEmbedder", "DenseNetVeRI", "Embedder", "OnnxEmbedder", "TorchEmbedder",
+           "color_bands", "color_histogram", "densenet201_veri", "onnx", "resnet50"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -65,6 +65,12 @@ COLOR_HISTOGRAM = WeightsSpec(
     name="color_histogram", url="", sha256=None,
     transforms=functools.partial(CropTransform, crop="stretch"),  # 0..1 RGB crops, not normalised
     meta={"embedding": "bins**3-d joint RGB histogram, L2-normalised"}, file_format=None,
+)
+COLOR_BANDS = WeightsSpec(
+    name="color_bands", url="", sha256=None,
+    transforms=functools.partial(CropTransform, crop="stretch"),  # 0..1 RGB crops, not normalised
+    meta={"embedding": "bands * bins**3-d: a joint RGB histogram per horizontal strip, "
+                       "square roots (Hellinger), L2-normalised"}, file_format=None,
 )
 
 
@@ -256,6 +262,42 @@ class ColorHistogramEmbedder(Embedder):
         return F.normalize(hist, dim=1).cpu().numpy()
 
 
+class ColorBandsEmbedder(ColorHistogramEmbedder):
+    """Joint RGB histograms (``bins`` per channel) of ``bands`` horizontal strips of the
+    crop, each a distribution, square-rooted and then L2-normalised together.
+
+    Where a vehicle's colours are, not only which: a stripe, windows, a two-tone body
+    or a roof sign sit at their own height, which a whole-crop histogram mixes. Strips
+    are horizontal so the descriptor is the same for a vehicle seen facing left or
+    right. The square root (Hellinger's kernel) keeps the body's big bins from drowning
+    the marks' small ones in the L2 distance.
+    """
+
+    name = "color_bands"
+
+    def __init__(self, preprocess: CropTransform, *, bands: int = 4, bins: int = 4):
+        super().__init__(preprocess, bins=bins)
+        self.bands = int(bands)
+        if self.bands < 1:
+            raise ValueError("bands must be >= 1, got %d" % self.bands)
+        self.dim = self.bands * self.bins ** 3
+
+    def _embed(self, crops):
+        height = crops.shape[2]
+        edges = [round(i * height / self.bands) for i in range(self.bands + 1)]
+        q = (crops * self.bins).long().clamp_(0, self.bins - 1)
+        index = (q[:, 0] * self.bins + q[:, 1]) * self.bins + q[:, 2]  # (n, h, w)
+        cells = self.bins ** 3
+        strip = torch.bucketize(torch.arange(height, device=crops.device),
+                                torch.tensor(edges[1:-1], device=crops.device), right=True)
+        index = (index + (strip * cells)[None, :, None]).flatten(1)
+        hist = torch.zeros((len(crops), self.dim), device=crops.device)
+        hist.scatter_add_(1, index, torch.ones_like(index, dtype=hist.dtype))
+        per_strip = hist.view(len(crops), self.bands, cells)
+        per_strip /= per_strip.sum(2, keepdim=True).clamp_(min=1.0)
+        return F.normalize(hist.sqrt_(), dim=1).cpu().numpy()
+
+
 def color_histogram(*, weights: Optional[str] = None, sha256: Optional[str] = None, device: str = "cpu",
                     bins: int = 8, size: int = 64, crop: str = "stretch",
                     spec: WeightsSpec = COLOR_HISTOGRAM) -> ColorHistogramEmbedder:
@@ -266,3 +308,14 @@ def color_histogram(*, weights: Optional[str] = None, sha256: Optional[str] = No
     if weights or sha256:
         raise WeightsError("color_histogram takes no weights, got %s" % (weights or "a sha256"))
     return ColorHistogramEmbedder(spec.transforms(input_size=(size, size), crop=crop, device=device), bins=bins)
+
+
+def color_bands(*, weights: Optional[str] = None, sha256: Optional[str] = None, device: str = "cpu",
+                bands: int = 4, bins: int = 4, size: int = 64, crop: str = "stretch",
+                spec: WeightsSpec = COLOR_BANDS) -> ColorBandsEmbedder:
+    """The classical strip-histogram embedder (``bands * bins**3`` dimensions, 256 by
+    default) of ``size``x``size`` crops. Takes ``weights``/``sha256`` only to refuse them."""
+    if weights or sha256:
+        raise WeightsError("color_bands takes no weights, got %s" % (weights or "a sha256"))
+    return ColorBandsEmbedder(spec.transforms(input_size=(size, size), crop=crop, device=device),
+                              bands=bands, bins=bins)

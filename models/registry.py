@@ -87,6 +87,7 @@ EMBEDDERS = {
     "resnet50": ModelEntry(embedders.resnet50, embedders.RESNET50),
     "onnx": ModelEntry(embedders.onnx, embedders.OSNET_X0_25, runtime="onnxruntime"),
     "color_histogram": ModelEntry(embedders.color_histogram, embedders.COLOR_HISTOGRAM),
+    "color_bands": ModelEntry(embedders.color_bands, embedders.COLOR_BANDS),
     "tf_savedmodel": ModelEntry(tf_savedmodel.embedder, tf_savedmodel.SAVEDMODEL_EMBEDDER, runtime="tensorflow"),
 }
 

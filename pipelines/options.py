@@ -124,7 +124,8 @@ class ModelOptions(PipelineOptions):
             "--embedder", dest="embedder", default="resnet50",
             help="Embedder: densenet201_veri (CCTView's VeRI_densenet_ft50.pth loads as "
                  "is), resnet50, onnx (any fixed-size ONNX embedder), color_histogram "
-                 "(classical, no weights), tf_savedmodel (a SavedModel folder from crops "
+                 "and color_bands (classical, no weights: a colour histogram of the crop, "
+                 "or one per horizontal strip), tf_savedmodel (a SavedModel folder from crops "
                  "[N,H,W,3] to vectors [N,D]; extra [tf]). Default resnet50.")
         parser.add_argument(
             "--embedder-weights", dest="embedder_weights", metavar="URI",

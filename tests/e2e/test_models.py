@@ -319,6 +319,37 @@ def test_color_histogram():
     assert build_embedder("color_histogram", None, sha256=None).dim == 512  # the options every builder takes
 
 
+def test_color_bands_sees_where_the_colours_are():
+    embedder = build_embedder("color_bands")
+    assert embedder.dim == 4 * 4 ** 3
+    # two crops with the same colours in other strips: one histogram, two band vectors
+    top_red = np.zeros((64, 64, 3), np.uint8)
+    top_red[:32] = (255, 0, 0)
+    top_red[32:] = (0, 0, 255)
+    top_blue = top_red[::-1].copy()
+    box = [np.array([[0, 0, 64, 64]], np.float32)]
+    (a,), (b,) = (embedder.embed_crops([img], box)[0] for img in (top_red, top_blue))
+    (ha,), (hb,) = (build_embedder("color_histogram").embed_crops([img], box)[0]
+                    for img in (top_red, top_blue))
+    np.testing.assert_allclose(ha, hb, atol=1e-6)
+    assert abs(np.linalg.norm(a) - 1) < 1e-6 and np.linalg.norm(a - b) > 1.0
+    # strips are horizontal: a vehicle facing the other way gives the same vector
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    left, right = (embedder.embed_crops([img], [np.array([[0, 0, 70, 40]], np.float32)])[0][0]
+                   for img in (image, image[:, ::-1].copy()))
+    np.testing.assert_allclose(left, right, atol=1e-5)
+    # each strip: square roots of its pixels' shares, all strips L2-normalised together
+    crop = torch.tensor(rng.random((1, 3, 64, 64)), dtype=torch.float32)
+    q = np.clip((crop[0].numpy() * 4).astype(int), 0, 3)
+    cells = (q[0] * 4 + q[1]) * 4 + q[2]
+    want = np.concatenate([np.sqrt(np.bincount(cells[16 * k:16 * (k + 1)].ravel(),
+                                               minlength=64) / (16 * 64)) for k in range(4)])
+    np.testing.assert_allclose(embedder._embed(crop)[0], want / np.linalg.norm(want), atol=1e-6)
+    with pytest.raises(WeightsError, match="takes no weights"):
+        build_embedder("color_bands", "w.pth")
+
+
 def test_frames_must_be_uint8_rgb():
     with pytest.raises(ValueError, match="HxWx3 uint8"):
         to_device([np.zeros((4, 4), np.uint8)], "cpu")
