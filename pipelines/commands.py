@@ -539,6 +539,9 @@ _REASONS = {
     "too_many_candidates": "more candidate pairs than one group may hold; use a shorter "
                            "period",
     "no_candidates": "no candidate pairs inside the links' bands",
+    "span_too_short": "the period is too short for time-shifted controls that share no "
+                      "pair with the real alignment or each other (links' bands too wide "
+                      "for it); match a longer period",
 }
 
 

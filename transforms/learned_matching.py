@@ -162,7 +162,8 @@ __all__ = ["Candidates", "DEFAULT_CONTROL_SHIFTS", "DEFAULT_FEATURES",
            "TooManyCandidates", "best_achievable", "better_match", "candidate_features",
            "candidate_ranks", "choose_threshold", "enumerate_candidates",
            "greedy_one_to_one", "match_group", "match_linked_pair", "match_linked_periods",
-           "normalize_embeddings", "period_keys", "pool_tracklet_scores", "q_values",
+           "normalize_embeddings", "period_keys", "place_shifts", "pool_tracklet_scores",
+           "q_values",
            "summary_record", "threshold_curve"]
 
 POLICY = "learned"
@@ -678,6 +679,64 @@ def _frame_interval_ms(ts: np.ndarray) -> int:
     return int(np.median(np.diff(u))) if len(u) > 1 else 0
 
 
+def _forbidden_lags_ms(bands_ms: np.ndarray, margin_ms: int) -> np.ndarray:
+    """(m, 2) lags ``[lo, hi]``: moving b by a lag inside one maps a pair whose dt is in
+    some band onto a dt in some band (band_i - band_j, widened by ``margin_ms``)."""
+    lo, hi = bands_ms[:, 0].astype(np.int64), bands_ms[:, 1].astype(np.int64)
+    return np.stack([(lo[:, None] - hi[None, :]).ravel() - margin_ms,
+                     (hi[:, None] - lo[None, :]).ravel() + margin_ms], axis=1)
+
+
+def _lag_clashes(lag_ms: float, forbidden: np.ndarray, span_ms: int) -> bool:
+    """Whether two alignments ``lag_ms`` apart (circularly) share candidate pairs."""
+    d = (lag_ms + span_ms / 2) % span_ms - span_ms / 2
+    return bool(np.any((forbidden[:, 0] <= d + np.array([[-span_ms], [0], [span_ms]]))
+                       & (d + np.array([[-span_ms], [0], [span_ms]]) <= forbidden[:, 1])))
+
+
+def place_shifts(fracs: Sequence[float], bands_ms: np.ndarray, span_ms: int,
+                 margin_ms: int = 1000, step_ms: int = 1000) -> Optional[tuple]:
+    """The shifts actually used for ``fracs`` (fractions of the span): each one as near
+    its requested place as keeps every pair of alignments apart, or None.
+
+    Two alignments share candidate pairs when b's clocks differ by a lag inside
+    ``band_i - band_j`` (:func:`_forbidden_lags_ms`); with traffic both ways (bands
+    near -T and +T) a shift near 2T maps one direction's true pairs onto the other's
+    band. Every shift is kept clear of the real alignment (its controls would hold true
+    pairs), of the half-span shift (the judge's control run), of the other shifts
+    (training negatives and controls must be different pairs), and a shift whose
+    mirror (+1/2) is requested too is placed with its mirror, so the set stays closed
+    under +1/2. On a span long against the bands every requested shift is clear and
+    kept as it is; None when no clear place exists (the span is too short)."""
+    forbidden = _forbidden_lags_ms(np.asarray(bands_ms), margin_ms)
+    chosen, placed = [0.0, span_ms / 2], {}
+    for frac in fracs:
+        if frac in placed:
+            continue
+        mirror = next((g for g in fracs if abs((frac + 0.5) % 1.0 - g) < 1e-9), None)
+        target = frac * span_ms
+        for k in range(int(span_ms // step_ms) + 1):
+            spot = next((c for c in (target + k * step_ms, target - k * step_ms)
+                         if 0 < c < span_ms and _clear(c, mirror, chosen, forbidden, span_ms)),
+                        None)
+            if spot is not None:
+                break
+        else:
+            return None
+        moved = spot != target
+        placed[frac] = spot / span_ms if moved else frac
+        chosen.append(spot)
+        if mirror is not None:
+            placed[mirror] = ((spot + span_ms / 2) % span_ms) / span_ms if moved else mirror
+            chosen.append((spot + span_ms / 2) % span_ms)
+    return tuple(placed[f] for f in fracs)
+
+
+def _clear(spot: float, mirror, chosen: list, forbidden: np.ndarray, span_ms: int) -> bool:
+    spots = [spot] + ([(spot + span_ms / 2) % span_ms] if mirror is not None else [])
+    return not any(_lag_clashes(p - q, forbidden, span_ms) for p in spots for q in chosen)
+
+
 def _check_shifts(name: str, shifts: Sequence[float]) -> tuple:
     out = tuple(float(f) % 1.0 for f in shifts)
     for f in out:
@@ -774,6 +833,8 @@ def match_linked_pair(a: dict, b: dict, bands, min_precision: float = DEFAULT_MI
     unknown = [f for f in features if f not in FEATURES]
     if unknown:
         raise ValueError("unknown features %s; known: %s" % (unknown, FEATURES))
+    if trk_params is None and set(features) & set(TRACKLET_FEATURES):
+        raise ValueError("tracklet features need tracklets=... (both sides linked)")
     params = dict(DEFAULT_SCORER if scorer_params is None else scorer_params)
     params.setdefault("threads", threads)
     settings = _PairSettings(
@@ -970,10 +1031,16 @@ def _match_linked_pair(a: dict, b: dict, bands, s: _PairSettings) -> Tuple[List[
         stats["candidates"] = len(real)
         if len(real) == 0:
             return _abstain(stats, "no_candidates", t0)
+        shifts = place_shifts(s.train_shifts + s.control_shifts, bands_ms, al.span)
+        if shifts is None:
+            return _abstain(stats, "span_too_short", t0)
+        train_shifts, control_shifts = (shifts[:len(s.train_shifts)],
+                                        shifts[len(s.train_shifts):])
+        stats.update(train_shifts=list(train_shifts), control_shifts=list(control_shifts))
         ranks = candidate_ranks(A, B, real)
         Xr = candidate_features(A, B, real, s.features, ranks)
         negs = [(c, candidate_features(A, B, c, s.features))
-                for c in map(al.candidates, s.train_shifts)]
+                for c in map(al.candidates, train_shifts)]
     except TooManyCandidates as e:
         return _abstain(stats, "too_many_candidates", t0, candidates=int(e.args[0]))
     fold_of_a = (np.arange(len(A)) * s.folds) // len(A)  # equal-count time blocks
@@ -983,7 +1050,7 @@ def _match_linked_pair(a: dict, b: dict, bands, s: _PairSettings) -> Tuple[List[
         return _abstain(stats, "too_little_data", t0)
     try:  # the threshold from the selection controls
         ctrl_sel, n_ctrl = [], []
-        for f in s.control_shifts:
+        for f in control_shifts:
             c, s_, own = _score_alignment(al, scorers, fold_of_a, f)
             n_ctrl.append(len(c))
             ctrl_sel.append(s_[al.select(c, s_, own=own)])

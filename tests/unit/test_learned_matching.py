@@ -279,3 +279,35 @@ def test_pair_scorer_deterministic_and_learns():
     assert fit().n_train_ == (1500, 1500)
     with pytest.raises(ValueError):
         PairScorer().fit(X, np.zeros(len(X), bool))
+
+
+def _shared_pairs(bands_s, span_s, lag_s):
+    """Whether two alignments ``lag_s`` apart share a candidate pair: some dt inside a
+    band lands inside a band again (brute force on a 0.5 s grid, circular)."""
+    dts = np.concatenate([np.arange(lo, hi + 0.25, 0.5) for lo, hi in bands_s])
+    moved = (dts - lag_s + span_s / 2) % span_s - span_s / 2
+    return any(((lo - 1 <= moved) & (moved <= hi + 1)).any() for lo, hi in bands_s)
+
+
+def test_shifts_are_placed_where_no_two_alignments_share_a_pair():
+    fracs = lm.DEFAULT_TRAIN_SHIFTS + lm.DEFAULT_CONTROL_SHIFTS
+    # a long span against a narrow band: the requested shifts, exactly
+    assert lm.place_shifts(fracs, np.array([[7000, 23000]]), 1_800_000) == fracs
+    # traffic both ways (+-28 s) over 8 minutes: 1/8 of the span (60 s) would map one
+    # direction's true pairs onto the other's band; the controls move, the set stays
+    # closed under +1/2, and no two alignments (with the real one and the judge's
+    # half-span one) share a candidate pair
+    bands_s, span_s = [(-34.5, -19.5), (20.5, 35.5)], 481.0
+    assert _shared_pairs(bands_s, span_s, span_s / 8)
+    placed = lm.place_shifts(fracs, np.array(bands_s) * 1000, int(span_s * 1000))
+    assert placed[:2] == lm.DEFAULT_TRAIN_SHIFTS and placed[2:] != lm.DEFAULT_CONTROL_SHIFTS
+    spots = [0.0, 0.5] + list(placed)
+    for i, p in enumerate(spots):
+        for q in spots[i + 1:]:
+            assert not _shared_pairs(bands_s, span_s, (p - q) * span_s), (p, q)
+    assert {round((f + 0.5) % 1.0, 9) for f in placed} == {round(f, 9) for f in placed}
+    # too short for any clear place: None, and the matcher abstains saying why
+    assert lm.place_shifts(fracs, np.array([[-40000, -20000], [20000, 40000]]), 200_000) is None
+    a, b = sides(synth(seed=0, span_s=200))
+    matches, stats = match_pair(a, b, np.array([[-40.0, -20.0], [20.0, 40.0]]))
+    assert matches == [] and stats["reason"] == "span_too_short"
