@@ -2,8 +2,8 @@
 
 1. ``synth``: a synthetic road with cameras, vehicles in both directions, lighting
    changes and occlusions, with ground truth;
-2. ``run``: frames -> detections (``background`` detector, ``color_histogram``
-   embedder: no weights) and matches by CCTView's idea (mutual nearest neighbours within
+2. ``run``: frames -> detections (``background`` detector, ``color_bands`` embedder:
+   colour histograms of horizontal strips, no weights) and matches by CCTView's idea (mutual nearest neighbours within
    ``--max-gap``);
 3. ``calibrate``: camera links from the stored detections (no model runs again);
 4. ``match --links``: matches re-computed from the stored embeddings with the links,
@@ -70,9 +70,9 @@ def run_from_args(args: argparse.Namespace) -> int:
           ["synth", "--output", world, "--cameras", str(args.cameras),
            "--minutes", str(args.minutes), "--seed", str(args.seed),
            "--noise", str(args.noise)])
-    _step("run: background detector + colour histograms, mutual nearest neighbours",
+    _step("run: background detector + strip colour histograms, mutual nearest neighbours",
           ["run", "--input", world + "/frames", "--output", run_dir,
-           "--detector", "background", "--embedder", "color_histogram"] + gap)
+           "--detector", "background", "--embedder", "color_bands"] + gap)
     vehicles, transits = _truth(run_dir, world, args.max_gap)
     unlinked = ground_truth.score_matches(
         ground_truth.read_table(run_dir + "/matches"), vehicles, transits)
@@ -83,7 +83,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     _step("match --links --policy mutual: re-matched from stored embeddings",
           ["match", "--detections", run_dir + "/detections", "--links",
            linked + "/links.json", "--policy", "mutual", "--output", linked_mutual])
-    _step("match --links: the learned default, from the same embeddings (colour "
+    _step("match --links: the learned default, from the same embeddings (strip colour "
           "histograms: square roots, camera mean removed)",
           ["match", "--detections", run_dir + "/detections", "--links",
            linked + "/links.json", "--embedding-norm", "power+center", "--output", linked])
