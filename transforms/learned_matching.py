@@ -733,6 +733,8 @@ def place_shifts(fracs: Sequence[float], bands_ms: np.ndarray, span_ms: int,
 
 
 def _clear(spot: float, mirror, chosen: list, forbidden: np.ndarray, span_ms: int) -> bool:
+    """Whether ``spot`` (and its mirror, when one is requested) shares no candidate pair
+    with any alignment already ``chosen``."""
     spots = [spot] + ([(spot + span_ms / 2) % span_ms] if mirror is not None else [])
     return not any(_lag_clashes(p - q, forbidden, span_ms) for p in spots for q in chosen)
 
