@@ -140,7 +140,7 @@ def test_torchvision_weights_offline_error(monkeypatch):
 def test_registry_lists_known_names_for_unknown_ones():
     with pytest.raises(ValueError, match="unknown detector 'yolo'; known: .*retinanet_resnet50_fpn.*yolox"):
         build_detector("yolo")
-    with pytest.raises(ValueError, match="unknown embedder 'vit'; known: color_histogram, densenet201_veri"):
+    with pytest.raises(ValueError, match="unknown embedder 'vit'; known: color_bands, color_histogram, densenet201_veri"):
         build_embedder("vit")
     assert {"retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "fasterrcnn_resnet50_fpn_v2",
             "ssdlite320_mobilenet_v3_large", "yolox"} <= set(DETECTORS)
