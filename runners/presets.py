@@ -43,7 +43,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from runners.errors import UsageError
 
 __all__ = ["BEAM_DASK_RUNNER", "DASK_RUNNER", "MODEL_COMMANDS", "PRESETS", "PRESET_FLAG",
-           "Preset", "T4_ACCELERATOR", "add_option_args", "expand_preset",
+           "Preset", "T4_ACCELERATOR", "add_option_args", "describe", "expand_preset",
            "option_classes", "uses_dask"]
 
 PRESET_FLAG = "--runner_preset"
@@ -321,3 +321,14 @@ def expand_preset(argv: List[str]) -> List[str]:
         elif action.dest not in given:
             added.append("%s=%s" % (flag, value))
     return _normalise_runner(rest + added)
+
+
+def describe() -> str:
+    """The presets as text for ``--help`` and the README: name, summary, flags."""
+    lines = []
+    for preset in PRESETS.values():
+        lines.append("%s: %s" % (preset.name, preset.summary))
+        lines.append("    " + " ".join(preset.argv()))
+        if preset.required:
+            lines.append("    requires: " + ", ".join("%s %s" % r for r in preset.required))
+    return "\n".join(lines)

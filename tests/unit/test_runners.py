@@ -16,7 +16,7 @@ from apache_beam.options.pipeline_options import (DebugOptions, GoogleCloudOptio
 from conftest import REPO
 from runners.errors import UsageError
 from pipelines.options import ModelOptions
-from runners.presets import PRESETS, T4_ACCELERATOR, expand_preset
+from runners.presets import PRESETS, T4_ACCELERATOR, describe, expand_preset
 
 IMAGE = "gcr.io/cctview-test/cctview:1"
 PROJECT = "cctview-test"
@@ -62,9 +62,10 @@ def test_unknown_or_empty_preset_is_refused():
 
 
 def test_presets_are_documented():
+    text = describe()
     readme = (REPO / "runners" / "README.md").read_text()
     for preset in PRESETS.values():
-        assert preset.name in readme
+        assert preset.name in text and preset.name in readme
         for flag, value in preset.beam_flags + preset.model_flags:
             assert "%s=%s" % (flag, value) in readme
     assert "--dataflow_service_options=" + T4_ACCELERATOR in PRESETS["dataflow"].argv()
