@@ -254,9 +254,13 @@ class ColorHistogramEmbedder(Embedder):
         self.bins = int(bins)
         self.dim = self.bins ** 3
 
-    def _embed(self, crops):
+    def _joint_bins(self, crops):
+        """(n, h, w) index of each pixel's joint RGB bin, ``0 .. bins**3 - 1``."""
         q = (crops * self.bins).long().clamp_(0, self.bins - 1)
-        index = ((q[:, 0] * self.bins + q[:, 1]) * self.bins + q[:, 2]).flatten(1)
+        return (q[:, 0] * self.bins + q[:, 1]) * self.bins + q[:, 2]
+
+    def _embed(self, crops):
+        index = self._joint_bins(crops).flatten(1)
         hist = torch.zeros((len(crops), self.dim), device=crops.device)
         hist.scatter_add_(1, index, torch.ones_like(index, dtype=hist.dtype))
         return F.normalize(hist, dim=1).cpu().numpy()
@@ -283,14 +287,9 @@ class ColorBandsEmbedder(ColorHistogramEmbedder):
         self.dim = self.bands * self.bins ** 3
 
     def _embed(self, crops):
-        height = crops.shape[2]
-        edges = [round(i * height / self.bands) for i in range(self.bands + 1)]
-        q = (crops * self.bins).long().clamp_(0, self.bins - 1)
-        index = (q[:, 0] * self.bins + q[:, 1]) * self.bins + q[:, 2]  # (n, h, w)
-        cells = self.bins ** 3
-        strip = torch.bucketize(torch.arange(height, device=crops.device),
-                                torch.tensor(edges[1:-1], device=crops.device), right=True)
-        index = (index + (strip * cells)[None, :, None]).flatten(1)
+        height, cells = crops.shape[2], self.bins ** 3
+        strip = torch.arange(height, device=crops.device) * self.bands // height
+        index = (self._joint_bins(crops) + (strip * cells)[None, :, None]).flatten(1)
         hist = torch.zeros((len(crops), self.dim), device=crops.device)
         hist.scatter_add_(1, index, torch.ones_like(index, dtype=hist.dtype))
         per_strip = hist.view(len(crops), self.bands, cells)
