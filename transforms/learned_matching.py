@@ -690,8 +690,8 @@ def _forbidden_lags_ms(bands_ms: np.ndarray, margin_ms: int) -> np.ndarray:
 def _lag_clashes(lag_ms: float, forbidden: np.ndarray, span_ms: int) -> bool:
     """Whether two alignments ``lag_ms`` apart (circularly) share candidate pairs."""
     d = (lag_ms + span_ms / 2) % span_ms - span_ms / 2
-    return bool(np.any((forbidden[:, 0] <= d + np.array([[-span_ms], [0], [span_ms]]))
-                       & (d + np.array([[-span_ms], [0], [span_ms]]) <= forbidden[:, 1])))
+    lags = d + np.array([[-span_ms], [0], [span_ms]])  # the same lag, one turn either way
+    return bool(np.any((forbidden[:, 0] <= lags) & (lags <= forbidden[:, 1])))
 
 
 def place_shifts(fracs: Sequence[float], bands_ms: np.ndarray, span_ms: int,
