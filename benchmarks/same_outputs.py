@@ -70,33 +70,35 @@ def run_tree(tree: Path, frames: Path, out: Path) -> None:
               flush=True)
 
 
-def rows(folder: Path):
-    """(column names, sorted JSON rows) of every Parquet file below ``folder``."""
+def table(folder: Path):
+    """Every Parquet file below ``folder`` as one table, or None if there is none."""
     files = sorted(glob.glob(str(folder / "**" / "*.parquet"), recursive=True))
     if not files:
         return None
-    table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
-    return table.column_names, table
+    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
 
 
 def compare(new: Path, old: Path) -> list:
-    """One line per table and for links.json: 'equal' or what differs."""
-    lines = []
+    """(line, equal?) per table and for links.json."""
+    results = []
     for name in TABLES:
-        a, b = rows(new / name), rows(old / name)
+        a, b = table(new / name), table(old / name)
         if a is None or b is None:
-            lines.append("%s: %s" % (name, "absent in both" if a is b else "MISSING in one"))
+            both = a is None and b is None
+            results.append(("%s: %s" % (name, "absent in both" if both else "MISSING in one"),
+                            both))
             continue
-        columns = sorted(set(a[0]) & set(b[0]))
+        columns = sorted(set(a.column_names) & set(b.column_names))
         dump = [sorted(json.dumps(r, sort_keys=True, default=str)
-                       for r in t.select(columns).to_pylist()) for t in (a[1], b[1])]
-        only = sorted(set(a[0]) ^ set(b[0]))
-        lines.append("%s: %d rows vs %d, %s%s" % (
+                       for r in t.select(columns).to_pylist()) for t in (a, b)]
+        only = sorted(set(a.column_names) ^ set(b.column_names))
+        results.append(("%s: %d rows vs %d, %s%s" % (
             name, len(dump[0]), len(dump[1]), "equal" if dump[0] == dump[1] else "DIFFER",
-            "; columns in one only: %s" % only if only else ""))
+            "; columns in one only: %s" % only if only else ""), dump[0] == dump[1]))
     links = [json.loads((d / "links.json").read_text()) for d in (new, old)]
-    lines.append("links.json: %s" % ("equal" if links[0] == links[1] else "DIFFER"))
-    return lines
+    results.append(("links.json: %s" % ("equal" if links[0] == links[1] else "DIFFER"),
+                    links[0] == links[1]))
+    return results
 
 
 def main(argv=None) -> int:
@@ -111,10 +113,9 @@ def main(argv=None) -> int:
         baseline = git_copy(args.baseline, tmp / "baseline")
         run_tree(REPO, frames, tmp / "new")
         run_tree(baseline, frames, tmp / "old")
-        lines = compare(tmp / "new", tmp / "old")
-    print("\n".join(lines))
-    return 0 if all(("equal" in l or "absent" in l) and "DIFFER" not in l
-                    for l in lines) else 1
+        results = compare(tmp / "new", tmp / "old")
+    print("\n".join(line for line, _ in results))
+    return 0 if all(equal for _, equal in results) else 1
 
 
 if __name__ == "__main__":
