@@ -363,17 +363,24 @@ def calibrate(options: PipelineOptions) -> int:
     part file beside the target; the driver pools them and finds the links. On runners
     that hold a job's shuffle in memory, the real pairs and the control are jobs of
     their own."""
-    from transforms.calibration import CalibrationPairs, links_of_pairs, merge_pair_dts
+    from transforms.calibration import (CalibrationPairs, links_of_pairs, merge_pair_dts,
+                                        searched_pairs)
+    from pipelines.stages import read_camera_pairs
     from transforms.links import write_links
     from transforms.match_blocks import CandidateBands
     from transforms.matching import context_margin_ms
 
+    settings = options.view_as(CalibrateOptions)
+    named_pairs = read_camera_pairs(settings.pairs)
     spans = _detection_spans(options, cameras=True)
     cameras = sorted({c for s in spans for c in s.cameras})
+    pairs = searched_pairs(cameras, named_pairs)
+    if named_pairs is not None and not pairs:
+        raise UsageError("no camera pair of --pairs %s has both cameras in the detections"
+                         % settings.pairs)
     target = _require(options.view_as(OutputOptions).output, "--output")
     outputs.check_writable(target.rsplit("/", 1)[0] if "/" in target else ".")
     candidates = options.view_as(CandidateOptions)
-    settings = options.view_as(CalibrateOptions)
     window_ms = int(round(candidates.window * 1000))
     # real pairs are exact with the margin; each chunk's control shifts within the data
     # it reads (the same traffic, no true pairs), not within the whole period
@@ -396,7 +403,7 @@ def calibrate(options: PipelineOptions) -> int:
              | "Calibrate" >> CalibrationPairs(
                  cameras, span_of(chunk), max_gap_s=candidates.max_gap,
                  window_s=candidates.window, metric=candidates.metric,
-                 owned_ms=chunk.owned_ms, kinds=kind)
+                 owned_ms=chunk.owned_ms, kinds=kind, pairs=pairs)
              | "AllPairs" >> beam.combiners.ToList()
              | "WritePart" >> beam.Map(_write_json_lines, "%s/chunk-%04d-%s.json"
                                        % (parts, chunk.index, kind)))

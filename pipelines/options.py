@@ -277,6 +277,12 @@ class CalibrateOptions(PipelineOptions):
             default=calibration.DEFAULT_MIN_SIGNIFICANCE,
             help="Least z-score of a peak over the time-shifted control (default %g)."
                  % calibration.DEFAULT_MIN_SIGNIFICANCE)
+        parser.add_argument(
+            "--pairs", dest="pairs", metavar="FILE",
+            help="JSON list of camera pairs to search (objects with camera_a and camera_b, "
+                 "a links.json among them: its offsets are ignored, each pair is searched "
+                 "within +-max-gap). Default: every pair of cameras in the data, N(N-1)/2 "
+                 "of them; for many cameras name the neighbours on the road.")
 
 
 class OutputOptions(PipelineOptions):

@@ -126,16 +126,28 @@ def detect_stage(opts: ModelOptions):
 
 def read_links(uri: Optional[str]) -> Optional[List[dict]]:
     """links.json -> validated links; None when no file is given."""
-    if not uri:
-        return None
     from transforms.links import load_links
 
+    return _read_flag_file(load_links, uri, "--links")
+
+
+def read_camera_pairs(uri: Optional[str]) -> Optional[List[tuple]]:
+    """calibrate's --pairs file -> sorted (camera_a, camera_b); None when none is given."""
+    from transforms.links import load_camera_pairs
+
+    return _read_flag_file(load_camera_pairs, uri, "--pairs")
+
+
+def _read_flag_file(load, uri: Optional[str], flag: str):
+    """``load(uri)``, any failure of it one line naming ``flag``; None without a uri."""
+    if not uri:
+        return None
     try:
-        return load_links(uri)
+        return load(uri)
     except ValueError as exc:
-        raise UsageError("bad --links %s: %s" % (uri, str(exc).splitlines()[0]))
+        raise UsageError("bad %s %s: %s" % (flag, uri, str(exc).splitlines()[0]))
     except Exception as exc:  # missing file, unreadable bucket: the same one-line answer
-        raise UsageError("cannot read --links %s (%s)" % (uri, type(exc).__name__))
+        raise UsageError("cannot read %s %s (%s)" % (flag, uri, type(exc).__name__))
 
 
 def policy_of(options) -> str:

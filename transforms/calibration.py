@@ -22,7 +22,8 @@ from transforms.matching import (DEFAULT_MAX_GAP_S, DEFAULT_METRIC, DEFAULT_WIND
                                  MatchDetections, ShiftedControl)
 
 __all__ = ["CalibrationPairs", "DEFAULT_MIN_SIGNIFICANCE", "DEFAULT_MIN_SUPPORT",
-           "control_shift_ms", "find_links", "links_of_pairs", "merge_pair_dts"]
+           "control_shift_ms", "find_links", "links_of_pairs", "merge_pair_dts",
+           "searched_pairs"]
 
 # When a dt peak counts as a link (the defaults of `cctview calibrate` too).
 DEFAULT_MIN_SUPPORT = 10
@@ -225,6 +226,17 @@ def _dts_by_kind(element):
     return pair, dts
 
 
+def searched_pairs(cameras, pairs=None) -> List[Tuple[str, str]]:
+    """The camera pairs calibration histograms: every pair of ``cameras``, or those of
+    ``pairs`` (any order within a pair) whose two cameras are both in ``cameras``."""
+    cameras = sorted(set(cameras))
+    if pairs is None:
+        return [(a, b) for i, a in enumerate(cameras) for b in cameras[i + 1:]]
+    present = set(cameras)
+    return sorted({(min(a, b), max(a, b)) for a, b in pairs
+                   if a != b and a in present and b in present})
+
+
 def control_shift_ms(span_ms: int) -> int:
     """How far calibration's control moves camera b, circularly within a period of
     ``span_ms``: half of it (docs/spec.md's time-shift control; a shift of only
@@ -245,6 +257,8 @@ class CalibrationPairs(beam.PTransform):
     memory (the DirectRunner) holds one matching's copies at a time: each camera-B
     detection reaches other blocks once shifted, so "both" shuffles ~1.7x the copies
     of one kind. ``cameras`` are the camera ids in the data (read on the driver);
+    ``pairs``: only these ``(camera_a, camera_b)`` pairs are searched (default every pair
+    of ``cameras``: N(N-1)/2 of them, which for a city's cameras is most of the cost);
     ``owned_ms``: only the pairs whose camera-A detection lies in that range (one time
     chunk of a longer period, see :class:`transforms.matching.MatchDetections`).
     """
@@ -253,13 +267,12 @@ class CalibrationPairs(beam.PTransform):
 
     def __init__(self, cameras, span_ms, max_gap_s: float = DEFAULT_MAX_GAP_S,
                  window_s: float = DEFAULT_WINDOW_S, metric: str = DEFAULT_METRIC,
-                 owned_ms=None, kinds: str = "both"):
+                 owned_ms=None, kinds: str = "both", pairs=None):
         super().__init__()
         if kinds not in self.KINDS:
             raise ValueError("kinds must be one of %s, got %r" % (self.KINDS, kinds))
-        cameras = sorted(set(cameras))
         links = [{"camera_a": a, "camera_b": b, "offset_s": 0.0, "spread_s": float(max_gap_s)}
-                 for i, a in enumerate(cameras) for b in cameras[i + 1:]]
+                 for a, b in searched_pairs(cameras, pairs)]
         lo, hi = int(span_ms[0]), int(span_ms[1])
         control = None if kinds == REAL else ShiftedControl(
             control_shift_ms(hi - lo), lo, hi - lo, alone=kinds == CONTROL)

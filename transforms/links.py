@@ -10,7 +10,7 @@ import json
 
 from transforms.match_blocks import normalize_links
 
-__all__ = ["load_links", "write_links"]
+__all__ = ["load_camera_pairs", "load_links", "write_links"]
 
 
 def load_links(path) -> list:
@@ -24,6 +24,30 @@ def load_links(path) -> list:
         raise ValueError("%s: links.json must hold a JSON list, got %s"
                          % (path, type(data).__name__))
     return normalize_links(data)
+
+
+def load_camera_pairs(path) -> list:
+    """The camera pairs a JSON list names (objects with ``camera_a`` and ``camera_b``;
+    other keys, a links.json's offsets among them, are ignored) -> sorted distinct
+    ``(camera_a, camera_b)`` tuples with ``camera_a < camera_b``; from a local path or any
+    Beam filesystem URI."""
+    from apache_beam.io.filesystems import FileSystems
+
+    path = str(path)
+    with FileSystems.open(path) as f:
+        data = json.loads(f.read().decode("utf-8"))
+    if not isinstance(data, list) or not data:
+        raise ValueError("%s: must hold a non-empty JSON list of camera pairs" % path)
+    pairs = set()
+    for item in data:
+        try:
+            a, b = str(item["camera_a"]), str(item["camera_b"])
+        except (KeyError, TypeError):
+            raise ValueError("bad camera pair %r: needs camera_a and camera_b" % (item,)) from None
+        if a == b:
+            raise ValueError("bad camera pair %r: camera_a == camera_b" % (item,))
+        pairs.add((min(a, b), max(a, b)))
+    return sorted(pairs)
 
 
 def write_links(links, path) -> None:

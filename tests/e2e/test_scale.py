@@ -122,3 +122,38 @@ def test_chunked_calibrate_finds_the_planted_links(world, tmp_path, capsys):
                 and abs(l["offset_s"] - truth["offset_s"]) <= 2.0]
         assert near, (truth, found)
     assert not list(tmp_path.glob("links.json.parts/*"))  # parts pooled, then removed
+
+
+def test_calibrate_searches_only_the_named_pairs(world, tmp_path, capsys):
+    """--pairs: one planted pair named (the other way round, from a links.json whose
+    offsets are ignored): its links are found, no other pair is histogrammed."""
+    root, made = world
+    truth = made["links"][0]
+    named = tmp_path / "pairs.json"
+    named.write_text(json.dumps([{"camera_a": truth["camera_b"], "camera_b": truth["camera_a"],
+                                  "offset_s": 999.0, "spread_s": 1.0}]))
+    target = tmp_path / "links.json"
+    assert main(["calibrate", "--detections", *_files(root), "--output", str(target),
+                 "--max-gap", "120", "--window", "60", "--pairs", str(named)]) == 0
+    assert "1 camera pair(s) histogrammed" in capsys.readouterr().out
+    found = json.loads(target.read_text())
+    assert {(l["camera_a"], l["camera_b"]) for l in found} == {
+        (truth["camera_a"], truth["camera_b"])}
+    assert any(abs(l["offset_s"] - truth["offset_s"]) <= 2.0 for l in found), (truth, found)
+
+
+@pytest.mark.parametrize("content, needle", [
+    (None, "cannot read --pairs"),
+    ("{}", "bad --pairs"),
+    ('[{"camera_a": "x"}]', "bad --pairs"),
+    ('[{"camera_a": "x", "camera_b": "y"}]', "no camera pair of --pairs"),
+])
+def test_bad_pairs_stop_calibrate_with_one_line(world, tmp_path, capsys, content, needle):
+    named = tmp_path / "pairs.json"
+    if content is not None:
+        named.write_text(content)
+    root, _ = world
+    assert main(["calibrate", "--detections", *_files(root), "--output",
+                 str(tmp_path / "links.json"), "--pairs", str(named)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err

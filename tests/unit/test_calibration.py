@@ -2,7 +2,7 @@
 estimates match precision as the ground truth measures it."""
 import numpy as np
 
-from transforms.calibration import find_links
+from transforms.calibration import find_links, searched_pairs
 
 
 def test_find_links_planted_peak_and_its_sign():
@@ -36,3 +36,11 @@ def test_find_links_both_directions_when_both_are_there():
     assert len(find_links(np.concatenate([noise(240), rng.uniform(14, 44, 70)]),
                           noise(240), 120)) == 1
     assert find_links(noise(300), noise(300), 120) == []
+
+
+def test_searched_pairs_every_pair_or_the_named_ones_present():
+    assert searched_pairs(["c", "a", "b", "a"]) == [("a", "b"), ("a", "c"), ("b", "c")]
+    # named pairs: either order, duplicates once, cameras absent from the data dropped
+    named = [("b", "a"), ("a", "b"), ("a", "z"), ("c", "c"), ("c", "b")]
+    assert searched_pairs(["a", "b", "c"], named) == [("a", "b"), ("b", "c")]
+    assert searched_pairs(["a", "b"], []) == []
