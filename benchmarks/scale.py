@@ -16,7 +16,8 @@ wall, CPU (user + system) and peak RSS. In the same run it measures
             copy), killed when its tree holds more than ``--rss-limit`` GB.
 
 Sizes: 5x1h, 10x2h and 10x4h (no links, mutual, +-300 s; calibrate +-300 s), 50x1h
-(match with the planted links). Prints a Markdown table; ``--record`` replaces the
+(match with the planted links; calibrate of the planted links' camera pairs, ``--pairs``,
++-300 s: all 1,225 pairs of 50 cameras is a city's N^2, not the cost of one link). Prints a Markdown table; ``--record`` replaces the
 "## Scale" section of BENCHMARKS.md.
 
   .venv/bin/python benchmarks/scale.py --baseline 2e26099 --record
@@ -67,9 +68,10 @@ def command_argv(command: str, folder: Path, out: Path, tree: Path) -> list:
     else:
         head = [str(REPO / ".venv/bin/python"), "-c",
                 "import sys; from pipelines.cli import main; sys.exit(main())"]
-    if command == "calibrate":
+    if command in ("calibrate", "calibrate_pairs"):
+        pairs = ["--pairs", str(folder / "links_truth.json")] if command != "calibrate" else []
         return head + ["calibrate", "--detections", *files, "--output", str(out) + ".json",
-                       "--max-gap", "300"]
+                       "--max-gap", "300"] + pairs
     flags = MATCH_FLAGS if command == "match" else [
         "--policy", "mutual", "--links", str(folder / "links_truth.json")]
     return head + ["match", "--detections", *files, "--output", str(out)] + flags
@@ -146,16 +148,18 @@ def main(argv=None):
                         help="also run the commands of this commit, in the same rounds")
     parser.add_argument("--rss-limit", type=float, default=16.0,
                         help="GB at which a run's process tree is killed (default 16)")
-    parser.add_argument("--commands", nargs="+", choices=("match", "calibrate", "match_links"),
-                        help="only these commands (default: match and calibrate, and "
-                             "match --links for 50x1h)")
+    parser.add_argument("--commands", nargs="+",
+                        choices=("match", "calibrate", "match_links", "calibrate_pairs"),
+                        help="only these commands (default: match and calibrate, and for "
+                             "50x1h match --links and calibrate --pairs)")
     parser.add_argument("--record", action="store_true", help="write BENCHMARKS.md")
     args = parser.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     plan = []
     for name in args.sizes:
-        commands = ["match_links"] if name == "50x1h" else ["match", "calibrate"]
+        commands = (["match_links", "calibrate_pairs"] if name == "50x1h"
+                    else ["match", "calibrate"])
         plan += [(name, c) for c in commands if not args.commands or c in args.commands]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
@@ -198,7 +202,8 @@ def main(argv=None):
             "1920-d float16 embeddings at their real density, about 15,800 detections per "
             "camera-hour, planted links between consecutive cameras). `match`: `--policy "
             "mutual --max-gap 300`, no links; `calibrate`: `--max-gap 300`; `match --links`: "
-            "the planted links. Default DirectRunner; peak RSS of the whole process tree. "
+            "the planted links; `calibrate --pairs`: the planted links' camera pairs, "
+            "`--max-gap 300`. Default DirectRunner; peak RSS of the whole process tree. "
             "The floor is the command's candidate pairs times the per-cell time of a dense "
             "float32 distance product measured in the same run; CCTView's way is its "
             "per-pair torch distance, measured in the same run.",
