@@ -1,12 +1,13 @@
 """Match quality against the synthetic world's ground truth, next to the label-free estimates.
 
 For each noise level: `cctview synth`, then one `cctview extract` (background detector,
-colour histograms), then from the same stored detections
+``--embedder``: colour strips by default, the demo's), then from the same stored detections
 - CCTView's rule: every detection's nearest neighbour in each other camera within
   --max-gap (`match --policy topk --top-k 1`),
 - `cctview calibrate`, then `cctview match --links links.json --policy mutual`,
 - our defaults: `cctview calibrate`, then `cctview match --links links.json` (the
-  learned matcher, which abstains where it cannot reach its precision target),
+  learned matcher, which abstains where it cannot reach its precision target), and
+  the same as the demo runs it (``--embedding-norm power+center``),
 each scored against the truth (pair precision, transit recall, their F1) and by both
 label-free estimates of `cctview evaluate` (docs/spec.md): the target-decoy competition
 (`--control decoy`, the default) and the time-shift control (`--control shift`).
@@ -69,12 +70,12 @@ def _mapped_precision(matches, vehicles):
     return right / len(mapped) if mapped else 0.0
 
 
-def one_level(noise, minutes, seed, tmp):
+def one_level(noise, minutes, seed, tmp, embedder):
     world, run = tmp + "/world-%g-%d" % (noise, seed), tmp + "/run-%g-%d" % (noise, seed)
     _run(["synth", "--output", world, "--cameras", "3", "--minutes", str(minutes),
           "--noise", str(noise), "--seed", str(seed)])
     _run(["extract", "--input", world + "/frames", "--output", run,
-          "--detector", "background", "--embedder", "color_histogram"])
+          "--detector", "background", "--embedder", embedder])
     detections = run + "/detections"
     truth = ground_truth.load_truth(world)
     vehicles = ground_truth.vehicle_of_detections(ground_truth.read_table(detections), truth)
@@ -89,6 +90,8 @@ def one_level(noise, minutes, seed, tmp):
          ["--links", links, "--policy", "mutual"]),
         ("default", "ours: calibrate, then match --links (learned default)",
          ["--links", links]),
+        ("demo", "ours as the demo runs it: --links, --embedding-norm power+center",
+         ["--links", links, "--embedding-norm", "power+center"]),
     ]
     for folder, name, flags in configs:
         out = run + "/" + folder
@@ -111,13 +114,16 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
     parser.add_argument("--minutes", type=float, default=16.0,
                         help="minutes of footage per noise level (default 16)")
+    parser.add_argument("--embedder", default="color_bands",
+                        choices=("color_bands", "color_histogram"),
+                        help="embedder of the extraction (default color_bands, the demo's)")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args(argv)
     started = time.time()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for noise in [float(n) for n in args.noise.split(",")]:
-            rows.extend(one_level(noise, args.minutes, args.seed, tmp))
+            rows.extend(one_level(noise, args.minutes, args.seed, tmp, args.embedder))
     lines = ["| noise | matching | matches | precision (true) | precision (true, mapped) | "
              "decoy estimate (excess) | time-shift estimate | transit recall | F1 |",
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -133,10 +139,11 @@ def main(argv=None):
         record_section("Ground truth (synthetic world)", "\n".join([
             "Machine: %s." % machine(),
             "Command: `.venv/bin/python %s` (3 cameras, "
-            "%g minutes per noise level, seed %d, background detector + colour histograms; one "
+            "%g minutes per noise level, seed %d, background detector + `--embedder %s`; one "
             "extraction, every matching from the same stored detections)." % (
                 " ".join(["benchmarks/ground_truth.py"] + list(
-                    sys.argv[1:] if argv is None else argv)), args.minutes, args.seed),
+                    sys.argv[1:] if argv is None else argv)), args.minutes, args.seed,
+                args.embedder),
             "Precision (true): share of match pairs whose two detections are the same "
             "vehicle. Transit recall: share of (vehicle, camera pair) sightings within "
             "%s s with at least one true pair. F1 of the two. The estimates are "
