@@ -101,6 +101,12 @@ def _sum(counts: Dict[str, int], names: Sequence[str]) -> int:
     return sum(int(counts.get(n, 0)) for n in names)
 
 
+def _total(phase: Phase, counts: Dict[str, int], known: Dict[str, int]) -> int:
+    """A phase's items to do: its total counters or the driver's known total, less the
+    skipped ones."""
+    return max(_sum(counts, phase.total), known.get(phase.name, 0)) - _sum(counts, phase.skipped)
+
+
 def format_line(label: str, phases: Sequence[Phase], counts: Dict[str, int],
                 known: Dict[str, int], rates: Dict[str, Optional[float]]) -> str:
     """``label: phase done/total unit (pct), rate/s, ETA t | next phase ...``.
@@ -111,8 +117,7 @@ def format_line(label: str, phases: Sequence[Phase], counts: Dict[str, int],
     done_of = [_sum(counts, p.done) for p in phases]
     for i, phase in enumerate(phases):
         done = done_of[i]
-        total = max(_sum(counts, phase.total), known.get(phase.name, 0)) - _sum(
-            counts, phase.skipped)
+        total = _total(phase, counts, known)
         if any(done_of[i + 1:]):  # a later phase is under way: this one is complete
             total = done
         text = "%s %s/%s%s" % (phase.name, "{:,}".format(done), "{:,}".format(total),
@@ -276,6 +281,7 @@ class Progress:
         self.started = self.clock()
         self.baseline = self.receiver.totals() if getattr(self, "receiver", None) else {}
         self.first_seen: Dict[str, Tuple[float, int]] = {}
+        self.began: Dict[str, float] = {}
 
     def start_job(self, label: str, phases: Sequence[Phase],
                   known: Optional[Dict[str, int]] = None) -> None:
@@ -304,16 +310,32 @@ class Progress:
         with self.lock:
             counts, now = self.counts(), self.clock()
             rates: Dict[str, Optional[float]] = {}
-            for phase in self.phases:
-                done = _sum(counts, phase.done)
-                if done <= 0:
-                    continue
-                first = self.first_seen.setdefault(phase.name, (now, done))
-                if now - first[0] > 0 and done > first[1]:
-                    rates[phase.name] = (done - first[1]) / (now - first[0])
-                elif now > self.started:  # one sample: the rate since the job started
-                    rates[phase.name] = done / (now - self.started)
+            earlier_complete = True
+            for i, phase in enumerate(self.phases):
+                done, total = _sum(counts, phase.done), _total(phase, counts, self.known)
+                if i and earlier_complete and done <= 0:
+                    self.began.setdefault(phase.name, now)
+                earlier_complete = earlier_complete and 0 < total <= done
+                if done > 0:
+                    rates[phase.name] = self._rate(phase.name, done, now)
             return format_line(self.label, self.phases, counts, self.known, rates)
+
+    def _rate(self, name: str, done: int, now: float) -> Optional[float]:
+        """Items per second of a phase. One that was seen waiting behind the phases
+        before it (a barrier: matching starts when every detection is batched) counts
+        from then: its counter moves in steps (a block of detections at a time), and the
+        time between steps is part of its rate. Otherwise the rate counts from the first
+        poll that saw it moving (model loading is not part of the frames' rate), or,
+        with one sample, from the start of the job."""
+        began = self.began.get(name)
+        if began is not None and now > began:
+            return done / (now - began)
+        first = self.first_seen.setdefault(name, (now, done))
+        if now - first[0] > 0 and done > first[1]:
+            return (done - first[1]) / (now - first[0])
+        if now > self.started:
+            return done / (now - self.started)
+        return None
 
     def _loop(self) -> None:
         while not self.stopped.wait(self.interval):

@@ -37,3 +37,38 @@ def test_end_counters_account_for_every_listed_file():
     assert "another partition reads" in in_backfill and "none" not in in_backfill[:20]
     assert "unaccounted" in progress.frame_accounting(dict(totals, frames_listed=11))
     assert progress.frame_accounting({"detections_read": 3}) is None
+
+
+def _polled(states):
+    """A Progress on a fake clock whose counts are ``states[t]`` at time t."""
+    clock = {"t": 0.0}
+    watch = progress.Progress(label="match", phases=progress.MATCH, clock=lambda: clock["t"])
+    watch.start_job("match", progress.MATCH, known={"reading": 1000})
+
+    def line_at(t):
+        clock["t"] = t
+        watch.counts = lambda: states[t]
+        return watch.line()
+    return line_at
+
+
+def test_a_phase_behind_a_barrier_counts_its_rate_from_when_it_began():
+    """Matching's counter moves a block at a time: its rate counts from when it was
+    seen waiting for the reading to end, so the wait before the first block is part of
+    it (counting from the first step read 3.75/s here and an ETA 60% too long)."""
+    read = {"detections_read": 1000, "detections_batched": 1000}
+    line_at = _polled({10.0: {"detections_read": 500}, 30.0: dict(read, detections_computed=0),
+                       80.0: dict(read, detections_computed=300),
+                       90.0: dict(read, detections_computed=300)})
+    assert "reading 500/1,000 detections (50%), 50.0/s, ETA 10s" in line_at(10.0)
+    assert line_at(30.0).endswith("matching 0/1,000 detections (0%), starting")
+    assert line_at(80.0).endswith("matching 300/1,000 detections (30%), 6.0/s, ETA 1m57s")
+    assert line_at(90.0).endswith("matching 300/1,000 detections (30%), 5.0/s, ETA 2m20s")
+
+
+def test_a_phase_first_seen_moving_counts_from_then():
+    read = {"detections_read": 1000, "detections_batched": 1000}
+    line_at = _polled({20.0: dict(read, detections_computed=100),
+                       30.0: dict(read, detections_computed=300)})
+    assert "matching 100/1,000 detections (10%), 5.0/s" in line_at(20.0)  # since the job began
+    assert "matching 300/1,000 detections (30%), 20.0/s, ETA 35s" in line_at(30.0)
