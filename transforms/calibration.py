@@ -69,7 +69,10 @@ def find_links(dt_real: Sequence[float], dt_control: Sequence[float], max_gap_s:
     lowers its noise) and scaled to the real histogram's median level. For every
     centre and half-width (2 to 30 s), the real count R in the band is compared with
     the background B by ``z = (R - B) / sqrt(B + 1)``; the best (centre, half-width) is a
-    link when ``z >= min_significance`` and the excess ``R - B >= min_support``. Its band
+    link when ``z >= min_significance`` and the excess ``R - B >= min_support``. Windows
+    that lie on one side of dt = 0 are searched first (with traffic both ways, one wide
+    window over the peaks near -T and +T outscores either, and its link would hold
+    both directions), any window only when none of them qualifies. Its band
     is masked (plus a margin of the narrowest half-width, so that a second link is a
     peak of its own, not this one's shoulder) and the next peak searched, up to
     ``max_links``. Then, for a pair with links of one sign of dt only, the *mirror* of
@@ -78,7 +81,8 @@ def find_links(dt_real: Sequence[float], dt_control: Sequence[float], max_gap_s:
     needs no correction for searching the whole histogram, so a weaker opposite
     carriageway is still found. Finally each band is widened to hold 90% of its peak's
     excess (:func:`_bulk_half_width`), never past half the way to the pair's other
-    link. Returns links without camera ids, by offset: ``offset_s, spread_s, support
+    link; bands that touch are joined (a peak at dt ~ 0 searched from both sides is one
+    link). Returns links without camera ids, by offset: ``offset_s, spread_s, support
     (R), excess (R - B), significance (z)``.
     """
     dt_real = np.asarray(dt_real, dtype=np.float64)
@@ -91,8 +95,14 @@ def find_links(dt_real: Sequence[float], dt_control: Sequence[float], max_gap_s:
     margin = max(1, int(round(_HALF_WIDTHS_S[0] / bin_s)))
     peaks = []  # (centre bin, core half-width in bins, z)
     for _ in range(max_links):
-        z, i, half, r, b = _best_window(real, background, available, bin_s)
-        if not (z >= min_significance and r - b >= min_support):
+        # windows on one side of dt = 0 first (a window over both directions' peaks
+        # outscores either), then any window (cameras side by side: a peak at dt ~ 0)
+        for zero_edge in (max_gap_s / bin_s, None):
+            z, i, half, r, b = _best_window(real, background, available, bin_s,
+                                            zero_edge=zero_edge)
+            if z >= min_significance and r - b >= min_support:
+                break
+        else:
             break
         peaks.append((i, half, z))
         available[max(0, i - half - margin):min(n_bins, i + half + margin + 1)] = False
@@ -103,15 +113,29 @@ def find_links(dt_real: Sequence[float], dt_control: Sequence[float], max_gap_s:
         if mirror is not None:
             peaks.append(mirror)
     smooth_bins = max(1, int(round(30.0 / bin_s)))
-    links = []
+    bands = []  # (lo, hi) bins of each peak's widened band
     centres = sorted(i for i, _, _ in peaks)
     for i, half, _ in peaks:
         gaps = [abs(i - j) for j in centres if j != i]
         reach = min([smooth_bins] + [g // 2 for g in gaps])
         half = min(max(half, _bulk_half_width(real - background, np.ones(n_bins, bool), i,
                                               min(half, reach), reach)), max(reach, 1))
-        links.append(_link(dt_real, real, background, edges, i, half, bin_s))
+        bands.append((i - half, i + half))
+    links = [_link(dt_real, real, background, edges, (lo + hi) // 2, (hi - lo + 1) // 2, bin_s)
+             for lo, hi in _merge_touching(bands, margin)]
     return sorted(links, key=lambda l: l["offset_s"])
+
+
+def _merge_touching(bands, margin: int) -> list:
+    """Bands (lo, hi bins) less than ``margin`` bins apart, joined: the two one-sided
+    halves of a peak at dt ~ 0 (cameras side by side) are one link."""
+    out: list = []
+    for lo, hi in sorted(bands):
+        if out and lo - out[-1][1] <= margin:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def _background(real: np.ndarray, control: np.ndarray, bin_s: float) -> np.ndarray:
@@ -133,10 +157,12 @@ def _background(real: np.ndarray, control: np.ndarray, bin_s: float) -> np.ndarr
 
 
 def _best_window(real, background, available, bin_s, half_widths_s=_HALF_WIDTHS_S,
-                 allowed=None, min_excess=-np.inf):
+                 allowed=None, min_excess=-np.inf, zero_edge=None):
     """-> (z, centre bin, half-width bins, R, B) of the most significant window that
     touches no masked bin (and, with ``allowed``, whose centre is allowed, and whose
-    excess is at least ``min_excess``)."""
+    excess is at least ``min_excess``; with ``zero_edge``, the position of dt = 0 in
+    bins: that does not hold dt = 0 inside it, so that one window cannot hold both
+    directions of traffic)."""
     best = (-np.inf, 0, 1, 0.0, 0.0)
     for half_width in half_widths_s:
         half = max(1, int(round(half_width / bin_s)))
@@ -145,6 +171,9 @@ def _best_window(real, background, available, bin_s, half_widths_s=_HALF_WIDTHS_
         blocked = _window_sums((~available).astype(np.float64), half) > 0
         if allowed is not None:
             blocked |= ~allowed
+        if zero_edge is not None:
+            centre = np.arange(len(real))
+            blocked |= (centre - half < zero_edge) & (centre + half + 1 > zero_edge)
         blocked |= r - b < min_excess
         z = np.where(blocked, -np.inf, (r - b) / np.sqrt(b + 1.0))
         i = int(np.argmax(z))

@@ -44,3 +44,22 @@ def test_searched_pairs_every_pair_or_the_named_ones_present():
     named = [("b", "a"), ("a", "b"), ("a", "z"), ("c", "c"), ("c", "b")]
     assert searched_pairs(["a", "b", "c"], named) == [("a", "b"), ("b", "c")]
     assert searched_pairs(["a", "b"], []) == []
+
+
+def test_one_link_never_holds_both_directions():
+    """Two peaks at -30 and +30 s joined by a bridge of pairs near 0, over few pairs (4
+    minutes of the demo's world): a window over both outscored either and became one
+    link near 0 s (seed 1 here); windows on one side of dt = 0 come first now."""
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        noise = lambda n: rng.uniform(-120, 120, n)  # noqa: E731
+        real = np.concatenate([noise(40), rng.uniform(-42, -18, 40), rng.uniform(18, 42, 40),
+                               rng.uniform(-18, 6, 12)])
+        offsets = [l["offset_s"] for l in find_links(real, noise(40), 120)]
+        assert len(offsets) == 2 and offsets[0] < 0 < offsets[1], (seed, offsets)
+        assert all(abs(abs(o) - 30) <= 8 for o in offsets), (seed, offsets)
+    # a peak at dt ~ 0 (cameras side by side) is one link: its one-sided halves touch
+    rng = np.random.default_rng(9)
+    links = find_links(np.concatenate([rng.uniform(-120, 120, 200), rng.normal(0, 2, 60)]),
+                       rng.uniform(-120, 120, 200), 120)
+    assert len(links) == 1 and abs(links[0]["offset_s"]) <= 1 and links[0]["spread_s"] >= 4
