@@ -23,7 +23,7 @@ import numpy as np
 
 from transforms.detections_io import FileSpan
 
-__all__ = ["Chunk", "plan_chunks", "rows_budget"]
+__all__ = ["Chunk", "camera_groups", "plan_chunks", "rows_budget"]
 
 
 class Chunk(NamedTuple):
@@ -84,3 +84,50 @@ def plan_chunks(spans: Sequence[FileSpan], margin_ms: int, align_ms: int,
                             int(round(_rows_in(groups, *read)))))
         lo = hi
     return chunks
+
+
+def camera_groups(pairs: Sequence[Tuple[str, str]], spans: Sequence[FileSpan], margin_ms: int,
+                  align_ms: int, max_rows: int) -> List[Tuple[list, List[FileSpan]]]:
+    """Camera pairs cut into groups whose chunks can fit ``max_rows``: ``[(pairs, spans of
+    their cameras)]``, each pair in one group.
+
+    A chunk reads at least one step plus the margins of all the cameras it holds, so
+    with many cameras (50 within +-300 s: half an hour of 50 cameras, 3 GB of
+    float32 embeddings) even the smallest chunk outgrows the budget. Results per camera
+    pair depend on that pair's two cameras only (mutual nearest neighbours of a and b),
+    so pairs can run in groups of at most as many cameras as the smallest chunk fits
+    (at the cameras' mean density; at least two). Pairs are taken in order, so
+    neighbours along a road (a -> b, b -> c, ...) share a group and each camera is read
+    by about one group. A file's rows count for a group in the share of its cameras
+    the group holds. ``max_rows <= 0``: one group."""
+    pairs = sorted(pairs)
+    cameras = sorted({c for p in pairs for c in p})
+    if max_rows <= 0 or len(cameras) <= 2:
+        return [(pairs, list(spans))]
+    rows = sum(s.rows * len(set(s.cameras) & set(cameras)) / max(1, len(s.cameras))
+               for s in spans)
+    first = min((g[1] for s in spans for g in s.groups if g[0]), default=0)
+    last = max((g[2] for s in spans for g in s.groups if g[0]), default=0) + 1
+    per_camera = rows / len(cameras) * min(1.0, (align_ms + 2 * margin_ms) / max(1, last - first))
+    fit = max(2, int(max_rows // max(per_camera, 1.0)))
+    groups: List[list] = []
+    held: set = set()
+    for pair in pairs:
+        if not groups or len(held | set(pair)) > fit:
+            groups.append([])
+            held = set()
+        groups[-1].append(pair)
+        held |= set(pair)
+    return [(g, _spans_of({c for p in g for c in p}, spans)) for g in groups]
+
+
+def _spans_of(cameras: set, spans: Sequence[FileSpan]) -> List[FileSpan]:
+    """The spans that hold any of ``cameras``, their rows scaled to the share of their
+    cameras among them."""
+    out = []
+    for span in spans:
+        share = len(cameras & set(span.cameras)) / max(1, len(span.cameras))
+        if share:
+            groups = [(int(round(g[0] * share)),) + tuple(g[1:]) for g in span.groups]
+            out.append(span._replace(groups=groups))
+    return out

@@ -205,9 +205,9 @@ def _detection_files(options: PipelineOptions, cameras: bool = False) -> Tuple[L
 
 
 def _detection_source(options: PipelineOptions, files, as_columns: bool = False,
-                      time_range=None) -> ReadDetections:
+                      time_range=None, cameras=None) -> ReadDetections:
     return ReadDetections(files, options.view_as(TimeZoneOptions).timezone,
-                          as_columns=as_columns, time_range=time_range)
+                          as_columns=as_columns, time_range=time_range, cameras=cameras)
 
 
 class ChunkPlan(NamedTuple):
@@ -230,15 +230,22 @@ def _chunk_mb(options: PipelineOptions) -> int:
     return chunk_mb
 
 
-def _chunk_plan(options: PipelineOptions, spans, margin_ms: int, align_ms: int) -> ChunkPlan:
-    """The time chunks of a match or calibrate run (pipelines/chunks.py): one chunk on
-    Dataflow or with --chunk-mb 0, else chunks of --chunk-mb of embeddings."""
-    from pipelines.chunks import plan_chunks, rows_budget
+def _chunk_rows(options: PipelineOptions, spans) -> int:
+    """Detections per chunk that --chunk-mb allows (0: one job)."""
+    from pipelines.chunks import rows_budget
 
     chunk_mb = _chunk_mb(options)
     dim = max((s.dim for s in spans), default=0) or 2048  # variable lists: assume large
-    rows = rows_budget(chunk_mb * 2 ** 20, dim) if chunk_mb else 0
-    return ChunkPlan(chunk_mb, plan_chunks(spans, margin_ms, align_ms, rows))
+    return rows_budget(chunk_mb * 2 ** 20, dim) if chunk_mb else 0
+
+
+def _chunk_plan(options: PipelineOptions, spans, margin_ms: int, align_ms: int) -> ChunkPlan:
+    """The time chunks of a match or calibrate run (pipelines/chunks.py): one chunk on
+    Dataflow or with --chunk-mb 0, else chunks of --chunk-mb of embeddings."""
+    from pipelines.chunks import plan_chunks
+
+    rows = _chunk_rows(options, spans)
+    return ChunkPlan(_chunk_mb(options), plan_chunks(spans, margin_ms, align_ms, rows))
 
 
 def _run_chunks(options: PipelineOptions, chunks, build, what: str,
@@ -362,9 +369,11 @@ def calibrate(options: PipelineOptions) -> int:
     Each time chunk's job writes its camera pairs' dt lists (real and control) to a
     part file beside the target; the driver pools them and finds the links. On runners
     that hold a job's shuffle in memory, the real pairs and the control are jobs of
-    their own."""
+    their own, and with many cameras the pairs run in camera groups, each cut into its
+    own time chunks (:func:`pipelines.chunks.camera_groups`)."""
     from transforms.calibration import (CalibrationPairs, links_of_pairs, merge_pair_dts,
                                         searched_pairs)
+    from pipelines.chunks import camera_groups
     from pipelines.stages import read_camera_pairs
     from transforms.links import write_links
     from transforms.match_blocks import CandidateBands
@@ -385,7 +394,7 @@ def calibrate(options: PipelineOptions) -> int:
     # real pairs are exact with the margin; each chunk's control shifts within the data
     # it reads (the same traffic, no true pairs), not within the whole period
     margin = context_margin_ms("mutual", CandidateBands(candidates.max_gap), window_ms)
-    plan = _chunk_plan(options, spans, margin, window_ms)
+    groups = camera_groups(pairs, spans, margin, window_ms, _chunk_rows(options, spans))
     period = (min(g[1] for s in spans for g in s.groups if g[0]),
               max(g[2] for s in spans for g in s.groups if g[0]) + 1000)
 
@@ -396,23 +405,32 @@ def calibrate(options: PipelineOptions) -> int:
     parts = target + ".parts"
     parquet_io.clear_table(parts)  # a crashed run's parts must not be pooled
 
-    def build(pipeline, chunk, kind):
-        files = [s.path for s in spans] if chunk.read_ms is None else chunk.files
+    def build(pipeline, chunk, kind, group, group_spans, group_pairs):
+        files = [s.path for s in group_spans] if chunk.read_ms is None else chunk.files
+        cams = sorted({c for p in group_pairs for c in p})
         _ = (pipeline
-             | "ReadDetections" >> _detection_source(options, files, True, chunk.read_ms)
+             | "ReadDetections" >> _detection_source(
+                 options, files, True, chunk.read_ms, cams if len(groups) > 1 else None)
              | "Calibrate" >> CalibrationPairs(
-                 cameras, span_of(chunk), max_gap_s=candidates.max_gap,
+                 cams, span_of(chunk), max_gap_s=candidates.max_gap,
                  window_s=candidates.window, metric=candidates.metric,
-                 owned_ms=chunk.owned_ms, kinds=kind, pairs=pairs)
+                 owned_ms=chunk.owned_ms, kinds=kind, pairs=group_pairs)
              | "AllPairs" >> beam.combiners.ToList()
-             | "WritePart" >> beam.Map(_write_json_lines, "%s/chunk-%04d-%s.json"
-                                       % (parts, chunk.index, kind)))
+             | "WritePart" >> beam.Map(_write_json_lines, "%s/group-%03d-chunk-%04d-%s.json"
+                                       % (parts, group, chunk.index, kind)))
 
-    # Where a job's shuffle is held in memory (chunked runs), the real pairs and the
-    # control run as jobs of their own: one matching's copies at a time.
-    for kind in ("real", "control") if plan.chunk_mb else ("both",):
-        _run_chunks(options, plan.chunks, functools.partial(build, kind=kind),
-                    "calibrate" if kind == "both" else "calibrate (%s pairs)" % kind)
+    # Camera groups where many cameras make even one step of time too much for a chunk
+    # (pipelines/chunks.py); where a job's shuffle is held in memory (chunked runs), the
+    # real pairs and the control run as jobs of their own: one matching's copies at a time.
+    for group, (group_pairs, group_spans) in enumerate(groups):
+        plan = _chunk_plan(options, group_spans, margin, window_ms)
+        label = "" if len(groups) == 1 else ", camera group %d/%d" % (group + 1, len(groups))
+        for kind in ("real", "control") if plan.chunk_mb else ("both",):
+            _run_chunks(options, plan.chunks, functools.partial(
+                build, kind=kind, group=group, group_spans=group_spans,
+                group_pairs=group_pairs),
+                "calibrate%s" % label if kind == "both" else
+                "calibrate (%s pairs%s)" % (kind, label))
     if _is_dry_run(options):
         print("dry run: job built, nothing executed")
         return 0

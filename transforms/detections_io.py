@@ -152,11 +152,13 @@ def _row_groups_in(parquet: pq.ParquetFile, time_range, timezone: str) -> list:
 
 
 class _ReadFileFn(beam.DoFn):
-    def __init__(self, timezone: str, batch_rows: int, as_columns: bool, time_range):
+    def __init__(self, timezone: str, batch_rows: int, as_columns: bool, time_range,
+                 cameras=None):
         self._timezone = timezone
         self._batch_rows = batch_rows
         self._as_columns = as_columns
         self._time_range = time_range
+        self._cameras = cameras
         self.rows = progress.counter(NAMESPACE, "detections_read")
 
     def process(self, path):
@@ -181,8 +183,14 @@ class _ReadFileFn(beam.DoFn):
                     yield read
 
     def _convert(self, table: pa.Table):
-        """A record batch -> columns or dicts, only the rows of the time range."""
+        """A record batch -> columns or dicts, only the rows of the time range (and of
+        the cameras asked for)."""
         table = _valid_rows(table)
+        if self._cameras is not None:
+            wanted = pc.is_in(table["camera_id"].cast(pa.string()),
+                              value_set=pa.array(self._cameras, pa.string()))
+            if not pc.all(wanted).as_py():  # a file of the cameras only is not copied
+                table = table.filter(wanted)
         if self._time_range is not None:
             ts = _epoch_ms(table["frame_ts"], self._timezone)
             lo, hi = self._time_range
@@ -269,11 +277,13 @@ class ReadDetections(beam.PTransform):
     then never builds a Python object per detection).
 
     ``time_range=(lo, hi)`` (UTC epoch ms) keeps only the detections with
-    ``lo <= frame_ts < hi``; row groups whose statistics lie outside are not read."""
+    ``lo <= frame_ts < hi``; row groups whose statistics lie outside are not read.
+    ``cameras``: only the detections of these camera ids."""
 
     def __init__(self, files: Sequence[str], timezone: str = "UTC", batch_rows: int = 4096,
-                 as_columns: bool = False, time_range=None):
+                 as_columns: bool = False, time_range=None, cameras=None):
         super().__init__()
+        self._cameras = None if cameras is None else sorted(set(map(str, cameras)))
         self._files = list(files)
         self._timezone = timezone
         self._batch_rows = batch_rows
@@ -288,5 +298,5 @@ class ReadDetections(beam.PTransform):
             | "Spread" >> beam.Reshuffle()
             | "ReadParquet" >> beam.ParDo(
                 _ReadFileFn(self._timezone, self._batch_rows, self._as_columns,
-                            self._time_range))
+                            self._time_range, self._cameras))
         )

@@ -24,3 +24,29 @@ def test_chunk_plan_covers_every_row_once_and_skips_gaps():
     assert len(chunks) < 12  # the 8-hour gap costs no chunk of its own
     whole = plan_chunks(spans, 600_000, 1_200_000, 0)
     assert len(whole) == 1 and whole[0].owned_ms is None and whole[0].files == ["a", "b"]
+
+
+def test_camera_groups_hold_what_one_step_of_a_chunk_fits():
+    """50 cameras in a chain, one file each: when the smallest chunk of all of them
+    outgrows the budget, pairs run in groups of consecutive cameras, each pair once;
+    a file of several cameras counts for a group in the share of them it holds."""
+    from pipelines.chunks import camera_groups
+    from transforms.detections_io import FileSpan
+
+    hour = 3_600_000
+    cams = ["c%02d" % i for i in range(50)]
+    spans = [FileSpan(c, [(3600, 0, hour - 1)], 4, (c,)) for c in cams]
+    chain = [(a, b) for a, b in zip(cams, cams[1:])]
+    # the smallest chunk (600 s step + 2 x 600 s margins) holds 1,800 rows per camera
+    groups = camera_groups(chain, spans, 600_000, 600_000, max_rows=18_000)
+    assert len(groups) > 1
+    assert sorted(p for g, _ in groups for p in g) == chain  # each pair once
+    for pairs, group_spans in groups:
+        held = {c for p in pairs for c in p}
+        assert len(held) <= 10 and [s.path for s in group_spans] == sorted(held)
+    assert len(camera_groups(chain, spans, 600_000, 600_000, max_rows=10 ** 7)) == 1
+    assert len(camera_groups(chain, spans, 600_000, 600_000, max_rows=0)) == 1
+    shared = [FileSpan("all", [(5000, 0, hour - 1)], 4, tuple(cams[:5]))]
+    (_, scaled), *_ = camera_groups([("c00", "c01"), ("c02", "c03")], shared, 600_000,
+                                    600_000, max_rows=600)
+    assert scaled[0].rows == 2000  # 2 of the file's 5 cameras
