@@ -120,8 +120,12 @@ def format_line(label: str, phases: Sequence[Phase], counts: Dict[str, int],
         total = _total(phase, counts, known)
         if any(done_of[i + 1:]):  # a later phase is under way: this one is complete
             total = done
-        text = "%s %s/%s%s" % (phase.name, "{:,}".format(done), "{:,}".format(total),
-                               "" if phase.unit == phase.name else " " + phase.unit)
+        unit = "" if phase.unit == phase.name else " " + phase.unit
+        if total < done:  # no total known (a command that lists nothing ahead)
+            total = 0
+            text = "%s %s%s" % (phase.name, "{:,}".format(done), unit)
+        else:
+            text = "%s %s/%s%s" % (phase.name, "{:,}".format(done), "{:,}".format(total), unit)
         if total:
             text += " (%d%%)" % min(100, 100 * done // total)
         elif not done and current is not None:  # a later phase with nothing yet

@@ -18,6 +18,10 @@ def test_line_shows_done_of_total_rate_and_eta_of_the_phase_under_way():
     # a total known from file metadata, before anything is counted
     line = progress.format_line("match", progress.MATCH, {}, {"reading": 5000}, {})
     assert line == "match: reading 0/5,000 detections (0%), starting | matching not started"
+    # no total known ahead (evaluate reads without listing): the count alone
+    line = progress.format_line("evaluate", (progress.READING,), {"detections_read": 40}, {},
+                                {"reading": 4.0})
+    assert line == "evaluate: reading 40 detections, 4.0/s"
     done = {"detections_read": 10, "detections_batched": 10, "detections_computed": 10}
     assert progress.format_line("match", progress.MATCH, done, {}, {}).endswith(
         "writing outputs")
