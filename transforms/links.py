@@ -13,17 +13,21 @@ from transforms.match_blocks import normalize_links
 __all__ = ["load_camera_pairs", "load_links", "write_links"]
 
 
-def load_links(path) -> list:
-    """Reads and validates a links.json from a local path or any Beam filesystem URI."""
+def _read_json_list(path) -> list:
+    """The JSON list in a file at a local path or any Beam filesystem URI."""
     from apache_beam.io.filesystems import FileSystems
 
     path = str(path)
     with FileSystems.open(path) as f:
         data = json.loads(f.read().decode("utf-8"))
     if not isinstance(data, list):
-        raise ValueError("%s: links.json must hold a JSON list, got %s"
-                         % (path, type(data).__name__))
-    return normalize_links(data)
+        raise ValueError("%s: must hold a JSON list, got %s" % (path, type(data).__name__))
+    return data
+
+
+def load_links(path) -> list:
+    """Reads and validates a links.json from a local path or any Beam filesystem URI."""
+    return normalize_links(_read_json_list(path))
 
 
 def load_camera_pairs(path) -> list:
@@ -31,12 +35,8 @@ def load_camera_pairs(path) -> list:
     other keys, a links.json's offsets among them, are ignored) -> sorted distinct
     ``(camera_a, camera_b)`` tuples with ``camera_a < camera_b``; from a local path or any
     Beam filesystem URI."""
-    from apache_beam.io.filesystems import FileSystems
-
-    path = str(path)
-    with FileSystems.open(path) as f:
-        data = json.loads(f.read().decode("utf-8"))
-    if not isinstance(data, list) or not data:
+    data = _read_json_list(path)
+    if not data:
         raise ValueError("%s: must hold a non-empty JSON list of camera pairs" % path)
     pairs = set()
     for item in data:
