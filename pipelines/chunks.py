@@ -104,11 +104,12 @@ def camera_groups(pairs: Sequence[Tuple[str, str]], spans: Sequence[FileSpan], m
     cameras = sorted({c for p in pairs for c in p})
     if max_rows <= 0 or len(cameras) <= 2:
         return [(pairs, list(spans))]
-    rows = sum(s.rows * len(set(s.cameras) & set(cameras)) / max(1, len(s.cameras))
-               for s in spans)
-    first = min((g[1] for s in spans for g in s.groups if g[0]), default=0)
-    last = max((g[2] for s in spans for g in s.groups if g[0]), default=0) + 1
-    per_camera = rows / len(cameras) * min(1.0, (align_ms + 2 * margin_ms) / max(1, last - first))
+    rows, first, last = _groups(_spans_of(set(cameras), spans))
+    held_rows = rows > 0
+    if not held_rows.any():
+        return [(pairs, list(spans))]
+    period = int(last[held_rows].max()) - int(first[held_rows].min())
+    per_camera = rows.sum() / len(cameras) * min(1.0, (align_ms + 2 * margin_ms) / max(1, period))
     fit = max(2, int(max_rows // max(per_camera, 1.0)))
     groups: List[list] = []
     held: set = set()
