@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.record import machine, record_section  # noqa: E402
 from pipelines import ground_truth  # noqa: E402
 from pipelines.cli import main as cctview  # noqa: E402
+from transforms import decoy  # noqa: E402
 
 GAP = "120"
 NOTE = ("How to read it: the decoy estimate is the one to trust for every configuration: "
@@ -57,8 +58,12 @@ def _estimate(detections, out, extra, control):
     _run(["evaluate", "--detections", detections, "--output", table, "--max-gap", GAP,
           "--control", control] + extra)
     rows = json.loads(Path(table).read_text())
-    hits = sum(r["target_hits" if control == "decoy" else "real"] for r in rows)
     excess = sum(r["excess"] for r in rows)
+    if control == "decoy":
+        hits = sum(r["target_hits"] for r in rows)
+        false = sum(r["false"] for r in rows)
+        return decoy.estimated_precision(hits, false, sum(r["decoy_hits"] for r in rows)), excess
+    hits = sum(r["real"] for r in rows)
     return (excess / hits if hits else 0.0), excess
 
 

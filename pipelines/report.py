@@ -203,7 +203,9 @@ def _precision(rows: List[dict], source: str) -> str:
             "other half of the period compete as decoys; matches on them are false by "
             "construction and estimate the false matches among the real ones. "
             "<b>excess</b> = target hits - estimated false: the estimated true matches; "
-            "<b>precision</b> = excess / target hits. Trust a row when its excess is "
+            "<b>precision</b> = excess / (target hits + decoy hits): that of a run "
+            "without decoys, where each detection that hit a decoy could have matched a "
+            "false target instead. Trust a row when its excess is "
             "significant (at least 3 standard errors, sqrt(hits + false), above zero); "
             "+- is the precision's standard error from those counts alone.</p>"
             % _e(source)) + _table_html(

@@ -11,8 +11,23 @@ by construction. Per half h of P (the half the b-detection sits in)::
 
     false_h = decoy_hits_h * targets_b_h / decoys_b_h
 
-(decoys of half h are b's targets of the other half), ``false = sum_h false_h``,
-``excess = target_hits - false`` and ``precision = excess / target_hits``.
+(decoys of half h are b's targets of the other half), ``false = sum_h false_h`` and
+``excess = target_hits - false`` (the true matches among the target hits).
+
+The precision reported is that of a run *without* decoys, the run ``cctview match``
+makes (:func:`estimated_precision`)::
+
+    precision = excess / (target_hits + decoy_hits)
+
+A decoy hit is an a-detection that a run without decoys could have matched to a target
+of b instead, a false one at worst: it adds a hit and a false match, besides the false
+target hits ``false`` estimates. The plain competition ratio ``excess / target_hits``
+describes the decoy run's own target hits, which are purer than a real run's, because
+decoys take half of the false choices away from the targets. On the synthetic world
+(BENCHMARKS.md, "Decoy estimate against the truth") that ratio read up to 0.11 above
+the real run's true precision for the learned matcher. This one reads below it, and
+furthest below for mutual nearest neighbours: there, most decoy hits are a-detections
+that a real run leaves unmatched.
 
 Every camera pair to evaluate is matched in its own namespace: its two cameras become
 virtual cameras ``"<a>|<b>#a"`` and ``"<a>|<b>#b"`` (same prefix, so their order is a's
@@ -20,11 +35,6 @@ and b's), linked only with each other. So b's decoys compete with b's targets fo
 detections, and never meet a's decoys or another pair's (decoys of both cameras of a
 pair, shifted alike, would hold true pairs). A camera in k evaluated pairs is copied k
 times (b-side copies twice): evaluation costs more than matching, which is its price.
-
-The matcher sees camera b at twice its density (targets and decoys compete for a's
-detections), so the estimate describes a slightly harder problem than the real run: on
-the synthetic world with ground truth it read at most a few hundredths above the true
-precision of the target hits, and usually below it (BENCHMARKS.md, "Ground truth").
 
 With scored matches (``score``), :func:`precision_curve` also gives, per pair, the
 precision of every score threshold from the same hits, and the best of them.
@@ -35,7 +45,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 __all__ = ["DECOY", "EvaluateWithDecoys", "FRONTIER", "b_side_counts", "best_point",
            "classify_hit", "decoy_links", "decoy_ts", "evaluate_in_memory",
-           "evaluated_pairs", "half_of", "namespaces", "original_id", "pair_camera",
+           "estimated_precision", "evaluated_pairs", "half_of", "namespaces", "original_id", "pair_camera",
            "precision_curve", "precision_row", "roles_of", "summarize", "with_decoys"]
 
 DECOY = "~decoy"
@@ -146,6 +156,13 @@ def classify_hit(match: dict, spaces: dict, start_ms: int, span_ms: int):
             match.get("q_value"))
 
 
+def estimated_precision(target_hits: float, false: float, decoy_hits: float) -> float:
+    """The precision of a run without decoys: ``(target_hits - false) / (target_hits +
+    decoy_hits)`` (each decoy hit stands for one more hit and one more false match of
+    that run; module docstring); 0 without target hits."""
+    return (target_hits - false) / (target_hits + decoy_hits) if target_hits else 0.0
+
+
 def precision_row(pair, target_hits: Sequence[int], decoy_hits: Sequence[int],
                   targets_b: Sequence[int], decoys_b: Sequence[int]) -> dict:
     """One pair's estimate from per-half counts (index = half)."""
@@ -155,7 +172,7 @@ def precision_row(pair, target_hits: Sequence[int], decoy_hits: Sequence[int],
     return {"camera_a": pair[0], "camera_b": pair[1], "control": "decoy",
             "target_hits": hits, "decoy_hits": int(sum(decoy_hits)),
             "false": round(false, 1), "excess": round(excess, 1),
-            "precision": round(excess / hits, 3) if hits else 0.0}
+            "precision": round(estimated_precision(hits, false, sum(decoy_hits)), 3)}
 
 
 def _false(decoy_hits: int, targets_b: int, decoys_b: int) -> float:
@@ -166,21 +183,24 @@ def precision_curve(hits: Iterable[tuple], targets_b: Sequence[int],
                     decoys_b: Sequence[int]) -> List[dict]:
     """Scored hits ``(kind, half, score, ...)`` -> precision of every score threshold.
 
-    For each distinct target score t (descending): target hits and estimated false
-    hits with score >= t, excess and precision. Hits without a score make no curve."""
+    For each distinct target score t (descending): target hits, decoy hits and estimated
+    false hits with score >= t, excess and precision (:func:`estimated_precision`). Hits
+    without a score make no curve."""
     hits = [h for h in hits if h[2] is not None]
     scale = [targets_b[h] / decoys_b[h] if decoys_b[h] else 0.0 for h in (0, 1)]
     events = sorted(((-float(h[2]), h[0], h[1]) for h in hits))
-    out, t_hits, false = [], 0, 0.0
+    out, t_hits, d_hits, false = [], 0, 0, 0.0
     for k, (neg, kind, half) in enumerate(events):
         if kind == TARGET:
             t_hits += 1
         else:
+            d_hits += 1
             false += scale[half]
         last = k + 1 == len(events) or events[k + 1][0] != neg
         if last and t_hits:
-            out.append({"threshold": -neg, "target_hits": t_hits, "false": false,
-                        "excess": t_hits - false, "precision": (t_hits - false) / t_hits})
+            out.append({"threshold": -neg, "target_hits": t_hits, "decoy_hits": d_hits,
+                        "false": false, "excess": t_hits - false,
+                        "precision": estimated_precision(t_hits, false, d_hits)})
     return out
 
 

@@ -63,7 +63,8 @@ def test_evaluate_command_both_controls(tmp_path, capsys):
 def test_scored_matcher_runs_once_at_every_threshold():
     """The learned policy under decoys: one run at min_precision 0; the row is what
     --min-precision returns (q_value <= 1 - min_precision), Beam == in memory, and on
-    planted pairs the estimate is high and below the truth + 0.05."""
+    planted pairs the estimate is within 0.05 above and 0.15 below the true precision of
+    the real run (without decoys)."""
     from e2e.test_learned_matching import LINKS as LEARNED_LINKS
     from unit.test_learned_matching import synth
 
@@ -89,9 +90,10 @@ def test_scored_matcher_runs_once_at_every_threshold():
     row = rows[0]
     returned = [m for m in targets if m["q_value"] <= 0.3 + 1e-6]
     assert row["target_hits"] == len(returned) < len(targets) + 1
-    true = np.mean([vid[decoy.original_id(m["detection_id_a"])] ==
-                    vid[decoy.original_id(m["detection_id_b"])] for m in returned])
-    # not above the truth by more than 0.05 plus two standard errors of the decoy count
-    slack = 0.05 + 2 * np.sqrt(max(row["decoy_hits"], 1)) / row["target_hits"]
-    assert 0.7 <= row["precision"] <= true + slack, (row, true)
+    # against the run the user gets: the learned matcher without decoys, at 0.7
+    real = lm.match_linked_periods(dets, LEARNED_LINKS, min_precision=0.7)[0]
+    true = np.mean([vid[m["detection_id_a"]] == vid[m["detection_id_b"]] for m in real])
+    assert true - 0.15 <= row["precision"] <= true + 0.05, (row, true)
+    # the plain competition ratio describes the purer decoy run: above that truth here
+    assert row["excess"] / row["target_hits"] > true + 0.1, (row, true)
     assert 0.0 <= row["best_min_precision"] <= 1.0 and row["best_precision"] >= row["precision"]

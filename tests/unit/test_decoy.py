@@ -46,10 +46,15 @@ def test_decoy_estimate_is_close_to_the_truth_and_not_above_it():
     assert [(r["camera_a"], r["camera_b"]) for r in rows] == [("c1", "c2")]
     row = rows[0]
     assert row["target_hits"] == len(targets) and row["decoy_hits"] > 0
-    true = _true_precision(targets, owner)
+    # the estimate is of the run without decoys (what `cctview match` returns)
+    true = _true_precision(_mutual(dets, LINKS), owner)
     assert 0.2 < true < 0.95, true
     assert row["precision"] <= true + 0.05, (row, true)
-    assert row["precision"] >= true - 0.15, (row, true)
+    # conservative for mutual NN (most decoy hits are detections a real run leaves
+    # unmatched, counted as false), but not uselessly so
+    assert row["precision"] >= true - 0.3, (row, true)
+    # the competition's own target hits are purer: the plain ratio reads above the estimate
+    assert row["excess"] / row["target_hits"] > row["precision"] + 0.1, row
     # no decoy is ever a true match
     assert all(not m["detection_id_b"].endswith(decoy.DECOY) for m in targets)
 
