@@ -257,7 +257,8 @@ class _RouteToBlocks(beam.DoFn):
 class _ComputeBlock(beam.DoFn):
     """A (query Side, reference Side) camera pair of a block -> Match dicts (main output)
     and, for ``topk``/``mutual``, tagged ``partials``: ((cam_a, cam_b, block of the B
-    detections), :class:`~transforms.match_blocks.Partial`) for ``MergeNeighbours``."""
+    detections), encoded :class:`~transforms.match_blocks.Partial`) for
+    ``MergeNeighbours``."""
 
     def __init__(self, bands, policy, metric, threshold, top_k, window_ms, block_ms):
         self.bands = bands
@@ -309,8 +310,9 @@ class _ComputeBlock(beam.DoFn):
             return
         groups = partial.ts_b // self.block_ms
         for g in np.unique(groups).tolist():
-            part = partial if groups[0] == groups[-1] == g else partial.take(groups == g)
-            self.bytes.inc(sum(a.nbytes for a in part))
+            part = mb.encode_partial(
+                partial if groups[0] == groups[-1] == g else partial.take(groups == g))
+            self.bytes.inc(len(part))
             yield beam.pvalue.TaggedOutput(
                 "partials", ((q.camera_id, r.camera_id, g * self.block_ms), part))
 
@@ -427,8 +429,8 @@ class _MergeNeighbours(beam.DoFn):
 
     def process(self, element):
         (cam_a, cam_b, _), partials = element
-        yield from mb.merge_partials(cam_a, cam_b, list(partials), self.policy, self.top_k,
-                                     self.window_ms)
+        yield from mb.merge_partials(cam_a, cam_b, [mb.decode_partial(p) for p in partials],
+                                     self.policy, self.top_k, self.window_ms)
 
 
 class _LowestAssignment(beam.CombineFn):

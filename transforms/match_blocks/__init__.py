@@ -105,6 +105,7 @@ from transforms.match_blocks.records import (make_match, assignment_key, assignm
 from transforms.match_blocks.scan import (ChunkResult, scan_block, ranks_within_groups,
                                           split_block)
 from transforms.match_blocks.neighbours import (Neighbours, neighbour_block, Partial,
+                                                encode_partial, decode_partial,
                                                 neighbour_outputs, merge_partials)
 from transforms.match_blocks.assignment import assign_cells, block_matches, block_outputs
 from transforms.match_blocks.arrays import match_arrays

@@ -2,6 +2,7 @@
 (policies ``topk`` and ``mutual``), and their merge over blocks."""
 from __future__ import annotations
 
+import struct
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -14,9 +15,10 @@ from transforms.match_blocks.kernels import (DEFAULT_Q_TILE, DEFAULT_R_TILE, Wor
 from transforms.match_blocks.records import make_match
 from transforms.match_blocks.scan import ranks_within_groups
 from transforms.match_blocks.sides import Side, id_ranks
+from transforms.match_blocks.wire import decode_ids, encode_ids, pad8
 
-__all__ = ["Neighbours", "neighbour_block", "Partial", "neighbour_outputs",
-           "merge_partials"]
+__all__ = ["Neighbours", "neighbour_block", "Partial", "encode_partial", "decode_partial",
+           "neighbour_outputs", "merge_partials"]
 
 
 _F32_MAX = np.float32(np.finfo(np.float32).max)
@@ -227,6 +229,40 @@ class Partial(NamedTuple):
 
     def take(self, sel) -> "Partial":
         return Partial(*(a[sel] for a in self))
+
+
+_PARTIAL_HEADER = struct.Struct("<4sq")  # magic, rows
+_PARTIAL_MAGIC = b"CVP1"
+
+
+def encode_partial(part) -> bytes:
+    """A :class:`Partial` as bytes (ids as UTF-8, not
+    as numpy's 4 bytes a character); :func:`decode_partial` inverts it."""
+    n = len(part.ids_b)
+    lens_b, blob_b = encode_ids(part.ids_b)
+    lens_a, blob_a = encode_ids(part.ids_a)
+    numbers = [np.ascontiguousarray(part.ts_b, dtype="<i8"), np.ascontiguousarray(part.ts_a, dtype="<i8"),
+               np.ascontiguousarray(part.rank_a, dtype="<i8"), np.ascontiguousarray(part.dist, dtype="<f4")]
+    return b"".join([_PARTIAL_HEADER.pack(_PARTIAL_MAGIC, n), lens_b, lens_a]
+                    + [a.tobytes() for a in numbers] + [b"\0" * pad8(4 * n), blob_b, blob_a])
+
+
+def decode_partial(data: bytes):
+    """:func:`encode_partial`'s bytes -> the Partial (numbers as views of ``data``)."""
+    magic, n = _PARTIAL_HEADER.unpack_from(data, 0)
+    if magic != _PARTIAL_MAGIC:
+        raise ValueError("not an encoded Partial")
+    off = _PARTIAL_HEADER.size
+    lens_b, lens_a, off = off, off + 8 * n, off + 16 * n
+    ts_b, ts_a, rank_a = (np.frombuffer(data, dtype="<i8", count=n, offset=off + 8 * n * k)
+                          for k in range(3))
+    dist = np.frombuffer(data, dtype="<f4", count=n, offset=off + 24 * n)
+    off += 28 * n + pad8(4 * n)
+    ids_b, off = decode_ids(data, off, n, lens_b)
+    ids_a, _ = decode_ids(data, off, n, lens_a)
+    return Partial(ids_b, ts_b.astype(np.int64, copy=False), ids_a,
+                   ts_a.astype(np.int64, copy=False), dist, rank_a.astype(np.int64, copy=False))
+
 
 
 def neighbour_outputs(q: Side, r: Side, nb: Neighbours, policy: str, window_ms: int):

@@ -1,4 +1,5 @@
-"""The wire format of detections between Beam stages: :class:`Batch` as plain bytes.
+"""The wire format of detections between Beam stages: :class:`Batch` as plain bytes
+(and the id encoding that the neighbour partials' format shares).
 
 A Batch is detections of one camera in one block of event time. On the wire it is
 plain bytes (Beam's coders copy them as they are: no pickled numpy arrays), ids as
@@ -12,8 +13,8 @@ from typing import Iterable, NamedTuple
 
 import numpy as np
 
-__all__ = ["Batch", "encode_batch", "decode_batch", "make_batches", "batches_from_arrays",
-           "sorted_by_ts_id", "compact_embeddings"]
+__all__ = ["Batch", "encode_batch", "decode_batch", "encode_ids", "decode_ids", "pad8",
+           "make_batches", "batches_from_arrays", "sorted_by_ts_id", "compact_embeddings"]
 
 
 class Batch(NamedTuple):
@@ -41,7 +42,7 @@ _BATCH_MAGIC = b"CVB2"
 _BATCH_DTYPES = {1: np.dtype("<f2"), 2: np.dtype("<f4")}
 
 
-def _pad8(n: int) -> int:
+def pad8(n: int) -> int:
     return -n % 8
 
 
@@ -53,15 +54,35 @@ def encode_batch(batch: Batch) -> bytes:
     emb = emb.reshape(n, -1) if n else emb.reshape(0, emb.shape[-1] if emb.ndim == 2 else 0)
     code = 1 if emb.dtype == np.float16 else 2
     emb = np.ascontiguousarray(emb, dtype=_BATCH_DTYPES[code])
-    ids = [str(i).encode("utf-8") for i in np.asarray(batch.ids).tolist()]
-    lens = np.fromiter((len(i) for i in ids), dtype="<i8", count=n)
-    blob = b"".join(ids)
+    lens, blob = encode_ids(batch.ids)
     ts = np.ascontiguousarray(batch.ts, dtype="<i8")
     camera = str(batch.camera_id).encode("utf-8")
     header = _BATCH_HEADER.pack(_BATCH_MAGIC, int(batch.window_start_ms), n, emb.shape[1], code,
                                 len(camera))
-    return b"".join((header, camera, b"\0" * _pad8(len(camera)), lens.data, ts.data, blob,
-                     b"\0" * _pad8(len(blob)), emb.data))
+    return b"".join((header, camera, b"\0" * pad8(len(camera)), lens, ts.data, blob,
+                     emb.data))
+
+
+def encode_ids(ids) -> tuple:
+    """String ids -> (their UTF-8 lengths as int64 bytes, the joined UTF-8 padded to 8)."""
+    encoded = [str(i).encode("utf-8") for i in np.asarray(ids).tolist()]
+    lens = np.fromiter((len(i) for i in encoded), dtype="<i8", count=len(encoded))
+    blob = b"".join(encoded)
+    return lens.tobytes(), blob + b"\0" * pad8(len(blob))
+
+
+def decode_ids(data, off: int, n: int, lens_off: int) -> tuple:
+    """(ids as a str array, the offset after their blob) of :func:`encode_ids`'s output:
+    lengths at ``lens_off``, blob at ``off``."""
+    lens = np.frombuffer(data, dtype="<i8", count=n, offset=lens_off)
+    ends = np.cumsum(lens).tolist()
+    view = memoryview(data)
+    ids, prev = [], off
+    for end in ends:
+        ids.append(str(view[prev:off + end], "utf-8"))
+        prev = off + end
+    blob_len = ends[-1] if ends else 0
+    return np.asarray(ids, dtype=str), off + blob_len + pad8(blob_len)
 
 
 def decode_batch(data: bytes) -> Batch:
@@ -72,22 +93,11 @@ def decode_batch(data: bytes) -> Batch:
         raise ValueError("not an encoded Batch")
     off = _BATCH_HEADER.size
     camera = bytes(data[off:off + camera_len]).decode("utf-8")
-    off += camera_len + _pad8(camera_len)
-    lens = np.frombuffer(data, dtype="<i8", count=n, offset=off)
-    off += 8 * n
-    ts = np.frombuffer(data, dtype="<i8", count=n, offset=off)
-    off += 8 * n
-    ends = np.cumsum(lens).tolist()
-    view = memoryview(data)
-    ids, prev = [], off
-    for end in ends:
-        ids.append(str(view[prev:off + end], "utf-8"))
-        prev = off + end
-    blob_len = ends[-1] if ends else 0
-    off += blob_len + _pad8(blob_len)
+    lens_off = off + camera_len + pad8(camera_len)
+    ts = np.frombuffer(data, dtype="<i8", count=n, offset=lens_off + 8 * n)
+    ids, off = decode_ids(data, lens_off + 16 * n, n, lens_off)
     emb = np.frombuffer(data, dtype=_BATCH_DTYPES[code], count=n * dim, offset=off)
-    return Batch(int(start), np.asarray(ids, dtype=str), ts.astype(np.int64, copy=False),
-                 emb.reshape(n, dim), camera)
+    return Batch(int(start), ids, ts.astype(np.int64, copy=False), emb.reshape(n, dim), camera)
 
 
 def make_batches(window_start_ms: int, records: Iterable[tuple], max_size: int,
