@@ -154,8 +154,10 @@ class ModelOptions(PipelineOptions):
             help="COCO class names to keep and embed, comma-separated (default %s). "
                  "People are never embedded unless named here." % VEHICLES)
         parser.add_argument(
-            "--min-box", dest="min_box", type=float, default=0.0,
-            help="Drop boxes whose shorter side is under this many pixels (default 0).")
+            "--min-box", dest="min_box", type=float, default=None,
+            help="Drop boxes whose shorter side is under this many pixels (default: the "
+                 "detector's own, 6 for background, whose smaller blobs are sensor noise "
+                 "and lighting flicker, 0 for the networks).")
         parser.add_argument(
             "--nms-iou", dest="nms_iou", type=_unit_float, default=0.45,
             help="IoU above which overlapping boxes of one class are merged (default 0.45).")

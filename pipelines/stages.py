@@ -54,15 +54,17 @@ def _threads(entry, threads: int) -> dict:
 def detector_options(opts: ModelOptions, threads: int = 0) -> dict:
     from models import registry
 
-    return {
+    options = {
         **_threads(registry.detector(opts.detector), threads),
         "sha256": opts.detector_sha256,
         "min_score": opts.min_score,
         "nms_iou": opts.nms_iou,
         "classes": _classes(opts.classes),
-        "min_box": opts.min_box,
         "max_detections": opts.max_detections,
     }
+    if opts.min_box is not None:  # else the detector's own default
+        options["min_box"] = opts.min_box
+    return options
 
 
 def embedder_options(opts: ModelOptions, threads: int = 0) -> dict:
