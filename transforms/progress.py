@@ -23,6 +23,7 @@ built) so that they carry the channel's address to wherever the DoFn is unpickle
 The final counts of a job are always Beam's own metrics; ticks only feed the progress
 line, and a re-run bundle may tick twice.
 """
+import atexit
 import json
 import os
 import socket
@@ -101,8 +102,12 @@ class _Sender:
         self.counts: Dict[str, int] = {}
         self.lock = threading.Lock()
         self.version = 0
+        self.sent = 0
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         threading.Thread(target=self._loop, name="cctview-progress", daemon=True).start()
+        # a worker process that ends (the multi-process DirectRunner starts one per stage)
+        # sends what its last SEND_EVERY_S counted
+        atexit.register(self.flush)
 
     def add(self, name: str, n: int) -> None:
         with self.lock:
@@ -110,15 +115,18 @@ class _Sender:
             self.version += 1
 
     def _loop(self) -> None:
-        sent = 0
         while True:
             time.sleep(SEND_EVERY_S)  # one datagram per SEND_EVERY_S at most, if changed
-            if self.version != sent:
-                sent = self.version
-                self.send()
+            self.flush()
+
+    def flush(self) -> None:
+        """Sends the counts if they changed since the last datagram."""
+        if self.version != self.sent:
+            self.send()
 
     def send(self) -> None:
         with self.lock:
+            self.sent = self.version
             payload = json.dumps({"t": self.token, "s": self.id, "c": self.counts})
         try:
             self.socket.sendto(payload.encode("utf-8"), self.address)

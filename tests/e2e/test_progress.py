@@ -124,3 +124,27 @@ def test_match_prints_progress_in_process_and_quiet_silences_it(reference_minute
     assert main(args + ["--output", str(tmp_path / "quiet"), "--quiet"]) == 0
     captured = capsys.readouterr()
     assert not _progress_lines(captured.err, "match") and "done: " in captured.out
+
+
+def test_a_worker_process_that_ends_sends_its_last_counts():
+    """The multi-process DirectRunner ends a stage's worker processes: what they counted
+    since their last datagram is sent at exit, not lost with the daemon thread."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(10)
+    port = receiver.getsockname()[1]
+    code = ("from transforms import progress as ticks\n"
+            "c = ticks.ProgressCounter(ticks.Metrics.counter('ns', 'frames'), 'frames', "
+            "('127.0.0.1', %d, 'tok'))\n"
+            "c.inc(7)\n" % port)  # exits at once, well inside SEND_EVERY_S
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", code], cwd=repo, check=True, timeout=60)
+    message = json.loads(receiver.recv(65536).decode("utf-8"))
+    receiver.close()
+    assert message["t"] == "tok" and message["c"] == {"frames": 7}
