@@ -24,7 +24,7 @@ of b instead, a false one at worst: it adds a hit and a false match, besides the
 target hits ``false`` estimates. The plain competition ratio ``excess / target_hits``
 describes the decoy run's own target hits, which are purer than a real run's, because
 decoys take half of the false choices away from the targets. On the synthetic world
-(BENCHMARKS.md, "Decoy estimate against the truth") that ratio read up to 0.11 above
+(BENCHMARKS.md, "Decoy estimate against the truth") that ratio read up to 0.12 above
 the real run's true precision for the learned matcher. This one reads below it, and
 furthest below for mutual nearest neighbours: there, most decoy hits are a-detections
 that a real run leaves unmatched.
