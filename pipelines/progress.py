@@ -310,9 +310,20 @@ class Progress:
                 out[name] = max(out.get(name, 0), value)
         return out
 
-    def line(self) -> str:
+    def finish(self, totals: Dict[str, int]) -> None:
+        """Prints the job's last line from its final counters (``totals``, Beam's own):
+        a job shorter than a tick, or whose last ticks are still in flight, still ends
+        on its real counts."""
+        if self.quiet:
+            return
+        text = self.line(totals)
+        self.lines.append(text)
+        print(text, file=self.stream or sys.stderr, flush=True)
+
+    def line(self, counts: Optional[Dict[str, int]] = None) -> str:
+        """The line of the job so far, or of ``counts`` when given."""
         with self.lock:
-            counts, now = self.counts(), self.clock()
+            counts, now = (self.counts() if counts is None else counts), self.clock()
             rates: Dict[str, Optional[float]] = {}
             earlier_complete = True
             for i, phase in enumerate(self.phases):
@@ -361,7 +372,10 @@ def run_job(pipeline, watch: Optional["Progress"] = None) -> Dict[str, int]:
     state = result.wait_until_finish() or getattr(result, "state", PipelineState.DONE)
     if state not in (None, PipelineState.DONE, "DONE"):
         raise RuntimeError("pipeline ended in state %s" % state)
-    return counter_totals(result)
+    totals = counter_totals(result)
+    if watch is not None:
+        watch.finish(totals)
+    return totals
 
 
 def add_counts(totals: Dict[str, int], counts: Dict[str, int]) -> Dict[str, int]:

@@ -76,3 +76,19 @@ def test_a_phase_first_seen_moving_counts_from_then():
                        30.0: dict(read, detections_computed=300)})
     assert "matching 100/1,000 detections (10%), 5.0/s" in line_at(20.0)  # since the job began
     assert "matching 300/1,000 detections (30%), 20.0/s, ETA 35s" in line_at(30.0)
+
+
+def test_a_job_ends_on_its_final_counters_whatever_the_ticks_said():
+    """A job shorter than a tick (or whose last ticks are in flight) still prints its
+    real end: the last line comes from the job's final counters; --quiet prints none."""
+    import io
+
+    stream = io.StringIO()
+    watch = progress.Progress(None, "match", progress.MATCH, stream=stream, clock=lambda: 5.0)
+    watch.finish({"detections_read": 2102, "detections_batched": 2102,
+                  "detections_computed": 2102})
+    assert stream.getvalue().strip() == ("match: reading 2,102/2,102 detections (100%) | "
+                                         "matching 2,102/2,102 detections (100%), writing outputs")
+    quiet = progress.Progress(None, "match", progress.MATCH, quiet=True, stream=io.StringIO())
+    quiet.finish({"detections_read": 1})
+    assert quiet.stream.getvalue() == "" and quiet.lines == []
