@@ -60,9 +60,7 @@ def _estimate(detections, out, extra, control):
     rows = json.loads(Path(table).read_text())
     excess = sum(r["excess"] for r in rows)
     if control == "decoy":
-        hits = sum(r["target_hits"] for r in rows)
-        false = sum(r["false"] for r in rows)
-        return decoy.estimated_precision(hits, false, sum(r["decoy_hits"] for r in rows)), excess
+        return decoy.pooled_precision(rows), excess
     hits = sum(r["real"] for r in rows)
     return (excess / hits if hits else 0.0), excess
 

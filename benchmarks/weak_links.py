@@ -138,9 +138,7 @@ def measure(name, part, dets, links, vehicles, gap):
         at = {k: sum(r["excess_at_precision"][k] for r in pairs) for k in ("0.8", "0.9")}
         rows.append({"data": name, "part": part, "config": config, "target_hits": hits, "at": at,
                      "decoy_hits": sum(r["decoy_hits"] for r in pairs), "excess": excess,
-                     "precision": decoy.estimated_precision(
-                         hits, sum(r["false"] for r in pairs), sum(r["decoy_hits"] for r in pairs)),
-                     "true": true,
+                     "precision": decoy.pooled_precision(pairs), "true": true,
                      "seconds": time.time() - started})
         print(rows[-1], flush=True)
     return rows

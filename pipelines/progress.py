@@ -314,9 +314,10 @@ class Progress:
         """Prints the job's last line from its final counters (``totals``, Beam's own):
         a job shorter than a tick, or whose last ticks are still in flight, still ends
         on its real counts."""
-        if self.quiet:
-            return
-        text = self.line(totals)
+        if not self.quiet:
+            self._emit(self.line(totals))
+
+    def _emit(self, text: str) -> None:
         self.lines.append(text)
         print(text, file=self.stream or sys.stderr, flush=True)
 
@@ -354,9 +355,7 @@ class Progress:
 
     def _loop(self) -> None:
         while not self.stopped.wait(self.interval):
-            text = self.line()
-            self.lines.append(text)
-            print(text, file=self.stream or sys.stderr, flush=True)
+            self._emit(self.line())
 
 
 def run_job(pipeline, watch: Optional["Progress"] = None) -> Dict[str, int]:

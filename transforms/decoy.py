@@ -45,8 +45,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 __all__ = ["DECOY", "EvaluateWithDecoys", "FRONTIER", "b_side_counts", "best_point",
            "classify_hit", "decoy_links", "decoy_ts", "evaluate_in_memory",
-           "estimated_precision", "evaluated_pairs", "half_of", "namespaces", "original_id", "pair_camera",
-           "precision_curve", "precision_row", "roles_of", "summarize", "with_decoys"]
+           "estimated_precision", "evaluated_pairs", "half_of", "namespaces", "original_id",
+           "pair_camera", "pooled_precision", "precision_curve", "precision_row", "roles_of",
+           "summarize", "with_decoys"]
 
 DECOY = "~decoy"
 FRONTIER = (0.8, 0.9)  # rows give the most excess at an estimated precision of at least these
@@ -161,6 +162,13 @@ def estimated_precision(target_hits: float, false: float, decoy_hits: float) -> 
     decoy_hits)`` (each decoy hit stands for one more hit and one more false match of
     that run; module docstring); 0 without target hits."""
     return (target_hits - false) / (target_hits + decoy_hits) if target_hits else 0.0
+
+
+def pooled_precision(rows: Iterable[dict]) -> float:
+    """:func:`estimated_precision` of several pairs' rows, their counts summed."""
+    rows = list(rows)
+    return estimated_precision(sum(r["target_hits"] for r in rows), sum(r["false"] for r in rows),
+                               sum(r["decoy_hits"] for r in rows))
 
 
 def precision_row(pair, target_hits: Sequence[int], decoy_hits: Sequence[int],

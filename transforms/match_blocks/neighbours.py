@@ -235,19 +235,19 @@ _PARTIAL_HEADER = struct.Struct("<4sq")  # magic, rows
 _PARTIAL_MAGIC = b"CVP1"
 
 
-def encode_partial(part) -> bytes:
-    """A :class:`Partial` as bytes (ids as UTF-8, not
-    as numpy's 4 bytes a character); :func:`decode_partial` inverts it."""
+def encode_partial(part: Partial) -> bytes:
+    """A :class:`Partial` as bytes (ids as UTF-8, not as numpy's 4 bytes a character);
+    :func:`decode_partial` inverts it."""
     n = len(part.ids_b)
     lens_b, blob_b = encode_ids(part.ids_b)
     lens_a, blob_a = encode_ids(part.ids_a)
-    numbers = [np.ascontiguousarray(part.ts_b, dtype="<i8"), np.ascontiguousarray(part.ts_a, dtype="<i8"),
-               np.ascontiguousarray(part.rank_a, dtype="<i8"), np.ascontiguousarray(part.dist, dtype="<f4")]
-    return b"".join([_PARTIAL_HEADER.pack(_PARTIAL_MAGIC, n), lens_b, lens_a]
-                    + [a.tobytes() for a in numbers] + [b"\0" * pad8(4 * n), blob_b, blob_a])
+    numbers = [np.asarray(a, dtype=t).tobytes() for a, t in (
+        (part.ts_b, "<i8"), (part.ts_a, "<i8"), (part.rank_a, "<i8"), (part.dist, "<f4"))]
+    return b"".join([_PARTIAL_HEADER.pack(_PARTIAL_MAGIC, n), lens_b, lens_a, *numbers,
+                     b"\0" * pad8(4 * n), blob_b, blob_a])
 
 
-def decode_partial(data: bytes):
+def decode_partial(data: bytes) -> Partial:
     """:func:`encode_partial`'s bytes -> the Partial (numbers as views of ``data``)."""
     magic, n = _PARTIAL_HEADER.unpack_from(data, 0)
     if magic != _PARTIAL_MAGIC:
@@ -262,7 +262,6 @@ def decode_partial(data: bytes):
     ids_a, _ = decode_ids(data, off, n, lens_a)
     return Partial(ids_b, ts_b.astype(np.int64, copy=False), ids_a,
                    ts_a.astype(np.int64, copy=False), dist, rank_a.astype(np.int64, copy=False))
-
 
 
 def neighbour_outputs(q: Side, r: Side, nb: Neighbours, policy: str, window_ms: int):
