@@ -366,11 +366,10 @@ def import_cctview(options: PipelineOptions) -> int:
 def calibrate(options: PipelineOptions) -> int:
     """Stored detections -> links.json (camera links with transit-time offsets).
 
-    Each time chunk's job writes its camera pairs' dt lists (real and control) to a
-    part file beside the target; the driver pools them and finds the links. On runners
-    that hold a job's shuffle in memory, the real pairs and the control are jobs of
-    their own, and with many cameras the pairs run in camera groups, each cut into its
-    own time chunks (:func:`pipelines.chunks.camera_groups`)."""
+    Each time chunk's job writes its camera pairs' dt lists (real and control, computed
+    from the same shuffled copies) to a part file beside the target; the driver pools
+    them and finds the links. With many cameras the pairs run in camera groups, each
+    cut into its own time chunks (:func:`pipelines.chunks.camera_groups`)."""
     from transforms.calibration import (CalibrationPairs, links_of_pairs, merge_pair_dts,
                                         searched_pairs)
     from pipelines.chunks import camera_groups
@@ -405,7 +404,7 @@ def calibrate(options: PipelineOptions) -> int:
     parts = target + ".parts"
     parquet_io.clear_table(parts)  # a crashed run's parts must not be pooled
 
-    def build(pipeline, chunk, kind, group, group_spans, group_pairs):
+    def build(pipeline, chunk, group, group_spans, group_pairs):
         files = [s.path for s in group_spans] if chunk.read_ms is None else chunk.files
         cams = sorted({c for p in group_pairs for c in p})
         _ = (pipeline
@@ -414,23 +413,19 @@ def calibrate(options: PipelineOptions) -> int:
              | "Calibrate" >> CalibrationPairs(
                  cams, span_of(chunk), max_gap_s=candidates.max_gap,
                  window_s=candidates.window, metric=candidates.metric,
-                 owned_ms=chunk.owned_ms, kinds=kind, pairs=group_pairs)
+                 owned_ms=chunk.owned_ms, pairs=group_pairs)
              | "AllPairs" >> beam.combiners.ToList()
-             | "WritePart" >> beam.Map(_write_json_lines, "%s/group-%03d-chunk-%04d-%s.json"
-                                       % (parts, group, chunk.index, kind)))
+             | "WritePart" >> beam.Map(_write_json_lines, "%s/group-%03d-chunk-%04d.json"
+                                       % (parts, group, chunk.index)))
 
     # Camera groups where many cameras make even one step of time too much for a chunk
-    # (pipelines/chunks.py); where a job's shuffle is held in memory (chunked runs), the
-    # real pairs and the control run as jobs of their own: one matching's copies at a time.
+    # (pipelines/chunks.py)
     for group, (group_pairs, group_spans) in enumerate(groups):
         plan = _chunk_plan(options, group_spans, margin, window_ms)
-        label = "" if len(groups) == 1 else ", camera group %d/%d" % (group + 1, len(groups))
-        for kind in ("real", "control") if plan.chunk_mb else ("both",):
-            _run_chunks(options, plan.chunks, functools.partial(
-                build, kind=kind, group=group, group_spans=group_spans,
-                group_pairs=group_pairs),
-                "calibrate%s" % label if kind == "both" else
-                "calibrate (%s pairs%s)" % (kind, label))
+        label = "" if len(groups) == 1 else " (camera group %d/%d)" % (group + 1, len(groups))
+        _run_chunks(options, plan.chunks, functools.partial(
+            build, group=group, group_spans=group_spans, group_pairs=group_pairs),
+            "calibrate%s" % label)
     if _is_dry_run(options):
         print("dry run: job built, nothing executed")
         return 0

@@ -8,8 +8,8 @@ link (docs/spec.md, links.json). Both directions of traffic may give a link each
 
 :func:`find_links` is the pure statistics; :class:`CalibrationPairs` is the Beam
 pipeline that feeds it: the scalable matcher's real pairs and control pairs of every
-camera pair, in one pass or two (and its time chunks, ``owned_ms``: ``cctview
-calibrate`` runs a job per chunk and kind, pools their dt lists with
+camera pair, in one pass (and its time chunks, ``owned_ms``: ``cctview
+calibrate`` runs a job per chunk, pools their dt lists with
 :func:`merge_pair_dts` and finds the links on the driver, :func:`links_of_pairs`).
 """
 from typing import Dict, List, Sequence, Tuple
@@ -18,11 +18,12 @@ import apache_beam as beam
 import numpy as np
 
 from transforms.control import CONTROL, CONTROLS_PER_PAIR, REAL, ClassifyControl
+from transforms.match_blocks import CandidateBands, window_ms_of
 from transforms.matching import (DEFAULT_MAX_GAP_S, DEFAULT_METRIC, DEFAULT_WINDOW_S,
-                                 MatchDetections, ShiftedControl)
+                                 MatchDetections, ShiftedControl, block_ms_of)
 
 __all__ = ["CalibrationPairs", "DEFAULT_MIN_SIGNIFICANCE", "DEFAULT_MIN_SUPPORT",
-           "control_shift_ms", "find_links", "links_of_pairs", "merge_pair_dts",
+           "find_links", "links_of_pairs", "merge_pair_dts",
            "searched_pairs"]
 
 # When a dt peak counts as a link (the defaults of `cctview calibrate` too).
@@ -266,45 +267,32 @@ def searched_pairs(cameras, pairs=None) -> List[Tuple[str, str]]:
                    if a != b and a in present and b in present})
 
 
-def control_shift_ms(span_ms: int) -> int:
-    """How far calibration's control moves camera b, circularly within a period of
-    ``span_ms``: half of it (docs/spec.md's time-shift control; a shift of only
-    ``2 * max_gap`` would let the control share more of the shuffled copies, but read
-    chance peaks on noise that the half-period shift does not)."""
-    return max(1, int(span_ms) // 2)
-
-
 class CalibrationPairs(beam.PTransform):
     """Detections (dicts or column chunks) -> ``((camera_a, camera_b), {"real": [dt],
     "control": [dt]})``: the dt of every mutual-nearest-neighbour pair of each camera
     pair within ``+-max_gap_s``, for real and against camera b shifted by half of
-    ``span_ms=(lo, hi)`` (the period of the data, read on the driver), circularly.
-
-    ``kinds``: ``"both"`` computes the real and the control pairs in the same blocks
-    (:class:`transforms.matching.ShiftedControl`), one job; ``"real"`` or
-    ``"control"`` only one of them, so that a runner that holds a job's shuffle in
-    memory (the DirectRunner) holds one matching's copies at a time: each camera-B
-    detection reaches other blocks once shifted, so "both" shuffles ~1.7x the copies
-    of one kind. ``cameras`` are the camera ids in the data (read on the driver);
+    ``span_ms=(lo, hi)`` (the period of the data, read on the driver; rounded up to
+    whole blocks: :class:`transforms.matching.ShiftedControl`), circularly. Both are
+    computed in the same blocks from the same shuffled copies: the job shuffles what
+    one matching does (a chance peak on noise that a shift of only ``2 * max_gap`` read
+    in ``tests/e2e/test_calibration.py`` is why the shift is half the period).
+    ``cameras`` are the camera ids in the data (read on the driver);
     ``pairs``: only these ``(camera_a, camera_b)`` pairs are searched (default every pair
     of ``cameras``: N(N-1)/2 of them, which for a city's cameras is most of the cost);
     ``owned_ms``: only the pairs whose camera-A detection lies in that range (one time
     chunk of a longer period, see :class:`transforms.matching.MatchDetections`).
     """
 
-    KINDS = ("both", REAL, CONTROL)
-
     def __init__(self, cameras, span_ms, max_gap_s: float = DEFAULT_MAX_GAP_S,
                  window_s: float = DEFAULT_WINDOW_S, metric: str = DEFAULT_METRIC,
-                 owned_ms=None, kinds: str = "both", pairs=None):
+                 owned_ms=None, pairs=None):
         super().__init__()
-        if kinds not in self.KINDS:
-            raise ValueError("kinds must be one of %s, got %r" % (self.KINDS, kinds))
         links = [{"camera_a": a, "camera_b": b, "offset_s": 0.0, "spread_s": float(max_gap_s)}
                  for a, b in searched_pairs(cameras, pairs)]
         lo, hi = int(span_ms[0]), int(span_ms[1])
-        control = None if kinds == REAL else ShiftedControl(
-            control_shift_ms(hi - lo), lo, hi - lo, alone=kinds == CONTROL)
+        min_block_ms = block_ms_of("mutual", window_ms_of(window_s),
+                                   CandidateBands(max_gap_s, links))
+        control = ShiftedControl(lo, hi - lo, min_block_ms)
         self._match = dict(policy="mutual", metric=metric, window_s=window_s, links=links,
                            owned_ms=owned_ms, control=control)
 

@@ -147,8 +147,9 @@ class _BatchDetections(beam.DoFn):
     concatenate them.
     """
 
-    def __init__(self, block_ms: int, max_size: int):
+    def __init__(self, block_ms: int, max_size: int, origin_ms: int = 0):
         self.block_ms = int(block_ms)
+        self.origin_ms = int(origin_ms)
         self.max_size = int(max_size)
         self.detections = progress.counter(NAMESPACE, "detections_batched")
         self._buffers: dict = {}
@@ -161,7 +162,7 @@ class _BatchDetections(beam.DoFn):
             yield from self._columns(det, window)
             return
         ts = int(det["frame_ts_ms"])
-        key = (window, str(det["camera_id"]), ts // self.block_ms)
+        key = (window, str(det["camera_id"]), (ts - self.origin_ms) // self.block_ms)
         buf = self._buffers.setdefault(key, [])
         buf.append((str(det["detection_id"]), ts, np.asarray(det["embedding"]).reshape(-1)))
         if len(buf) >= self.max_size:
@@ -175,19 +176,19 @@ class _BatchDetections(beam.DoFn):
 
     def _emit(self, key, records):
         window, cam, k = key
-        yield from self._encoded(window, mb.make_batches(k * self.block_ms, records,
-                                                         self.max_size, cam))
+        yield from self._encoded(window, mb.make_batches(
+            self.origin_ms + k * self.block_ms, records, self.max_size, cam))
 
     def _columns(self, cols: DetectionColumns, window):
         """A chunk of many detections: grouped by (camera, block) with numpy, no buffering
         (a chunk is already thousands of detections)."""
-        blocks = cols.frame_ts_ms // self.block_ms
+        blocks = (cols.frame_ts_ms - self.origin_ms) // self.block_ms
         groups = np.lexsort((blocks, cols.camera_id))
         cams, ks = cols.camera_id[groups], blocks[groups]
         edges = np.flatnonzero((cams[1:] != cams[:-1]) | (ks[1:] != ks[:-1])) + 1
         for rows in np.split(groups, edges):
             yield from self._encoded(window, mb.batches_from_arrays(
-                int(blocks[rows[0]]) * self.block_ms, cols.detection_id[rows],
+                self.origin_ms + int(blocks[rows[0]]) * self.block_ms, cols.detection_id[rows],
                 cols.frame_ts_ms[rows], cols.embedding[rows], self.max_size,
                 str(cols.camera_id[rows[0]])))
 
@@ -203,11 +204,14 @@ class _BatchDetections(beam.DoFn):
 class _RouteToBlocks(beam.DoFn):
     """Encoded Batch -> (block start, encoded Batch) once per block that needs any of
     its detections; a reference part holds exactly the detections in that block's
-    reach."""
+    reach. With a :class:`ShiftedControl`, the key is the block's unit, and a part holds
+    the detections the unit's two blocks need, as themselves or shifted."""
 
-    def __init__(self, bands: mb.CandidateBands, block_ms: int, control=None):
+    def __init__(self, bands: mb.CandidateBands, block_ms: int, control=None,
+                 origin_ms: int = 0):
         self.bands = bands
         self.block_ms = int(block_ms)
+        self.origin_ms = int(origin_ms)
         self.control = control
         self.copies = Metrics.counter(NAMESPACE, "embedding_copies_shuffled")
         self.bytes = Metrics.counter(NAMESPACE, "shuffled_bytes")
@@ -221,11 +225,11 @@ class _RouteToBlocks(beam.DoFn):
             targets[own] = None
         iv = self.bands.reference_intervals(cam)
         if len(iv):
-            roles = [] if self.control is not None and self.control.alone else [batch.ts]
-            if self.control is not None:  # (also) where its shifted copy is needed
-                roles.append(self.control.shift(batch.ts))
-            for ts in roles:
-                self._reach(targets, ts, iv)
+            self._reach(targets, batch.ts, iv)
+            if self.control is not None:  # and where its shifted copy is needed
+                self._reach(targets, self.control.shift(batch.ts), iv)
+        if self.control is not None:
+            targets, own = self._units(targets), self.control.unit_of(own)
         at_own = 0  # rows that go to their own block, counted computed there
         for start, keep in sorted(targets.items()):
             if keep is None or keep.all():
@@ -240,13 +244,29 @@ class _RouteToBlocks(beam.DoFn):
             yield start, part
         self.computed.inc(len(batch) - at_own)
 
+    def _units(self, targets: dict) -> dict:
+        """Block starts -> rows needed there, merged per unit of the control."""
+        units: dict = {}
+        for start, keep in targets.items():
+            unit = self.control.unit_of(start)
+            if unit is None:
+                continue
+            previous = units.get(unit, False)
+            if keep is None or previous is None:
+                units[unit] = None
+            else:
+                units[unit] = keep if previous is False else (keep | previous)
+        return units
+
     def _reach(self, targets: dict, ts: np.ndarray, iv: np.ndarray) -> None:
         """Adds, per block whose reach holds some of the times ``ts`` (sorted, or two
         sorted runs where a circular shift wrapped), the rows it needs."""
         cut = int(np.argmax(np.diff(ts) < 0)) + 1 if len(ts) > 1 and (np.diff(ts) < 0).any() else 0
         for run in ((ts[:cut], ts[cut:]) if cut else (ts,)):
-            for start in mb.reach_window_starts(int(run.min()), self.block_ms, iv,
-                                                t_max_ms=int(run.max())):
+            for k_start in mb.reach_window_starts(int(run.min()) - self.origin_ms,
+                                                  self.block_ms, iv,
+                                                  t_max_ms=int(run.max()) - self.origin_ms):
+                start = self.origin_ms + k_start
                 if start in targets and targets[start] is None:
                     continue
                 keep = mb.in_reach(ts, start, self.block_ms, iv)
@@ -318,23 +338,29 @@ class _ComputeBlock(beam.DoFn):
 
 
 class ShiftedControl:
-    """A time-shift control computed inside the blocks: camera B's detections moved
-    ``shift_ms`` later, circularly within the period ``[start_ms, start_ms + span_ms)``
-    (so the control has the real traffic density everywhere), on the virtual camera
-    ``B~`` with ids ``id~`` (:mod:`transforms.control`)."""
+    """A time-shift control computed in the real pairs' own blocks: camera B's
+    detections moved half the period later, circularly within ``[start_ms, start_ms +
+    span_ms)`` (so the control has the real traffic density everywhere), on the virtual
+    camera ``B~`` with ids ``id~`` (:mod:`transforms.control`).
 
-    def __init__(self, shift_ms: int, start_ms: int, span_ms: int, alone: bool = False):
-        if not 0 < int(shift_ms) < int(span_ms):
-            raise ValueError("the control shift must be within the period")
-        self.shift_ms, self.start_ms, self.span_ms = int(shift_ms), int(start_ms), int(span_ms)
-        self.alone = bool(alone)
+    The period is laid out as ``2H`` blocks of ``block_ms`` on its own origin
+    (``start_ms``), with ``H`` as many pairs of blocks of at least ``min_block_ms`` as
+    the data's span holds; ``span_ms`` is that span rounded up to ``2H`` ms, and the
+    shift is ``H`` blocks. Block ``k`` and block ``k + H`` are then computed together
+    (a *unit*, keyed by block ``k mod H``): each holds the other's control references,
+    so the control crosses the shuffle in the real pairs' copies and costs no shuffled
+    bytes of its own (only the ``hi`` ms that wrap around the period's ends travel
+    again).
+    """
 
-    def references(self, batches: list) -> list:
-        """The reference sets to match a camera's queries against: B's batches as they
-        are (unless the control runs ``alone``, without the real pairs: they then run
-        in a job of their own, which halves what one job holds) and shifted."""
-        shifted = [self.shifted(b) for b in batches]
-        return [shifted] if self.alone else [batches, shifted]
+    def __init__(self, start_ms: int, span_ms: int, min_block_ms: int):
+        if int(span_ms) < 2 or int(min_block_ms) < 1:
+            raise ValueError("the control needs a period of at least 2 ms and blocks of 1 ms")
+        self.half_blocks = max(1, int(span_ms) // (2 * int(min_block_ms)))
+        self.block_ms = -(-int(span_ms) // (2 * self.half_blocks))
+        self.start_ms = int(start_ms)
+        self.shift_ms = self.half_blocks * self.block_ms
+        self.span_ms = 2 * self.shift_ms
 
     def shift(self, ts: np.ndarray) -> np.ndarray:
         return self.start_ms + (ts - self.start_ms + self.shift_ms) % self.span_ms
@@ -343,10 +369,24 @@ class ShiftedControl:
         return mb.Batch(batch.window_start_ms, np.char.add(batch.ids, SHIFTED),
                         self.shift(batch.ts), batch.emb, batch.camera_id + SHIFTED)
 
+    def unit_of(self, block_start_ms: int) -> Optional[int]:
+        """The unit (its first block's start) that computes a block; None for a block
+        outside the period, which holds no queries."""
+        k = (int(block_start_ms) - self.start_ms) // self.block_ms
+        if not 0 <= k < 2 * self.half_blocks:
+            return None
+        return self.start_ms + (k % self.half_blocks) * self.block_ms
+
+    def unit_blocks(self, unit_ms: int) -> Tuple[int, int]:
+        """The starts of a unit's two blocks, half a period apart."""
+        return int(unit_ms), int(unit_ms) + self.shift_ms
+
 
 class _ComputeBlocks(_ComputeBlock):
     """(block start, [encoded Batch]) -> the results of every camera pair of the block
-    (as :class:`_ComputeBlock`), its Sides in this worker's reused workspace.
+    (as :class:`_ComputeBlock`), its Sides in this worker's reused workspace. With a
+    :class:`ShiftedControl` the key is a unit: both its blocks are computed, each
+    against its references as they are and shifted.
 
     For ``assignment``, a camera pair above ``max_cells`` query x reference cells is
     solved in query chunks (its semantics; the other policies' results do not depend on
@@ -368,7 +408,8 @@ class _ComputeBlocks(_ComputeBlock):
         if self._workspace is None:
             self._workspace = mb.Workspace()
         batches = [mb.decode_batch(p) for p in parts]
-        for q, r in self._pairs(int(start), batches):
+        starts = (int(start),) if self.control is None else self.control.unit_blocks(start)
+        for q, r in (pair for s in starts for pair in self._pairs(s, batches)):
             self.blocks.inc()
             self.block_cells.update(len(q) * len(r))
             split = [(q, r)]
@@ -379,7 +420,7 @@ class _ComputeBlocks(_ComputeBlock):
                 self.blocks_split.inc(len(split) > 1)
             for sq, sr in split:
                 yield from self.compute(sq, sr)
-        self.computed.inc(sum(len(b) for b in batches if b.window_start_ms == int(start)))
+        self.computed.inc(sum(len(b) for b in batches if b.window_start_ms in starts))
 
     def _pairs(self, start: int, batches):
         """(queries of camera A in the block, references of camera B in their reach) for
@@ -402,23 +443,33 @@ class _ComputeBlocks(_ComputeBlock):
                 if not len(iv):
                     continue
                 if q is None:
-                    q = self._side(qc, by_camera[qc], q_keep, "q")
+                    q = self._side(qc, [b.take(k) for b, k in zip(by_camera[qc], q_keep)], "q")
                 if not len(q):
                     break
-                references = [by_camera[rc]]
-                if self.control is not None:
-                    references = self.control.references(by_camera[rc])
-                for batches_r in references:
-                    r_keep = [mb.in_reach(b.ts, start, self.block_ms, iv) for b in batches_r]
-                    r = self._side(batches_r[0].camera_id, batches_r, r_keep, "r")
+                for camera_r, batches_r in self._references(rc, by_camera[rc], start, iv):
+                    r = self._side(camera_r, batches_r, "r")
                     if len(r):
                         yield q, r
 
-    def _side(self, camera: str, batches, keep, name: str) -> mb.Side:
-        rows = sum(int(k.sum()) for k in keep)
-        dim = int(np.asarray(batches[0].emb).reshape(len(batches[0]), -1).shape[1])
-        out = self._workspace.get(name, (rows, dim)) if rows else None
-        return mb.side_from_batches(camera, batches, self.metric, keep=keep, out=out)
+    def _references(self, camera: str, batches, start: int, iv: np.ndarray):
+        """(camera, batches) of camera B's references in the reach of block ``start``: as
+        they are and, with the control, shifted (only the rows whose shifted time is in
+        the reach are shifted)."""
+        yield camera, [b.take(mb.in_reach(b.ts, start, self.block_ms, iv)) for b in batches]
+        if self.control is not None:
+            shift = self.control.shift
+            yield camera + SHIFTED, [
+                self.control.shifted(b.take(mb.in_reach(shift(b.ts), start, self.block_ms, iv)))
+                for b in batches]
+
+    def _side(self, camera: str, batches, name: str) -> mb.Side:
+        batches = [b for b in batches if len(b)]
+        rows = sum(len(b) for b in batches)
+        out = None
+        if rows:
+            dim = int(np.asarray(batches[0].emb).reshape(len(batches[0]), -1).shape[1])
+            out = self._workspace.get(name, (rows, dim))
+        return mb.side_from_batches(camera, batches, self.metric, out=out)
 
 
 class _MergeNeighbours(beam.DoFn):
@@ -499,10 +550,11 @@ class MatchDetections(beam.PTransform):
       owned_ms: ``(lo, hi)`` epoch ms: emit only the matches whose camera-A detection
         has ``lo <= ts < hi`` (see the module docstring: one time chunk of a longer
         run); None: every match.
-      control: a :class:`ShiftedControl`: also (or, with ``alone``, only) match every
-        pair (A, B) against B's detections shifted in time (virtual camera ``B~``): a
-        time-shift control computed in the same blocks as the real pairs
-        (calibration), its matches emitted beside the real ones.
+      control: a :class:`ShiftedControl`: also match every pair (A, B) against B's
+        detections shifted in time (virtual camera ``B~``): a time-shift control
+        computed in the same blocks as the real pairs, from the same shuffled copies
+        (calibration), its matches emitted beside the real ones. Its blocks (their
+        span and origin) replace ``block_s``; not with ``assignment``.
 
     Output elements are in the GlobalWindow, timestamped with ``frame_ts_a_ms``.
 
@@ -536,7 +588,11 @@ class MatchDetections(beam.PTransform):
         self.top_k = int(top_k)
         self.window_ms = mb.window_ms_of(window_s)
         self.bands = mb.CandidateBands(max_gap_s, links)
-        self.block_ms = block_ms_of(policy, self.window_ms, self.bands, block_s)
+        if control is not None and policy == "assignment":
+            raise ValueError("a shifted control needs the blocks of all/topk/mutual")
+        self.block_ms = (block_ms_of(policy, self.window_ms, self.bands, block_s)
+                         if control is None else control.block_ms)
+        self.origin_ms = 0 if control is None else control.start_ms
         self.max_cells = int(max_candidates_per_block)
         self.max_batch = DEFAULT_MAX_BATCH
         self.owned_ms = None if owned_ms is None else (int(owned_ms[0]), int(owned_ms[1]))
@@ -546,10 +602,10 @@ class MatchDetections(beam.PTransform):
         p = self.policy
         keyed = (detections
                  | "BatchDetections" >> beam.ParDo(
-                     _BatchDetections(self.block_ms, self.max_batch))
+                     _BatchDetections(self.block_ms, self.max_batch, self.origin_ms))
                  | "InGlobalWindow" >> beam.WindowInto(GlobalWindows())
                  | "RouteToBlocks" >> beam.ParDo(
-                     _RouteToBlocks(self.bands, self.block_ms, self.control)))
+                     _RouteToBlocks(self.bands, self.block_ms, self.control, self.origin_ms)))
         compute = dict(bands=self.bands, policy=p, metric=self.metric,
                        threshold=self.threshold, top_k=self.top_k, window_ms=self.window_ms,
                        block_ms=self.block_ms)

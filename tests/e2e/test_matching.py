@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from transforms import match_blocks as mb
 from transforms.detections_io import DetectionColumns
 from transforms.links import load_links, write_links
-from transforms.matching import MatchDetections
+from transforms.control import SHIFTED, control_links
+from transforms.matching import MatchDetections, ShiftedControl
 
 from unit.test_matching import (T0, _params, _ref_kw, arrays, assert_one_to_one, cases,
                                 check_against_reference, ref_candidates)
@@ -195,6 +196,60 @@ def test_beam_block_span_changes_nothing(case, block_s):
                     counters.get((policy + "_auto", counter), 0)
     check_against_reference(outputs["mutual_span"], case["dets"], "mutual", case["metric"],
                             case["windows"][0], **_ref_kw(case))
+
+def _control_and_virtual(dets, params, control):
+    """Per policy of ``params``: (matches with the in-block control, matches of plain
+    matching over ``dets`` plus their shifted copies on virtual cameras, matches
+    without the control)."""
+    shifted = [dict(d, camera_id=d["camera_id"] + SHIFTED,
+                    detection_id=d["detection_id"] + SHIFTED,
+                    frame_ts_ms=int(control.shift(np.int64(d["frame_ts_ms"])))) for d in dets]
+    cameras = sorted({d["camera_id"] for d in dets})
+    configs = {}
+    for policy, p in params.items():
+        configs[policy] = p
+        configs[policy + "_control"] = dict(p, control=control)
+    outputs, _ = run_matchers(dets, configs)
+    virtual = {policy: dict(p, links=control_links(p.get("links"), cameras, p["max_gap_s"]))
+               for policy, p in params.items()}
+    expected, _ = run_matchers(dets + shifted, virtual)
+    return {policy: (outputs[policy + "_control"], expected[policy], outputs[policy])
+            for policy in params}
+
+
+@settings(max_examples=8, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=cases(max_bursts=1), min_block_s=st.sampled_from([1.0, 7.5, 40.0, 10_000.0]),
+       slack_ms=st.integers(0, 20_000))
+def test_shifted_control_is_matching_against_shifted_copies(case, min_block_s, slack_ms):
+    """The in-block control (blocks k and k + H computed together from the real pairs'
+    copies) gives exactly the matches of plain matching over the detections plus their
+    shifted copies on virtual cameras, and the same real matches as without it."""
+    ts = [d["frame_ts_ms"] for d in case["dets"]] or [T0]
+    control = ShiftedControl(min(ts) - slack_ms, max(ts) - min(ts) + 1000 + 2 * slack_ms,
+                             int(min_block_s * 1000))
+    params = {p: _params(case, p, case["windows"][0]) for p in ("all", "mutual")}
+    for got, expected, real in _control_and_virtual(case["dets"], params, control).values():
+        assert got == expected
+        assert [m for m in got if not m["camera_id_b"].endswith(SHIFTED)] == real
+
+
+def test_shifted_control_pairs_across_the_period_wrap():
+    """Control pairs whose shifted reference wrapped around the period's end (they are
+    in neither block's real copies): 4 blocks of 10 s, shift 20 s."""
+    control = ShiftedControl(T0, 40_000, 10_000)
+    assert (control.block_ms, control.shift_ms, control.span_ms) == (10_000, 20_000, 40_000)
+    emb = np.ones(4, np.float32)
+    dets = [{"camera_id": cam, "frame_ts_ms": T0 + t, "detection_id": cam + str(t),
+             "embedding": emb * (i + 1)}
+            for i, (cam, t) in enumerate([("a", 19_000), ("b", 1_000), ("a", 21_500),
+                                          ("b", 39_000)])]
+    params = {"all": dict(policy="all", max_gap_s=5.0)}
+    got, expected, real = _control_and_virtual(dets, params, control)["all"]
+    assert got == expected and real == []
+    assert sorted((m["detection_id_a"], m["detection_id_b"]) for m in got) == [
+        ("a19000", "b1000~"), ("a21500", "b1000~"), ("a21500", "b39000~")]
+
 
 def test_beam_empty_input():
     outputs, _ = run_matchers([], {p: {"policy": p} for p in mb.POLICIES})
