@@ -44,6 +44,14 @@ directions come out of the same distances).
    merged per B detection by a ``GroupByKey`` (``MergeNeighbours``,
    :func:`~transforms.match_blocks.merge_partials`), so ranks are exact.
 
+The shifted control (:class:`ShiftedControl`, calibration) lays the blocks on the
+period's own origin, ``2H`` of them, and shifts camera B by ``H`` blocks, circularly.
+Block k's control references are then block ``k + H``'s real references moved, so the
+two blocks are keyed together (a *unit*, key = block ``k mod H``) and computed in one
+place from one set of copies: a detection crosses the shuffle once per unit that needs
+it, as itself or shifted (the same ``1 + (hi - lo) / S`` copies, plus the ``hi`` ms that
+wrap around the period's ends). A unit holds two blocks.
+
 Memory: a worker holds one block at a time: the detections of every camera in
 ``S + (hi - lo)`` of event time as received (float16 when exact), plus two cameras'
 parts of it in float32. What a runner
