@@ -119,6 +119,17 @@ average for mutual nearest neighbours had also lowered precision (docs/design.md
 features stay available (``TRACKLET_FEATURES``), as does the binding
 (``tracklet_selection``).
 
+Selection (``selection``)
+=========================
+The greedy one-to-one selection by score (step 5) visits, by default
+(``"mutual"``), only the candidates that are mutual nearest neighbours by distance
+among the candidates of their alignment (each is the other's nearest in the bands; ties
+by detection id): the structure of mutual nearest neighbours, with the learned score
+deciding which of them are kept. The filter is a function of the alignment's own
+candidates, applied the same way to the real alignment and to every control, so the
+controls stay valid. ``"greedy"`` visits every candidate. Measured: BENCHMARKS.md,
+"Weak links" and "Ground truth".
+
 q-values and the summary
 ========================
 Every match carries its ``score`` and ``q_value``: at each threshold t of the real
@@ -156,9 +167,9 @@ from transforms import match_blocks as mb
 
 __all__ = ["Candidates", "DEFAULT_CONTROL_SHIFTS", "DEFAULT_FEATURES",
            "DEFAULT_MAX_CANDIDATES", "DEFAULT_MIN_PRECISION", "DEFAULT_PERIOD_S",
-           "DEFAULT_SCORER", "DEFAULT_TRACKLETS", "DEFAULT_TRAIN_SHIFTS", "FEATURES", "LearnedLinkMatch",
+           "DEFAULT_SCORER", "DEFAULT_SELECTION", "DEFAULT_TRACKLETS", "DEFAULT_TRAIN_SHIFTS", "FEATURES", "LearnedLinkMatch",
            "MIN_TRAIN_ROWS", "NAMESPACE", "NORMALIZATIONS", "POLICY", "SCALE_K",
-           "SCALE_MAX_MS", "SCALE_MIN_MS", "STATS", "TRACKLET_FEATURES",
+           "SCALE_MAX_MS", "SCALE_MIN_MS", "SELECTIONS", "STATS", "TRACKLET_FEATURES",
            "TooManyCandidates", "best_achievable", "better_match", "candidate_features",
            "candidate_ranks", "choose_threshold", "enumerate_candidates",
            "greedy_one_to_one", "match_group", "match_linked_pair", "match_linked_periods",
@@ -176,6 +187,8 @@ DEFAULT_CONTROL_SHIFTS = (0.125, 0.375, 0.625, 0.875)
 DEFAULT_MAX_CANDIDATES = 20_000_000
 DEFAULT_PERIOD_S = 3600.0
 DEFAULT_TRACKLETS = True  # also the default of --tracklets (on)
+SELECTIONS = ("mutual", "greedy")  # which candidates the selection visits ("Selection")
+DEFAULT_SELECTION = "mutual"
 MIN_TRAIN_ROWS = 200  # per class and fold; fewer -> abstain (reason "too_little_data")
 
 FEATURES = (
@@ -759,8 +772,8 @@ def match_linked_pair(a: dict, b: dict, bands, min_precision: float = DEFAULT_MI
                       scorer_params: Optional[dict] = None,
                       dt_jitter_s: Optional[float] = None, threads: int = 1,
                       tracklets=DEFAULT_TRACKLETS, tracklet_pooling: Optional[str] = None,
-                      tracklet_selection: bool = False, normalize: str = ""
-                      ) -> Tuple[List[dict], dict]:
+                      tracklet_selection: bool = False, normalize: str = "",
+                      selection: str = DEFAULT_SELECTION) -> Tuple[List[dict], dict]:
     """Learned one-to-one matching of two linked cameras (see the module docstring).
 
     Args:
@@ -804,6 +817,9 @@ def match_linked_pair(a: dict, b: dict, bands, min_precision: float = DEFAULT_MI
         tracklet of the other camera (see :func:`greedy_one_to_one`); off by default
         (it lowered the excess on the reference footage).
       normalize: "" (off), "center" or "power+center" (see "Embedding normalisation").
+      selection: "mutual" (default): the greedy one-to-one selection by score visits
+        only the candidates that are mutual nearest neighbours by distance among the
+        candidates of their alignment; "greedy": every candidate (see "Selection").
 
     Returns ``(matches, stats)``: Match dicts (transforms/records.py) with policy
     ``learned``, L2 ``distance``, ``rank_a``/``rank_b`` (ranks by distance among all
@@ -832,6 +848,8 @@ def match_linked_pair(a: dict, b: dict, bands, min_precision: float = DEFAULT_MI
         tracklet_pooling = {None: "max", "none": None}.get(tracklet_pooling, tracklet_pooling)
     if normalize not in NORMALIZATIONS:
         raise ValueError("normalize must be one of %s, got %r" % (NORMALIZATIONS, normalize))
+    if selection not in SELECTIONS:
+        raise ValueError("selection must be one of %s, got %r" % (SELECTIONS, selection))
     unknown = [f for f in features if f not in FEATURES]
     if unknown:
         raise ValueError("unknown features %s; known: %s" % (unknown, FEATURES))
@@ -844,7 +862,8 @@ def match_linked_pair(a: dict, b: dict, bands, min_precision: float = DEFAULT_MI
         float(min_significance), _check_shifts("train_shifts", train_shifts),
         _check_shifts("control_shifts", control_shifts),
         _check_shifts("audit_shifts", audit_shifts), window, tuple(features), params,
-        dt_jitter_s, trk_params, bool(tracklet_selection), tracklet_pooling, normalize)
+        dt_jitter_s, trk_params, bool(tracklet_selection), tracklet_pooling, normalize,
+        selection)
     with _torch_threads(threads):
         return _match_linked_pair(a, b, bands, settings)
 
@@ -889,6 +908,7 @@ class _PairSettings:
     tracklet_selection: bool
     tracklet_pooling: Optional[str]
     normalize: str
+    selection: str
 
 
 class _Alignments:
@@ -914,11 +934,19 @@ class _Alignments:
                                     self.s.tracklet_pooling)
 
     def select(self, c: Candidates, s: np.ndarray, min_score=-np.inf, own=None) -> np.ndarray:
+        """Positions in ``c`` of the one-to-one selection by score ``s`` (see
+        "Selection"), in selection order."""
         A, B = self.A, self.B
-        groups = (A.trk[c.ia], B.trk[c.ib]) if self.s.tracklet_selection else (None, None)
-        return greedy_one_to_one(s, c.ia, c.ib, A.id_rank[c.ia], B.id_rank[c.ib], min_score,
-                                 *groups,
-                                 tie_score=own if self.s.tracklet_pooling is not None else None)
+        if self.s.selection == "mutual":
+            rank_a, _, rank_b, _ = candidate_ranks(A, B, c)
+            at = np.flatnonzero((rank_a == 1) & (rank_b == 1))
+        else:
+            at = np.arange(len(c))
+        ia, ib = c.ia[at], c.ib[at]
+        groups = (A.trk[ia], B.trk[ib]) if self.s.tracklet_selection else (None, None)
+        tie = own[at] if own is not None and self.s.tracklet_pooling is not None else None
+        return at[greedy_one_to_one(s[at], ia, ib, A.id_rank[ia], B.id_rank[ib], min_score,
+                                    *groups, tie_score=tie)]
 
 
 def _initial_stats(A: "_Side", B: "_Side", bands_ms: np.ndarray, s: _PairSettings) -> dict:
@@ -1314,13 +1342,13 @@ if beam is not None:
 
         def __init__(self, links, min_precision: float = DEFAULT_MIN_PRECISION,
                      period_s: float = DEFAULT_PERIOD_S, tracklets=DEFAULT_TRACKLETS,
-                     normalize: str = "",
+                     normalize: str = "", selection: str = DEFAULT_SELECTION,
                      label: Optional[str] = None):
             super().__init__(label)
             self.pair_bands = mb.link_bands(links)
             self.period_ms = mb.window_ms_of(period_s)
             self.match_kwargs = {"min_precision": float(min_precision), "tracklets": tracklets,
-                                 "normalize": normalize}
+                                 "normalize": normalize, "selection": selection}
 
         def expand(self, detections):
             groups = (detections

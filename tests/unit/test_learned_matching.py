@@ -130,6 +130,18 @@ def test_planted_pairs_found_with_high_true_precision(linked):
     assert abs(q[-1] - true_share) < 0.15, (q[-1], true_share)
 
 
+def test_default_selection_is_mutual_nearest_neighbours(linked):
+    """Every default match is its two detections' nearest candidate both ways; the
+    greedy selection over every candidate picks some pairs that are not."""
+    dets, matches, _ = linked
+    assert matches and all(m["rank_a"] == 1 and m["rank_b"] == 1 for m in matches)
+    a, b = sides(dets)
+    greedy, _ = match_pair(a, b, BANDS, min_precision=0.8, selection="greedy")
+    assert any(m["rank_a"] > 1 or m["rank_b"] > 1 for m in greedy)
+    with pytest.raises(ValueError):
+        match_pair(a, b, BANDS, selection="hungarian")
+
+
 def test_no_true_pairs_abstains_or_nearly():
     a, b = sides(synth(seed=1, linked=False))
     matches, stats = match_pair(a, b, BANDS)
