@@ -32,8 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder for the world, the run, links.json and the report "
                              "(default out/demo)")
     parser.add_argument("--cameras", type=int, default=3, help="cameras (default 3)")
-    parser.add_argument("--minutes", type=float, default=4.0,
-                        help="minutes of footage (default 4)")
+    parser.add_argument("--minutes", type=float, default=16.0,
+                        help="minutes of footage (default 16: the learned matcher's "
+                             "time-shifted controls need a period several times the "
+                             "links' bands)")
     parser.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
     parser.add_argument("--noise", type=float, default=1.0, help="world noise (default 1)")
     parser.add_argument("--max-gap", type=float, default=120.0, dest="max_gap",
@@ -103,7 +105,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     if not learned["matches"]:
         print("  (the learned matcher abstained on every linked camera pair: the lines "
               "after its step say what each pair reached and which --min-precision would "
-              "return matches; %g minutes are few pairs to learn from, try --minutes 16)"
+              "return matches; %g minutes are few pairs to learn from, try more --minutes)"
               % args.minutes)
     with open(world + "/ground_truth/links.json") as handle:
         true_links = json.load(handle)
