@@ -70,8 +70,8 @@ def fates(decoy_hits, real, vehicles):
 
 def measure(noise, seed, dets, links, vehicles):
     rows = []
-    for config, norm in weak_links.CONFIGS:
-        fn, scored = weak_links._matcher(norm, GAP)
+    for config, norm, selection in weak_links.CONFIGS:
+        fn, scored = weak_links._matcher(norm, selection, GAP)
         real_all = fn(dets, links)
         for at in ([None] if scored is None else READ_AT):
             keep = (lambda ms: ms) if at is None else (
