@@ -70,7 +70,7 @@ def test_scored_matcher_runs_once_at_every_threshold():
 
     from transforms import learned_matching as lm
 
-    dets = synth(seed=0, span_s=600)
+    dets = synth(seed=0, span_s=1200)  # >= 100 target hits: a meaningful +0.05 bound
     vid = {d["detection_id"]: d["vid"] for d in dets}
     dets = [{k: v for k, v in d.items() if k != "vid"} for d in dets]
 
@@ -95,5 +95,6 @@ def test_scored_matcher_runs_once_at_every_threshold():
     true = np.mean([vid[m["detection_id_a"]] == vid[m["detection_id_b"]] for m in real])
     assert true - 0.15 <= row["precision"] <= true + 0.05, (row, true)
     # the plain competition ratio describes the purer decoy run: above that truth here
-    assert row["excess"] / row["target_hits"] > true + 0.1, (row, true)
+    assert row["excess"] / row["target_hits"] > true + 0.03, (row, true)
+    assert row["target_hits"] >= 100
     assert 0.0 <= row["best_min_precision"] <= 1.0 and row["best_precision"] >= row["precision"]
