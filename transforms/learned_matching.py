@@ -128,7 +128,7 @@ by detection id): the structure of mutual nearest neighbours, with the learned s
 deciding which of them are kept. The filter is a function of the alignment's own
 candidates, applied the same way to the real alignment and to every control, so the
 controls stay valid. ``"greedy"`` visits every candidate. Measured: BENCHMARKS.md,
-"Weak links" and "Ground truth".
+"Weak links" and "Decoy estimate against the truth".
 
 q-values and the summary
 ========================

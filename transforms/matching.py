@@ -259,11 +259,9 @@ class _RouteToBlocks(beam.DoFn):
             unit = self.control.unit_of(start)
             if unit is None:
                 continue
-            previous = units.get(unit, False)
-            if keep is None or previous is None:
-                units[unit] = None
-            else:
-                units[unit] = keep if previous is False else (keep | previous)
+            if unit in units:
+                keep = None if keep is None or units[unit] is None else keep | units[unit]
+            units[unit] = keep
         return units
 
     def _reach(self, targets: dict, ts: np.ndarray, iv: np.ndarray) -> None:
