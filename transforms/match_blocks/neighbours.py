@@ -13,6 +13,7 @@ from transforms.match_blocks.kernels import (DEFAULT_Q_TILE, DEFAULT_R_TILE, Wor
                                             exact_distances, finite_block, prepare_side,
                                             raw_distances, tile_buffer)
 from transforms.match_blocks.records import make_match
+from transforms.match_blocks.bounds import line_slack, row_sizes
 from transforms.match_blocks.scan import ranks_within_groups
 from transforms.match_blocks.sides import Side, id_ranks
 from transforms.match_blocks.wire import decode_ids, encode_ids, pad8
@@ -30,23 +31,26 @@ _SQ_MARGIN = np.float32(1e-3)
 _COS_MARGIN = np.float32(1e-4)
 
 
-def _widen(bound: np.ndarray, metric: str) -> np.ndarray:
+def _widen(bound: np.ndarray, metric: str, slack: Optional[np.ndarray] = None) -> np.ndarray:
     """``bound`` (k-th smallest tile values, float32) -> the largest tile value that can
-    still be among the first k, in place; lines of +inf only select nothing."""
+    still be among the first k, in place; lines of +inf only select nothing. ``slack``:
+    the lines' bounds on a tile value's error (:mod:`.bounds`), added twice."""
     if metric == "l2":
         np.maximum(bound, np.float32(0.0), out=bound)
         bound *= np.float32(1.0) + _SQ_MARGIN
     else:
         bound += _COS_MARGIN
+    if slack is not None:
+        bound += np.float32(2.0) * slack
     return np.minimum(bound, _F32_MAX, out=bound)
 
 
 def _near_cells(x: np.ndarray, k: int, axis: int, metric: str,
-                mask_buf: Optional[np.ndarray] = None):
+                mask_buf: Optional[np.ndarray] = None, slack: Optional[np.ndarray] = None):
     """(rows, cols) of cells of the :func:`raw_distances` tile ``x`` that can be among
     their row's (axis=1) or column's (axis=0) first ``k`` finite cells in (distance, id)
-    order once recomputed exactly (:func:`_widen`). Masked cells are +inf and never
-    returned."""
+    order once recomputed exactly (:func:`_widen`; ``slack``: per line of the axis).
+    Masked cells are +inf and never returned."""
     if x.size == 0:
         return np.zeros(0, np.intp), np.zeros(0, np.intp)
     if k == 1:
@@ -55,16 +59,18 @@ def _near_cells(x: np.ndarray, k: int, axis: int, metric: str,
         bound = np.full(x.shape[1 - axis], np.inf, dtype=np.float32)
     else:
         bound = np.partition(x, k - 1, axis=axis).take(k - 1, axis=axis)
-    _widen(bound, metric)
+    _widen(bound, metric, slack)
     sel = tile_buffer(mask_buf, x.shape[0], x.shape[1], bool)
     np.less_equal(x, bound[:, None] if axis == 1 else bound[None, :], out=sel)
     return np.divmod(np.flatnonzero(sel), x.shape[1])
 
 
-def _near_in_groups(groups: np.ndarray, values: np.ndarray, k: int, metric: str) -> np.ndarray:
+def _near_in_groups(groups: np.ndarray, values: np.ndarray, k: int, metric: str,
+                    slack: Optional[np.ndarray] = None) -> np.ndarray:
     """Positions of the cells (tile values ``values``, one line each in ``groups``,
     gathered over several tiles) that can be among their line's first ``k`` once
-    recomputed exactly: the cross-tile counterpart of :func:`_near_cells`."""
+    recomputed exactly: the cross-tile counterpart of :func:`_near_cells` (``slack``:
+    indexed by group)."""
     order = np.lexsort((values, groups))
     g, v = groups[order], values[order]
     rank = ranks_within_groups(g)
@@ -73,7 +79,8 @@ def _near_in_groups(groups: np.ndarray, values: np.ndarray, k: int, metric: str)
     kth = np.full(len(starts), np.inf, np.float32)
     full = counts >= k
     kth[full] = v[starts[full] + k - 1]
-    bound = np.repeat(_widen(kth, metric), counts)
+    line_slack = None if slack is None else slack[g[starts]]
+    bound = np.repeat(_widen(kth, metric, line_slack), counts)
     return np.sort(order[v <= bound])
 
 
@@ -138,7 +145,9 @@ def neighbour_block(q: Side, r: Side, intervals: np.ndarray, metric: str, thresh
     """Both directions of nearest neighbours from one pass over a block's distances.
 
     The cells are the tiles of :func:`~transforms.match_blocks.cells.query_chunks`
-    (at most ``q_tile x r_tile`` at a time, in buffers of ``workspace`` when given).
+    (at most ``q_tile x r_tile`` at a time, in buffers of ``workspace`` when given);
+    a line's cells within its k-th smallest tile value plus the tiles' error bound
+    (:mod:`.bounds`) are recomputed exactly.
     Rows give each query's first ``k`` (final: the block holds all its candidates);
     columns give each reference's first ``k`` among this block's queries (partial:
     merge them over the blocks with :func:`merge_partials`). The first ``k`` of a
@@ -158,6 +167,8 @@ def neighbour_block(q: Side, r: Side, intervals: np.ndarray, metric: str, thresh
     buf, work = ws.get("tile", (size,)), ws.get("tile_work", (size,))
     mask_buf = ws.get("tile_mask", (size,), bool)
     finite = finite_block(qp, rp, metric)
+    row_slack, col_slack = line_slack(row_sizes(qp.emb), row_sizes(rp.emb), qp.norms,
+                                      rp.norms, q.emb.shape[1])
     rows_q, rows_r, rows_d, rows_rank = [], [], [], []
     cols_q, cols_r, cols_x = [], [], []
     n_cand = n_cells = 0
@@ -165,7 +176,8 @@ def neighbour_block(q: Side, r: Side, intervals: np.ndarray, metric: str, thresh
     def exact(qi, rj, x, by_row=True):
         """The cells that can be among their line's first k, with exact distances
         <= the threshold (eligible cells are a prefix of each line's order)."""
-        near = _near_in_groups(qi if by_row else rj, x, k, metric)
+        near = _near_in_groups(qi if by_row else rj, x, k, metric,
+                               row_slack if by_row else col_slack)
         qi, rj = qi[near], rj[near]
         dv = exact_distances(q.emb, r.emb, metric, qi, rj)
         if thr is not None:
@@ -185,7 +197,8 @@ def neighbour_block(q: Side, r: Side, intervals: np.ndarray, metric: str, thresh
                 x[~np.isfinite(x)] = inf
             mask_outside(x, tile)
             for axis, (aq, ar, ax) in ((1, (tq, tr, tx)), (0, (cols_q, cols_r, cols_x))):
-                ri, cj = _near_cells(x, k, axis, metric, mask_buf)
+                slack = row_slack[i0:i1] if axis == 1 else col_slack[jj0:tile.j1]
+                ri, cj = _near_cells(x, k, axis, metric, mask_buf, slack)
                 aq.append(ri + i0)
                 ar.append(cj + jj0)
                 ax.append(x[ri, cj])
