@@ -111,5 +111,5 @@ from transforms.match_blocks.assignment import assign_cells, block_matches, bloc
 from transforms.match_blocks.arrays import match_arrays
 
 __all__ = [name for name in dir() if not name.startswith("_") and name not in (
-    "annotations", "arrays", "assignment", "bands", "cells", "kernels", "neighbours", "records", "scan",
+    "annotations", "arrays", "assignment", "bands", "bounds", "cells", "kernels", "neighbours", "records", "scan",
     "sides", "wire")]
