@@ -98,8 +98,11 @@ def test_the_slack_bounds_every_tile_value():
         r = (q[rng.integers(200, size=300)] + rng.normal(size=(300, 1920)) * 1e-4)
         q, r = mb.prepare_embeddings(q, metric), mb.prepare_embeddings(r.astype(np.float32), metric)
         qp, rp = mb.prepare_side(q, metric, "q"), mb.prepare_side(r, metric, "r")
-        rows, cols = bounds.line_slack(bounds.row_sizes(qp.emb), bounds.row_sizes(rp.emb),
-                                       qp.norms, rp.norms, 1920)
+        sizes = (bounds.row_sizes(qp.emb, qp.norms, 2.0 if metric == "l2" else 1.0),
+                 bounds.row_sizes(rp.emb, rp.norms))
+        assert np.allclose(sizes[0], np.linalg.norm(qp.emb.astype(np.float64), axis=1),
+                           rtol=2e-3)
+        rows, cols = bounds.line_slack(*sizes, qp.norms, rp.norms, 1920)
         x = mb.raw_distances(qp, rp, metric)
         q64, r64 = q.astype(np.float64), r.astype(np.float64)
         if metric == "l2":

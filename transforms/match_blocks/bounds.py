@@ -30,24 +30,37 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from transforms.match_blocks.kernels import row_norms
+
 __all__ = ["row_sizes", "line_slack"]
 
 _F32 = 2.0 ** -23  # twice float32's unit roundoff
-_NORM_ERR = 1.0 + 1e-3  # float32 norms computed with a relative error far below this
+_NORM_ERR = 1.0 + 1e-3  # square roots and products of the norms, rounded up generously
 
 
-def row_sizes(emb: np.ndarray) -> np.ndarray:
-    """The L2 norm of each prepared row, float64, rounded up."""
-    return np.sqrt(np.einsum("ij,ij->i", emb, emb, dtype=np.float64)) * _NORM_ERR
+def row_sizes(emb: np.ndarray, squared_norms: Optional[np.ndarray] = None,
+              scale: float = 1.0) -> np.ndarray:
+    """The L2 norm of each multiplied row, float64, rounded up: ``scale`` times the
+    square root of ``squared_norms`` when the caller has them (l2's prepared norms, of
+    the rows before the query side's scaling by 2), else of ``emb``'s rows."""
+    if squared_norms is None:
+        squared_norms = row_norms(emb)
+    sums_err = 1.0 + _gamma(emb.shape[1] if emb.ndim == 2 else 0)  # of the float32 sums
+    return np.sqrt(squared_norms.astype(np.float64) * sums_err) * (scale * _NORM_ERR)
+
+
+def _gamma(dim: int) -> float:
+    """The relative bound on a float32 sum of ``dim`` terms, any order."""
+    return dim * 2.0 ** -24 / (1.0 - dim * 2.0 ** -24)
 
 
 def line_slack(q_sizes: np.ndarray, r_sizes: np.ndarray, q_norms: Optional[np.ndarray],
                r_norms: Optional[np.ndarray], dim: int) -> Tuple[np.ndarray, np.ndarray]:
     """(per query row, per reference row) float32 bounds on the error of any finite tile
-    value of the line (module docstring; 0 for a row of NaN or inf). ``*_sizes``: :func:`row_sizes` of the rows that are
-    multiplied; ``*_norms``: the squared norms added to the product for l2 (None for
-    cosine, whose tile value is ``1 - p``)."""
-    gamma = dim * 2.0 ** -24 / (1.0 - dim * 2.0 ** -24)
+    value of the line (module docstring; 0 for a row of NaN or inf). ``*_sizes``:
+    :func:`row_sizes` of the rows that are multiplied; ``*_norms``: the squared norms
+    added to the product for l2 (None for cosine, whose tile value is ``1 - p``)."""
+    gamma = _gamma(dim)
 
     def top(values) -> float:  # the largest finite value (rows of NaN/inf never match)
         finite = None if values is None else values[np.isfinite(values)]

@@ -167,8 +167,9 @@ def neighbour_block(q: Side, r: Side, intervals: np.ndarray, metric: str, thresh
     buf, work = ws.get("tile", (size,)), ws.get("tile_work", (size,))
     mask_buf = ws.get("tile_mask", (size,), bool)
     finite = finite_block(qp, rp, metric)
-    row_slack, col_slack = line_slack(row_sizes(qp.emb), row_sizes(rp.emb), qp.norms,
-                                      rp.norms, q.emb.shape[1])
+    row_slack, col_slack = line_slack(
+        row_sizes(qp.emb, qp.norms, 2.0 if metric == "l2" else 1.0),
+        row_sizes(rp.emb, rp.norms), qp.norms, rp.norms, q.emb.shape[1])
     rows_q, rows_r, rows_d, rows_rank = [], [], [], []
     cols_q, cols_r, cols_x = [], [], []
     n_cand = n_cells = 0
