@@ -33,7 +33,10 @@ Distance
     (each line's nearest) in float64 from the float32 embeddings
     (:func:`~transforms.match_blocks.kernels.exact_distances`): their ranks and the
     reported distances do not depend on how the work was tiled or chunked (a matrix
-    product's last bit does). ``all``/``assignment`` report the tiled values.
+    product's last bit does), and they are the ranks of those exact distances, nearly
+    equal embeddings included (which cells can be selected is decided with a proven
+    bound on the tiles' error, :mod:`~transforms.match_blocks.bounds`).
+    ``all``/``assignment`` report the tiled values.
     ``threshold`` (None = no threshold) keeps ``float32(distance) <= float32(threshold)``.
 
 Order and ties
