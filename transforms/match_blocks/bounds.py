@@ -16,13 +16,10 @@ cells against the exact value:
 for any summation order (so whatever tile shape BLAS chose), with ``|q.r| <= |q| |r|``
 and the other side's largest norms. A cell among a line's first k exactly then has a
 tile value within the line's k-th smallest tile value plus twice the slack (each value
-may be off by one slack): the selection rule. It widens the margin by about 3% of the
-recomputed cells on real 1920-d embeddings.
+may be off by one slack): the selection rule. On real 1920-d embeddings it adds about
+3% to the recomputed cells (docs/scale.md, which also says why the tiles stay float32).
 
-Tried and not kept: bfloat16 tiles (AMX multiplies them 4.4x faster than float32 here).
-Their output is rounded to bfloat16 (2^-8 of ``|q| |r|``), which, with the inputs'
-rounding, widens each line to ~6 recomputed cells instead of ~1.03; recomputing those
-costs more than the product saves (docs/scale.md).
+Memory: O(rows) per side.
 """
 from __future__ import annotations
 
