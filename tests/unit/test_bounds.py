@@ -37,7 +37,8 @@ def _brute(q, r, iv, metric, threshold, k):
 @st.composite
 def near_ties(draw):
     """Real-valued embeddings, many near ties: a few centres, each row a centre plus
-    noise far below bfloat16's resolution, or not (``scale``), positive or signed."""
+    noise (``scale``) down to far below what float32 tile values resolve, centres
+    positive or signed."""
     seed = draw(st.integers(0, 2 ** 32 - 1))
     rng = np.random.default_rng(seed)
     nq, nr = draw(st.integers(1, 60)), draw(st.integers(1, 90))

@@ -31,7 +31,7 @@ _SQ_MARGIN = np.float32(1e-3)
 _COS_MARGIN = np.float32(1e-4)
 
 
-def _widen(bound: np.ndarray, metric: str, slack: Optional[np.ndarray] = None) -> np.ndarray:
+def _widen(bound: np.ndarray, metric: str, slack: np.ndarray) -> np.ndarray:
     """``bound`` (k-th smallest tile values, float32) -> the largest tile value that can
     still be among the first k, in place; lines of +inf only select nothing. ``slack``:
     the lines' bounds on a tile value's error (:mod:`.bounds`), added twice."""
@@ -40,13 +40,12 @@ def _widen(bound: np.ndarray, metric: str, slack: Optional[np.ndarray] = None) -
         bound *= np.float32(1.0) + _SQ_MARGIN
     else:
         bound += _COS_MARGIN
-    if slack is not None:
-        bound += np.float32(2.0) * slack
+    bound += np.float32(2.0) * slack
     return np.minimum(bound, _F32_MAX, out=bound)
 
 
-def _near_cells(x: np.ndarray, k: int, axis: int, metric: str,
-                mask_buf: Optional[np.ndarray] = None, slack: Optional[np.ndarray] = None):
+def _near_cells(x: np.ndarray, k: int, axis: int, metric: str, slack: np.ndarray,
+                mask_buf: Optional[np.ndarray] = None):
     """(rows, cols) of cells of the :func:`raw_distances` tile ``x`` that can be among
     their row's (axis=1) or column's (axis=0) first ``k`` finite cells in (distance, id)
     order once recomputed exactly (:func:`_widen`; ``slack``: per line of the axis).
@@ -66,7 +65,7 @@ def _near_cells(x: np.ndarray, k: int, axis: int, metric: str,
 
 
 def _near_in_groups(groups: np.ndarray, values: np.ndarray, k: int, metric: str,
-                    slack: Optional[np.ndarray] = None) -> np.ndarray:
+                    slack: np.ndarray) -> np.ndarray:
     """Positions of the cells (tile values ``values``, one line each in ``groups``,
     gathered over several tiles) that can be among their line's first ``k`` once
     recomputed exactly: the cross-tile counterpart of :func:`_near_cells` (``slack``:
@@ -79,8 +78,7 @@ def _near_in_groups(groups: np.ndarray, values: np.ndarray, k: int, metric: str,
     kth = np.full(len(starts), np.inf, np.float32)
     full = counts >= k
     kth[full] = v[starts[full] + k - 1]
-    line_slack = None if slack is None else slack[g[starts]]
-    bound = np.repeat(_widen(kth, metric, line_slack), counts)
+    bound = np.repeat(_widen(kth, metric, slack[g[starts]]), counts)
     return np.sort(order[v <= bound])
 
 
@@ -199,7 +197,7 @@ def neighbour_block(q: Side, r: Side, intervals: np.ndarray, metric: str, thresh
             mask_outside(x, tile)
             for axis, (aq, ar, ax) in ((1, (tq, tr, tx)), (0, (cols_q, cols_r, cols_x))):
                 slack = row_slack[i0:i1] if axis == 1 else col_slack[jj0:tile.j1]
-                ri, cj = _near_cells(x, k, axis, metric, mask_buf, slack)
+                ri, cj = _near_cells(x, k, axis, metric, slack, mask_buf)
                 aq.append(ri + i0)
                 ar.append(cj + jj0)
                 ax.append(x[ri, cj])
