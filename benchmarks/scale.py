@@ -117,23 +117,30 @@ def cctview_per_pair(emb: np.ndarray, pairs: int = 2000) -> float:
 def table(rows: list) -> str:
     lines = ["| input | command | tree | wall s | CPU s | peak RSS GB | candidate pairs | "
              "wall / floor | CCTView's way / wall | copies per embedding shuffled | "
+             "row references shuffled per detection | stored rows read per detection | "
              "shuffled GB |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| ---: |"]
     for r in rows:
         if r["killed"]:
-            lines.append("| %s | %s | %s | >%.0f (killed) | %.0f | >%.1f (killed) | | | | | |" % (
+            lines.append("| %s | %s | %s | >%.0f (killed) | %.0f | >%.1f (killed) | | | | | | | |" % (
                 r["input"], r["command"], r["tree"], r["wall"], r["cpu"], r["rss"] / 2 ** 30))
             continue
         c = r["counters"]
         pairs = c.get("candidate_pairs", 0)
         floor = pairs * r["floor_per_cell"]
-        copies = (c["embedding_copies_shuffled"] / c["detections_batched"]
-                  if c.get("detections_batched") else None)
-        lines.append("| %s | %s | %s | %.1f | %.1f | %.2f | %s | %s | %s | %s | %s |" % (
+        per_detection = [
+            "%.2f" % (c[name] / c["detections_batched"])
+            if c.get("detections_batched") and name in c else ""
+            for name in ("embedding_copies_shuffled", "row_references_shuffled",
+                         "stored_rows_read")]
+        if per_detection[0] == "" and per_detection[1] != "":  # counted, none shuffled
+            per_detection[0] = "0.00"
+        lines.append("| %s | %s | %s | %.1f | %.1f | %.2f | %s | %s | %s | %s | %s | %s | %s |" % (
             r["input"], r["command"], r["tree"], r["wall"], r["cpu"], r["rss"] / 2 ** 30,
             "{:,}".format(pairs) if pairs else "", "%.1fx" % (r["wall"] / floor) if pairs else "",
             "%.0fx" % (pairs * r["cctview_per_pair"] / r["wall"]) if pairs else "",
-            "%.2f" % copies if copies is not None else "",
+            *per_detection,
             "%.2f" % (c["shuffled_bytes"] / 2 ** 30) if "shuffled_bytes" in c else ""))
     return "\n".join(lines)
 

@@ -49,7 +49,8 @@ SUMMARY_COUNTERS = (
     "frames_inference_failed", "inference_batches_retried_one_by_one",
     "frames_detection_limit_hit", "detections",
     "detections_read", "candidate_pairs", "distance_cells", "block_compute_ms", "blocks_split",
-    "detections_batched", "embedding_copies_shuffled", "shuffled_bytes", "matches_emitted",
+    "detections_batched", "embedding_copies_shuffled", "row_references_shuffled",
+    "stored_rows_read", "shuffled_bytes", "matches_emitted",
     "learned_matches", "learned_abstained", "cctview_rows", "cctview_files_dead_lettered",
 )
 

@@ -4,8 +4,14 @@ This is what lets matching be re-run without touching frames or models: any Parq
 with ``camera_id``, ``frame_ts`` (timestamp; naive = ``timezone``), ``detection_id``
 and ``embedding`` (list or fixed_size_list of float16/float32) is accepted; ``label``,
 ``score``, ``box_xyxy``, ``frame_uri`` are carried along when present.
+
+Column chunks for matching (``as_columns``) leave the embeddings where they are when a
+row group's metadata proves every row has one (no null in the column's statistics, as
+many values as rows times a size): the chunk then carries :class:`StoredRows` (path, row
+group, row numbers) and matching reads the vectors in the block that computes them
+(:func:`load_stored_rows`), so they never cross a shuffle.
 """
-from typing import List, NamedTuple, Sequence
+from typing import List, NamedTuple, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -15,10 +21,11 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import TimestampedValue
 from transforms import progress
+from transforms.match_blocks.wire import StoredRows
 
 __all__ = ["DetectionColumns", "DetectionsSchemaError", "FileSpan", "NAMESPACE",
            "OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "ReadDetections", "inspect_files",
-           "parquet_files", "row_group_spans", "table_to_columns", "table_to_detections"]
+           "load_stored_rows", "parquet_files", "row_group_spans", "table_to_columns", "table_to_detections"]
 
 NAMESPACE = "cctview"
 REQUIRED_COLUMNS = ("camera_id", "frame_ts", "detection_id", "embedding")
@@ -87,7 +94,8 @@ def _embedding_matrix(column: pa.ChunkedArray) -> np.ndarray:
 
 class DetectionColumns(NamedTuple):
     """Many stored detections as arrays (one Parquet record batch): what matching needs,
-    with no Python object per detection. ``embedding`` is (n, D), float16 when stored so."""
+    with no Python object per detection. ``embedding`` is (n, D), float16 when stored so,
+    or :class:`StoredRows`: where they are stored (:func:`load_stored_rows` reads them)."""
     camera_id: np.ndarray
     frame_ts_ms: np.ndarray
     detection_id: np.ndarray
@@ -167,14 +175,20 @@ class _ReadFileFn(beam.DoFn):
             names = REQUIRED_COLUMNS if self._as_columns else REQUIRED_COLUMNS + OPTIONAL_COLUMNS
             columns = [c for c in names if c in parquet.schema_arrow.names]
             groups = _row_groups_in(parquet, self._time_range, self._timezone)
-            if not groups:
+            complete = all(c in parquet.schema_arrow.names for c in REQUIRED_COLUMNS)
+            stored = [g for g in groups
+                      if self._as_columns and complete and _all_embedded(parquet, g)]
+            for g in stored:
+                read = self._guarded(path, self._references, parquet, path, g)
+                self.rows.inc(len(read))
+                if len(read):
+                    yield read
+            rest = [g for g in groups if g not in stored]
+            if not rest:
                 return
             for batch in parquet.iter_batches(batch_size=self._batch_rows, columns=columns,
-                                              row_groups=groups):
-                try:
-                    read = self._convert(pa.Table.from_batches([batch]))
-                except DetectionsSchemaError as exc:
-                    raise DetectionsSchemaError("%s: %s" % (path, exc)) from exc
+                                              row_groups=rest):
+                read = self._guarded(path, self._convert, pa.Table.from_batches([batch]))
                 self.rows.inc(len(read))
                 if not self._as_columns:
                     for row in read:
@@ -182,24 +196,94 @@ class _ReadFileFn(beam.DoFn):
                 elif len(read):
                     yield read
 
+    @staticmethod
+    def _guarded(path: str, convert, *args):
+        try:
+            return convert(*args)
+        except DetectionsSchemaError as exc:
+            raise DetectionsSchemaError("%s: %s" % (path, exc)) from exc
+
+    def _references(self, parquet: pq.ParquetFile, path: str, group: int) -> DetectionColumns:
+        """Row group ``group`` as columns whose embeddings are :class:`StoredRows` (only
+        the rows of the time range and cameras asked for; the embeddings are not read)."""
+        table = parquet.read_row_group(group, columns=["camera_id", "frame_ts", "detection_id"])
+        keep = self._wanted(table)
+        rows = np.arange(table.num_rows) if keep is None else np.flatnonzero(keep)
+        if keep is not None:
+            table = table.filter(pa.array(keep))
+        return DetectionColumns(
+            np.asarray(table["camera_id"].cast(pa.string()).to_numpy(zero_copy_only=False), dtype=str),
+            _epoch_ms(table["frame_ts"], self._timezone),
+            np.asarray(table["detection_id"].cast(pa.string()).to_numpy(zero_copy_only=False), dtype=str),
+            StoredRows(path, group, rows.astype(np.int64)))
+
+    def _wanted(self, table: pa.Table):
+        """The rows of the cameras and time range asked for, as a bool mask; None: all."""
+        keep = None
+        if self._cameras is not None:
+            wanted = pc.is_in(table["camera_id"].cast(pa.string()),
+                              value_set=pa.array(self._cameras, pa.string()))
+            if not pc.all(wanted).as_py():
+                keep = wanted.to_numpy(zero_copy_only=False)
+        if self._time_range is not None:
+            ts = _epoch_ms(table["frame_ts"], self._timezone)
+            inside = (ts >= self._time_range[0]) & (ts < self._time_range[1])
+            if not inside.all():
+                keep = inside if keep is None else keep & inside
+        return keep
+
     def _convert(self, table: pa.Table):
         """A record batch -> columns or dicts, only the rows of the time range (and of
         the cameras asked for)."""
         table = _valid_rows(table)
-        if self._cameras is not None:
-            wanted = pc.is_in(table["camera_id"].cast(pa.string()),
-                              value_set=pa.array(self._cameras, pa.string()))
-            if not pc.all(wanted).as_py():  # a file of the cameras only is not copied
-                table = table.filter(wanted)
-        if self._time_range is not None:
-            ts = _epoch_ms(table["frame_ts"], self._timezone)
-            lo, hi = self._time_range
-            inside = (ts >= lo) & (ts < hi)
-            if not inside.all():
-                table = table.filter(pa.array(inside))
+        keep = self._wanted(table)
+        if keep is not None:  # a file of the cameras and range only is not copied
+            table = table.filter(pa.array(keep))
         if self._as_columns:
             return _columns(table, self._timezone)
         return _detections(table, self._timezone)
+
+
+def _all_embedded(parquet: pq.ParquetFile, group: int) -> bool:
+    """Whether the metadata proves every row of ``group`` has an embedding, all of one
+    size: no null among the values (lists, elements) and rows x size values. (Unequal
+    sizes adding up to that are caught where the vectors are read.)"""
+    meta = parquet.metadata.row_group(group)
+    for i in range(meta.num_columns):
+        column = meta.column(i)
+        if column.path_in_schema.split(".")[0] == "embedding":
+            stats = column.statistics
+            return bool(meta.num_rows and stats is not None and stats.has_null_count
+                        and stats.null_count == 0 and column.num_values
+                        and column.num_values % meta.num_rows == 0)
+    return False
+
+
+def load_stored_rows(refs: Sequence[StoredRows]) -> Tuple[List[np.ndarray], int]:
+    """The embeddings that ``refs`` point to, one (n, D) array each (float16 when stored
+    so), and how many stored rows were decoded for them. Each (file, row group) is
+    decoded once per call and released before the next: memory is the result plus one
+    row group."""
+    out: List[np.ndarray] = [None] * len(refs)
+    by_place: dict = {}
+    for i, ref in enumerate(refs):
+        by_place.setdefault((ref.path, int(ref.row_group)), []).append(i)
+    decoded = 0
+    for path in sorted({p for p, _ in by_place}):
+        with FileSystems.open(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            for (place_path, group), indices in sorted(by_place.items()):
+                if place_path != path:
+                    continue
+                column = parquet.read_row_group(group, columns=["embedding"])["embedding"]
+                try:
+                    matrix = _embedding_matrix(column)
+                except DetectionsSchemaError as exc:
+                    raise DetectionsSchemaError("%s: %s" % (path, exc)) from exc
+                decoded += len(matrix)
+                for i in indices:
+                    out[i] = matrix[refs[i].rows]
+    return out, decoded
 
 
 def row_group_spans(parquet: pq.ParquetFile, timezone: str) -> list:

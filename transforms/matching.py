@@ -23,14 +23,19 @@ directions come out of the same distances).
    leave as a few :class:`~transforms.match_blocks.Batch` elements (at most
    ``DEFAULT_MAX_BATCH`` detections each, sorted by (ts, id)) in a plain-bytes wire
    format (:mod:`transforms.match_blocks.wire`; float32 embeddings that float16 holds
-   exactly travel as float16).
+   exactly travel as float16). Column chunks whose embeddings are
+   :class:`~transforms.match_blocks.StoredRows` (``ReadDetections(as_columns=True)``)
+   stay references, 8 bytes a detection, unless their rows span more than half a block
+   (each block would decode the whole row group): those are read here.
 2. ``RouteToBlocks``: a batch of camera C goes once to every block that needs any of
    its detections: its own block (as queries, when C has a partner after it) and every
    block whose reach, as a reference of some camera before C, contains some of them
    (sliced to exactly those). A detection therefore crosses the shuffle about
    ``1 + (hi - lo) / S`` times (1.5 with the defaults), **whatever the number of
    partner cameras**: partners share the copy that reaches their block.
-3. ``GroupBlocks`` (``GroupByKey``, key = block start) then ``ComputeBlocks``: every
+3. ``GroupBlocks`` (``GroupByKey``, key = block start) then ``ComputeBlocks``: the
+   block reads the row groups its references point to (each once:
+   :func:`~transforms.detections_io.load_stored_rows`), then every
    camera pair of the block is computed with numpy (tiled matrix products, memory
    bounded by the tile), its two Sides built in float32 arrays reused from pair to
    pair. (Splitting a large pair into separately shuffled parts would copy its
@@ -53,10 +58,10 @@ it, as itself or shifted (the same ``1 + (hi - lo) / S`` copies, plus the ``hi``
 wrap around the period's ends). A unit holds two blocks.
 
 Memory: a worker holds one block at a time: the detections of every camera in
-``S + (hi - lo)`` of event time as received (float16 when exact), plus two cameras'
-parts of it in float32. What a runner
+``S + (hi - lo)`` of event time as received or read (float16 when exact or stored so),
+plus two cameras' parts of it in float32 and, while reading, one row group. What a runner
 holds between stages is the shuffled volume: about 1.5 copies of every embedding (in
-float16 when exact) plus the partials. On Dataflow that is shuffle storage; the
+float16 when exact; of a reference for stored rows) plus the partials. On Dataflow that is shuffle storage; the
 DirectRunner keeps it in memory, which is why ``cctview match`` and ``calibrate`` run a
 long period there as consecutive time chunks (``owned_ms``, :mod:`pipelines.chunks`).
 
@@ -73,8 +78,10 @@ candidate pair counted once, before threshold), ``distance_cells`` (cells comput
 in), ``detections_computed`` (each batched detection once: when its own block is
 computed, or at routing when no block needs it there; with ``detections_batched`` the
 progress line's matching phase, :mod:`transforms.progress`),
-``embedding_copies_shuffled`` (detection rows sent to blocks: divided by
-``detections_batched`` it is the copies of each embedding that cross the shuffle),
+``embedding_copies_shuffled`` (detection rows sent to blocks with their embedding:
+divided by ``detections_batched`` it is the copies of each embedding that cross the
+shuffle), ``row_references_shuffled`` (rows sent as references to their stored row),
+``stored_rows_read`` (stored rows decoded to get referenced embeddings),
 ``shuffled_bytes`` (bytes of block parts and partials sent to a ``GroupByKey``);
 distribution ``block_cells`` (query x reference cells per camera pair and block).
 
@@ -98,7 +105,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from transforms import match_blocks as mb
 from transforms import progress
 from transforms.control import SHIFTED, base_camera
-from transforms.detections_io import DetectionColumns
+from transforms.detections_io import DetectionColumns, load_stored_rows
 
 __all__ = ["DEFAULT_MAX_GAP_S", "DEFAULT_METRIC", "DEFAULT_POLICY", "DEFAULT_TOP_K",
            "DEFAULT_WINDOW_S", "MatchDetections", "ShiftedControl", "block_ms_of",
@@ -160,6 +167,7 @@ class _BatchDetections(beam.DoFn):
         self.origin_ms = int(origin_ms)
         self.max_size = int(max_size)
         self.detections = progress.counter(NAMESPACE, "detections_batched")
+        self.stored_rows = Metrics.counter(NAMESPACE, "stored_rows_read")
         self._buffers: dict = {}
 
     def start_bundle(self):
@@ -189,7 +197,13 @@ class _BatchDetections(beam.DoFn):
 
     def _columns(self, cols: DetectionColumns, window):
         """A chunk of many detections: grouped by (camera, block) with numpy, no buffering
-        (a chunk is already thousands of detections)."""
+        (a chunk is already thousands of detections). Stored rows that span more than
+        half a block are read here (the blocks would each decode all of their row group)."""
+        if isinstance(cols.embedding, mb.StoredRows) and len(cols) and (
+                cols.frame_ts_ms.max() - cols.frame_ts_ms.min() > self.block_ms // 2):
+            (emb,), decoded = load_stored_rows([cols.embedding])
+            self.stored_rows.inc(decoded)
+            cols = DetectionColumns(cols.camera_id, cols.frame_ts_ms, cols.detection_id, emb)
         blocks = (cols.frame_ts_ms - self.origin_ms) // self.block_ms
         groups = np.lexsort((blocks, cols.camera_id))
         cams, ks = cols.camera_id[groups], blocks[groups]
@@ -222,11 +236,13 @@ class _RouteToBlocks(beam.DoFn):
         self.origin_ms = int(origin_ms)
         self.control = control
         self.copies = Metrics.counter(NAMESPACE, "embedding_copies_shuffled")
+        self.references = Metrics.counter(NAMESPACE, "row_references_shuffled")
         self.bytes = Metrics.counter(NAMESPACE, "shuffled_bytes")
         self.computed = progress.counter(NAMESPACE, "detections_computed")
 
     def process(self, data):
         batch = mb.decode_batch(data)
+        stored = isinstance(batch.emb, mb.StoredRows)
         cam, own = batch.camera_id, batch.window_start_ms
         targets: dict = {}  # block start -> rows needed there (None: all)
         if self.bands.has_later_partner(cam):
@@ -247,7 +263,7 @@ class _RouteToBlocks(beam.DoFn):
             else:
                 continue
             at_own += rows if start == own else 0
-            self.copies.inc(rows)
+            (self.references if stored else self.copies).inc(rows)
             self.bytes.inc(len(part))
             yield start, part
         self.computed.inc(len(batch) - at_own)
@@ -408,12 +424,13 @@ class _ComputeBlocks(_ComputeBlock):
         self.blocks_split = Metrics.counter(NAMESPACE, "blocks_split")
         self.block_cells = Metrics.distribution(NAMESPACE, "block_cells")
         self.computed = progress.counter(NAMESPACE, "detections_computed")
+        self.stored_rows = Metrics.counter(NAMESPACE, "stored_rows_read")
 
     def process(self, element):
         start, parts = element
         if self._workspace is None:
             self._workspace = mb.Workspace()
-        batches = [mb.decode_batch(p) for p in parts]
+        batches = self._loaded([mb.decode_batch(p) for p in parts])
         starts = (int(start),) if self.control is None else self.control.unit_blocks(start)
         for q, r in (pair for s in starts for pair in self._pairs(s, batches)):
             self.blocks.inc()
@@ -427,6 +444,20 @@ class _ComputeBlocks(_ComputeBlock):
             for sq, sr in split:
                 yield from self.compute(sq, sr)
         self.computed.inc(sum(len(b) for b in batches if b.window_start_ms in starts))
+
+    def _loaded(self, batches: list) -> list:
+        """The batches with the embeddings of their :class:`~transforms.match_blocks.StoredRows`
+        read from storage (each row group the block needs decoded once)."""
+        stored = [i for i, b in enumerate(batches) if isinstance(b.emb, mb.StoredRows)]
+        if not stored:
+            return batches
+        embs, decoded = load_stored_rows([batches[i].emb for i in stored])
+        self.stored_rows.inc(decoded)
+        batches = list(batches)
+        for i, emb in zip(stored, embs):
+            b = batches[i]
+            batches[i] = mb.Batch(b.window_start_ms, b.ids, b.ts, emb, b.camera_id)
+        return batches
 
     def _pairs(self, start: int, batches):
         """(queries of camera A in the block, references of camera B in their reach) for

@@ -2,14 +2,16 @@
 from stored embeddings (ours and CCTView's reference Parquet) with no model."""
 import datetime as dt
 
+import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from conftest import CLASSICAL, REFERENCE, require_shared
+from conftest import CLASSICAL, REFERENCE, collect, require_shared
 from pipelines.cli import main
 from transforms.match_blocks import match_arrays
 
@@ -125,6 +127,39 @@ def test_stored_detections_as_columns_and_as_dicts_agree():
     ragged = table.set_column(3, "embedding", pa.array([[1.0], [1.0, 2.0], [3.0, 4.0]]))
     with pytest.raises(DetectionsSchemaError, match="different lengths"):
         table_to_columns(ragged)
+
+
+def test_stored_rows_are_read_only_where_the_metadata_proves_them_whole(tmp_path):
+    """ReadDetections' column chunks point to their stored rows when a row group's
+    metadata shows no missing embedding; vectors of unequal sizes that add up to rows x
+    size pass that check and are refused where they are read, naming the file."""
+    from transforms.detections_io import (DetectionsSchemaError, ReadDetections,
+                                          load_stored_rows)
+    from transforms.match_blocks import StoredRows
+
+    def write(name, embeddings):
+        table = pa.table({"camera_id": ["a", "a", "b"],
+                          "frame_ts": pa.array([0, 1000, 2000], pa.timestamp("ms", tz="UTC")),
+                          "detection_id": ["x", "y", "z"],
+                          "embedding": pa.array(embeddings, pa.list_(pa.float32()))})
+        pq.write_table(table, tmp_path / name, row_group_size=2)
+        return str(tmp_path / name)
+
+    whole = write("whole.parquet", [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    holed = write("holed.parquet", [[1.0, 2.0], None, [5.0, 6.0]])
+    ragged = write("ragged.parquet", [[1.0], [3.0, 4.0, 5.0], [5.0, 6.0]])
+    pipeline = beam.Pipeline(runner=FnApiRunner())
+    read = {f: collect(pipeline | "Read%d" % i >> ReadDetections([f], as_columns=True,
+                                                                cameras=["a", "b"]), str(i))
+            for i, f in enumerate((whole, holed))}
+    pipeline.run().wait_until_finish()
+    kinds = {f: sorted(type(c.embedding).__name__ for c in chunks) for f, chunks in read.items()}
+    assert kinds == {whole: ["StoredRows", "StoredRows"], holed: ["StoredRows", "ndarray"]}
+    embs, decoded = load_stored_rows([c.embedding for c in read[whole]])
+    assert decoded == 3 and sorted(e.tolist() for e in embs) == [[[1, 2], [3, 4]], [[5, 6]]]
+    assert sum(len(c) for c in read[holed]) == 2  # the row without one is dropped
+    with pytest.raises(DetectionsSchemaError, match="ragged.parquet.*different lengths"):
+        load_stored_rows([StoredRows(ragged, 0, np.asarray([0, 1]))])
 
 
 def test_separate_stages_with_the_background_detector_give_the_fused_detections(small_world, tmp_path):

@@ -6,11 +6,12 @@ module's full description and the helpers both use are in tests/unit/test_scale.
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REFERENCE, require_shared
+from conftest import REFERENCE, counters, require_shared
 from pipelines.cli import main
 from pipelines.scale_world import offset_s, write_world
 
@@ -93,8 +94,9 @@ def test_time_chunks_give_the_matches_of_one_job(world, tmp_path, policy, flags)
 
 
 def test_shuffled_copies_do_not_grow_with_partner_cameras(world, tmp_path, capsys):
-    """Each embedding crosses the shuffle ~1 + band/S times, with 3 cameras as with 1
-    (every camera sees all the others: partners share the copy sent to their block)."""
+    """Each detection crosses the shuffle ~1 + band/S times, with 3 cameras as with 1
+    (every camera sees all the others: partners share the copy sent to their block); read
+    from files, as a reference to its stored row, never with its embedding."""
     root, _ = world
     ratios = {}
     for name, files in (("one", _files(root)[:1]), ("three", _files(root))):
@@ -102,7 +104,8 @@ def test_shuffled_copies_do_not_grow_with_partner_cameras(world, tmp_path, capsy
                      "--max-gap", "300", "--chunk-mb", "0"]) == 0
         done = [l for l in capsys.readouterr().out.splitlines() if l.startswith("done:")][-1]
         counts = dict(kv.split("=") for kv in done.split(": ", 1)[1].split(" -> ")[0].split(", "))
-        ratios[name] = int(counts["embedding_copies_shuffled"]) / int(counts["detections_batched"])
+        assert "embedding_copies_shuffled" not in counts  # none was counted
+        ratios[name] = int(counts["row_references_shuffled"]) / int(counts["detections_batched"])
     # band 600 s, blocks of 1200 s: 1.5 copies on average over a long period, a little
     # more over 12 minutes whose edges fall inside blocks
     assert ratios["three"] <= 2.0
@@ -157,3 +160,68 @@ def test_bad_pairs_stop_calibrate_with_one_line(world, tmp_path, capsys, content
                  str(tmp_path / "links.json"), "--pairs", str(named)]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err
+
+
+def _match_counted(source, tmp_path, name):
+    """Matches (sorted rows) and counters of ``source | MatchDetections(mutual, 300 s)``
+    (blocks of 600 s: the 300-s row groups of the scale world travel as references)."""
+    import apache_beam as beam
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    from transforms.matching import MatchDetections
+
+    p = beam.Pipeline(runner=FnApiRunner())
+    _ = (p | source | MatchDetections(policy="mutual", max_gap_s=300, window_s=60)
+         | beam.Map(lambda m: json.dumps(m, default=str, sort_keys=True))
+         | beam.io.WriteToText(str(tmp_path / name)))
+    result = p.run()
+    result.wait_until_finish()
+    rows = [line for f in sorted(tmp_path.glob(name + "*")) for line in f.read_text().splitlines()]
+    return sorted(rows), counters(result)
+
+
+def test_stored_rows_give_the_matches_of_shuffled_embeddings(world, tmp_path):
+    """Column chunks from files leave the embeddings in storage (the blocks read their
+    row groups) and match exactly as the same detections whose embeddings travel. One
+    file keeps its 300-s row groups (read by the blocks), one is a single 12-minute row
+    group (wider than half a block: read before the shuffle), one has a detection without
+    an embedding in its first row group (variable lists; that group read as before, the row
+    dropped)."""
+    from transforms.detections_io import ReadDetections
+
+    root, _ = world
+    narrow, wide, holed = _files(root)
+    table = pq.read_table(wide)
+    pq.write_table(table, tmp_path / "wide.parquet", row_group_size=len(table))
+    table = pq.read_table(holed)
+    emb = table["embedding"].combine_chunks()
+    mask = np.zeros(len(emb), dtype=bool)
+    mask[3] = True
+    emb = _with_null_rows(emb, mask)
+    table = table.set_column(table.schema.get_field_index("embedding"), "embedding", emb)
+    pq.write_table(table, tmp_path / "holed.parquet", row_group_size=500)
+    files = [narrow, str(tmp_path / "wide.parquet"), str(tmp_path / "holed.parquet")]
+
+    stored, by_reference = _match_counted(ReadDetections(files, as_columns=True), tmp_path, "s")
+    shuffled, by_copy = _match_counted(ReadDetections(files), tmp_path, "c")
+    assert len(stored) > 100 and stored == shuffled
+    batched = by_reference["detections_batched"]
+    assert batched == by_copy["detections_batched"] == sum(
+        pq.ParquetFile(f).metadata.num_rows for f in files) - 1
+    assert by_copy["embedding_copies_shuffled"] > batched and not by_copy.get("stored_rows_read")
+    # The wide file (read once, before the shuffle) and the holed file's first group travel
+    # as embeddings; the rest as references, each of their groups read by a few blocks.
+    with_embeddings = pq.ParquetFile(files[1]).metadata.num_rows + 500 - 1
+    assert with_embeddings <= by_reference["embedding_copies_shuffled"] <= 3 * with_embeddings
+    assert by_reference["row_references_shuffled"] >= batched - with_embeddings
+    assert batched - with_embeddings < by_reference["stored_rows_read"] < 3 * batched
+    # (here about 40% of the rows still travel as embeddings: the wide file)
+    assert by_reference["shuffled_bytes"] < 0.6 * by_copy["shuffled_bytes"]
+
+
+def _with_null_rows(emb, mask):
+    """``emb`` (a fixed_size_list array) as a variable list column (as the project's own
+    files store them) with the rows of ``mask`` null."""
+    size = emb.type.list_size
+    offsets = pa.array(np.arange(len(emb) + 1, dtype=np.int32) * size)
+    return pa.ListArray.from_arrays(offsets, emb.values, mask=pa.array(mask))

@@ -503,6 +503,23 @@ def test_batch_wire_format_round_trip():
         mb.decode_batch(b"\0" * 64)
 
 
+def test_stored_rows_travel_as_references():
+    """A batch whose embeddings are StoredRows encodes its path, group and row numbers
+    (a few bytes a detection), slices like embeddings, and decodes to the same place."""
+    ids = np.asarray(["a%d" % i for i in range(4)], dtype=str)
+    ts = np.asarray([5, 6, 6, 9], dtype=np.int64)
+    stored = mb.StoredRows("gs://bücket/cam/2020-05-05-13.parquet", 7, np.asarray([3, 0, 9, 2]))
+    batch = mb.Batch(1200, ids, ts, stored, "cam")
+    data = mb.encode_batch(batch)
+    got = mb.decode_batch(data)
+    assert got.emb == stored and got.ids.tolist() == ids.tolist() and got.ts.tolist() == [5, 6, 6, 9]
+    assert len(data) < 240
+    part = mb.decode_batch(mb.encode_batch(batch.take(np.asarray([False, True, True, False]))))
+    assert part.emb == mb.StoredRows(stored.path, 7, np.asarray([0, 9])) and len(part) == 2
+    assert mb.compact_embeddings(stored) is stored
+    made = mb.batches_from_arrays(0, ids[::-1], ts[::-1], stored[::-1], 3, "cam")
+    assert [b.emb.rows.tolist() for b in made] == [[3, 0, 9], [2]]  # (ts, id) order
+
 
 def test_partial_wire_format_round_trip():
     """Neighbour partials travel as bytes with UTF-8 ids: equal arrays back, a fraction of

@@ -99,8 +99,8 @@ from transforms.match_blocks.kernels import (DEFAULT_Q_TILE, DEFAULT_R_TILE,
                                              prepare_side, finite_block, tile_buffer,
                                              Workspace, raw_distances, finish_distances,
                                              exact_distances, pair_distances)
-from transforms.match_blocks.wire import (Batch, encode_batch, decode_batch, make_batches,
-                                          batches_from_arrays, sorted_by_ts_id,
+from transforms.match_blocks.wire import (Batch, StoredRows, encode_batch, decode_batch,
+                                          make_batches, batches_from_arrays, sorted_by_ts_id,
                                           compact_embeddings)
 from transforms.match_blocks.sides import Side, id_ranks, make_side, side_from_batches
 from transforms.match_blocks.records import (make_match, assignment_key, assignment_order,
