@@ -65,6 +65,8 @@ CONFIGS = (  # (name, embedding normalisation or None for mutual NN, learned sel
     ("learned, --embedding-norm power+center, greedy selection", "power+center", "greedy"),
     ("learned, --embedding-norm power+center (default selection: mutual)", "power+center",
      "mutual"),
+    ("learned, --embedding-norm power+center, selection mutual-3 (not the default)",
+     "power+center", "mutual-3"),
 )
 
 

@@ -127,8 +127,11 @@ among the candidates of their alignment (each is the other's nearest in the band
 by detection id): the structure of mutual nearest neighbours, with the learned score
 deciding which of them are kept. The filter is a function of the alignment's own
 candidates, applied the same way to the real alignment and to every control, so the
-controls stay valid. ``"greedy"`` visits every candidate. Measured: BENCHMARKS.md,
-"Weak links" and "Decoy estimate against the truth".
+controls stay valid. ``"mutual-2"`` and ``"mutual-3"`` repeat the search for mutual
+nearest neighbours among the candidates of the detections that earlier rounds left free
+(:func:`mutual_rounds`), so a detection whose nearest was taken by a closer pair can
+still be visited with its next. ``"greedy"`` visits every candidate. Measured:
+BENCHMARKS.md, "Weak links" and "Decoy estimate against the truth".
 
 q-values and the summary
 ========================
@@ -169,10 +172,10 @@ __all__ = ["Candidates", "DEFAULT_CONTROL_SHIFTS", "DEFAULT_FEATURES",
            "DEFAULT_MAX_CANDIDATES", "DEFAULT_MIN_PRECISION", "DEFAULT_PERIOD_S",
            "DEFAULT_SCORER", "DEFAULT_SELECTION", "DEFAULT_TRACKLETS", "DEFAULT_TRAIN_SHIFTS", "FEATURES", "LearnedLinkMatch",
            "MIN_TRAIN_ROWS", "NAMESPACE", "NORMALIZATIONS", "POLICY", "SCALE_K",
-           "SCALE_MAX_MS", "SCALE_MIN_MS", "SELECTIONS", "STATS", "TRACKLET_FEATURES",
+           "MUTUAL_ROUNDS", "SCALE_MAX_MS", "SCALE_MIN_MS", "SELECTIONS", "STATS", "TRACKLET_FEATURES",
            "TooManyCandidates", "best_achievable", "better_match", "candidate_features",
            "candidate_ranks", "choose_threshold", "enumerate_candidates",
-           "greedy_one_to_one", "match_group", "match_linked_pair", "match_linked_periods",
+           "greedy_one_to_one", "match_group", "match_linked_pair", "match_linked_periods", "mutual_rounds",
            "normalize_embeddings", "period_keys", "place_shifts", "pool_tracklet_scores",
            "q_values",
            "summary_record", "threshold_curve"]
@@ -187,7 +190,10 @@ DEFAULT_CONTROL_SHIFTS = (0.125, 0.375, 0.625, 0.875)
 DEFAULT_MAX_CANDIDATES = 20_000_000
 DEFAULT_PERIOD_S = 3600.0
 DEFAULT_TRACKLETS = True  # also the default of --tracklets (on)
-SELECTIONS = ("mutual", "greedy")  # which candidates the selection visits ("Selection")
+# Which candidates the selection visits ("Selection"): mutual nearest neighbours found in
+# 1, 2 or 3 rounds, or every candidate.
+SELECTIONS = ("mutual", "mutual-2", "mutual-3", "greedy")
+MUTUAL_ROUNDS = {"mutual": 1, "mutual-2": 2, "mutual-3": 3}
 DEFAULT_SELECTION = "mutual"
 MIN_TRAIN_ROWS = 200  # per class and fold; fewer -> abstain (reason "too_little_data")
 
@@ -459,6 +465,26 @@ def candidate_ranks(a: _Side, b: _Side, c: Candidates):
     rank_a, ratio_a, _ = _group_stats(c.ia, b.id_rank[c.ib], c.dist)
     rank_b, ratio_b, _ = _group_stats(c.ib, a.id_rank[c.ia], c.dist)
     return rank_a, ratio_a, rank_b, ratio_b
+
+
+def mutual_rounds(a: _Side, b: _Side, c: Candidates, rounds: int) -> np.ndarray:
+    """Sorted positions in ``c`` of the pairs that are mutual nearest neighbours by
+    (distance, detection id) among the candidates of detections no earlier round took:
+    round 1 is plain mutual nearest neighbours; each later round drops the candidates of
+    every detection already paired and searches again."""
+    free = np.ones(len(c), dtype=bool)
+    found = []
+    for _ in range(int(rounds)):
+        alive = np.flatnonzero(free)
+        if not len(alive):
+            break
+        rank_a, _, rank_b, _ = candidate_ranks(a, b, c.take(alive))
+        mutual = alive[(rank_a == 1) & (rank_b == 1)]
+        if not len(mutual):
+            break
+        found.append(mutual)
+        free &= ~np.isin(c.ia, c.ia[mutual]) & ~np.isin(c.ib, c.ib[mutual])
+    return np.sort(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
 
 
 def candidate_features(a: _Side, b: _Side, c: Candidates, features: Sequence[str] = FEATURES,
@@ -819,7 +845,8 @@ def match_linked_pair(a: dict, b: dict, bands, min_precision: float = DEFAULT_MI
       normalize: "" (off), "center" or "power+center" (see "Embedding normalisation").
       selection: "mutual" (default): the greedy one-to-one selection by score visits
         only the candidates that are mutual nearest neighbours by distance among the
-        candidates of their alignment; "greedy": every candidate (see "Selection").
+        candidates of their alignment; "mutual-2"/"mutual-3": those found in 2 or 3
+        rounds on the detections left free; "greedy": every candidate (see "Selection").
 
     Returns ``(matches, stats)``: Match dicts (transforms/records.py) with policy
     ``learned``, L2 ``distance``, ``rank_a``/``rank_b`` (ranks by distance among all
@@ -937,9 +964,8 @@ class _Alignments:
         """Positions in ``c`` of the one-to-one selection by score ``s`` (see
         "Selection"), in selection order."""
         A, B = self.A, self.B
-        if self.s.selection == "mutual":
-            rank_a, _, rank_b, _ = candidate_ranks(A, B, c)
-            at = np.flatnonzero((rank_a == 1) & (rank_b == 1))
+        if self.s.selection in MUTUAL_ROUNDS:
+            at = mutual_rounds(A, B, c, MUTUAL_ROUNDS[self.s.selection])
         else:
             at = np.arange(len(c))
         ia, ib = c.ia[at], c.ib[at]

@@ -142,6 +142,37 @@ def test_default_selection_is_mutual_nearest_neighbours(linked):
         match_pair(a, b, BANDS, selection="hungarian")
 
 
+def test_mutual_rounds_pair_the_detections_left_free():
+    """Round r's pairs are the mutual nearest neighbours (by distance, ties by id) among
+    the candidates of detections no earlier round paired: checked against a direct
+    reading of that rule on random candidate sets with ties."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(11)
+    for case in range(40):
+        na, nb = rng.integers(1, 9, size=2)
+        cells = [(i, j) for i in range(na) for j in range(nb) if rng.random() < 0.6]
+        if not cells:
+            continue
+        ia, ib = (np.asarray(x, dtype=np.int64) for x in zip(*cells))
+        dist = rng.integers(0, 4, len(cells)).astype(np.float32)  # many ties
+        c = lm.Candidates(ia, ib, dist, np.zeros(len(cells), np.int64))
+        a, b = (SimpleNamespace(id_rank=rng.permutation(n)) for n in (na, nb))
+        for rounds in (1, 2, 4):
+            want, taken_a, taken_b = [], set(), set()
+            for _ in range(rounds):
+                live = [k for k in range(len(cells)) if ia[k] not in taken_a and ib[k] not in taken_b]
+                best_a = {i: min((k for k in live if ia[k] == i), key=lambda k: (dist[k], b.id_rank[ib[k]]))
+                          for i in {ia[k] for k in live}}
+                best_b = {j: min((k for k in live if ib[k] == j), key=lambda k: (dist[k], a.id_rank[ia[k]]))
+                          for j in {ib[k] for k in live}}
+                pairs = [k for k in live if best_a[ia[k]] == k and best_b[ib[k]] == k]
+                want += pairs
+                taken_a |= {ia[k] for k in pairs}
+                taken_b |= {ib[k] for k in pairs}
+            assert lm.mutual_rounds(a, b, c, rounds).tolist() == sorted(want), (case, rounds)
+
+
 def test_no_true_pairs_abstains_or_nearly():
     a, b = sides(synth(seed=1, linked=False))
     matches, stats = match_pair(a, b, BANDS)
