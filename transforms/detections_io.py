@@ -25,7 +25,8 @@ from transforms.match_blocks.wire import StoredRows
 
 __all__ = ["DetectionColumns", "DetectionsSchemaError", "FileSpan", "NAMESPACE",
            "OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "ReadDetections", "inspect_files",
-           "load_stored_rows", "parquet_files", "row_group_spans", "table_to_columns", "table_to_detections"]
+           "load_stored_rows", "parquet_files", "row_group_spans", "table_to_columns",
+           "table_to_detections"]
 
 NAMESPACE = "cctview"
 REQUIRED_COLUMNS = ("camera_id", "frame_ts", "detection_id", "embedding")
@@ -120,13 +121,14 @@ def table_to_columns(table: pa.Table, timezone: str = "UTC") -> DetectionColumns
     return _columns(_valid_rows(table), timezone)
 
 
-def _columns(table: pa.Table, timezone: str) -> DetectionColumns:
-    """:func:`table_to_columns` for a table already through :func:`_valid_rows`."""
+def _columns(table: pa.Table, timezone: str, embedding=None) -> DetectionColumns:
+    """:func:`table_to_columns` for a table already through :func:`_valid_rows`;
+    ``embedding``: what stands for the table's embeddings (its column is then not read)."""
     return DetectionColumns(
         np.asarray(table["camera_id"].cast(pa.string()).to_numpy(zero_copy_only=False), dtype=str),
         _epoch_ms(table["frame_ts"], timezone),
         np.asarray(table["detection_id"].cast(pa.string()).to_numpy(zero_copy_only=False), dtype=str),
-        _embedding_matrix(table["embedding"]))
+        _embedding_matrix(table["embedding"]) if embedding is None else embedding)
 
 
 def table_to_detections(table: pa.Table, timezone: str = "UTC") -> List[dict]:
@@ -208,14 +210,11 @@ class _ReadFileFn(beam.DoFn):
         the rows of the time range and cameras asked for; the embeddings are not read)."""
         table = parquet.read_row_group(group, columns=["camera_id", "frame_ts", "detection_id"])
         keep = self._wanted(table)
-        rows = np.arange(table.num_rows) if keep is None else np.flatnonzero(keep)
-        if keep is not None:
-            table = table.filter(pa.array(keep))
-        return DetectionColumns(
-            np.asarray(table["camera_id"].cast(pa.string()).to_numpy(zero_copy_only=False), dtype=str),
-            _epoch_ms(table["frame_ts"], self._timezone),
-            np.asarray(table["detection_id"].cast(pa.string()).to_numpy(zero_copy_only=False), dtype=str),
-            StoredRows(path, group, rows.astype(np.int64)))
+        if keep is None:
+            rows = np.arange(table.num_rows)
+        else:
+            rows, table = np.flatnonzero(keep), table.filter(pa.array(keep))
+        return _columns(table, self._timezone, StoredRows(path, group, rows))
 
     def _wanted(self, table: pa.Table):
         """The rows of the cameras and time range asked for, as a bool mask; None: all."""
@@ -265,16 +264,14 @@ def load_stored_rows(refs: Sequence[StoredRows]) -> Tuple[List[np.ndarray], int]
     decoded once per call and released before the next: memory is the result plus one
     row group."""
     out: List[np.ndarray] = [None] * len(refs)
-    by_place: dict = {}
+    by_path: dict = {}  # path -> row group -> positions in refs
     for i, ref in enumerate(refs):
-        by_place.setdefault((ref.path, int(ref.row_group)), []).append(i)
+        by_path.setdefault(ref.path, {}).setdefault(ref.row_group, []).append(i)
     decoded = 0
-    for path in sorted({p for p, _ in by_place}):
+    for path, groups in sorted(by_path.items()):
         with FileSystems.open(path) as handle:
             parquet = pq.ParquetFile(handle)
-            for (place_path, group), indices in sorted(by_place.items()):
-                if place_path != path:
-                    continue
+            for group, indices in sorted(groups.items()):
                 column = parquet.read_row_group(group, columns=["embedding"])["embedding"]
                 try:
                     matrix = _embedding_matrix(column)

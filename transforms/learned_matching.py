@@ -170,12 +170,14 @@ from transforms import match_blocks as mb
 
 __all__ = ["Candidates", "DEFAULT_CONTROL_SHIFTS", "DEFAULT_FEATURES",
            "DEFAULT_MAX_CANDIDATES", "DEFAULT_MIN_PRECISION", "DEFAULT_PERIOD_S",
-           "DEFAULT_SCORER", "DEFAULT_SELECTION", "DEFAULT_TRACKLETS", "DEFAULT_TRAIN_SHIFTS", "FEATURES", "LearnedLinkMatch",
-           "MIN_TRAIN_ROWS", "NAMESPACE", "NORMALIZATIONS", "POLICY", "SCALE_K",
-           "MUTUAL_ROUNDS", "SCALE_MAX_MS", "SCALE_MIN_MS", "SELECTIONS", "STATS", "TRACKLET_FEATURES",
+           "DEFAULT_SCORER", "DEFAULT_SELECTION", "DEFAULT_TRACKLETS", "DEFAULT_TRAIN_SHIFTS",
+           "FEATURES", "LearnedLinkMatch", "MIN_TRAIN_ROWS", "MUTUAL_ROUNDS", "NAMESPACE",
+           "NORMALIZATIONS", "POLICY", "SCALE_K", "SCALE_MAX_MS", "SCALE_MIN_MS", "SELECTIONS",
+           "STATS", "TRACKLET_FEATURES",
            "TooManyCandidates", "best_achievable", "better_match", "candidate_features",
            "candidate_ranks", "choose_threshold", "enumerate_candidates",
-           "greedy_one_to_one", "match_group", "match_linked_pair", "match_linked_periods", "mutual_rounds",
+           "greedy_one_to_one", "match_group", "match_linked_pair", "match_linked_periods",
+           "mutual_rounds",
            "normalize_embeddings", "period_keys", "place_shifts", "pool_tracklet_scores",
            "q_values",
            "summary_record", "threshold_curve"]
@@ -192,8 +194,8 @@ DEFAULT_PERIOD_S = 3600.0
 DEFAULT_TRACKLETS = True  # also the default of --tracklets (on)
 # Which candidates the selection visits ("Selection"): mutual nearest neighbours found in
 # 1, 2 or 3 rounds, or every candidate.
-SELECTIONS = ("mutual", "mutual-2", "mutual-3", "greedy")
 MUTUAL_ROUNDS = {"mutual": 1, "mutual-2": 2, "mutual-3": 3}
+SELECTIONS = tuple(MUTUAL_ROUNDS) + ("greedy",)
 DEFAULT_SELECTION = "mutual"
 MIN_TRAIN_ROWS = 200  # per class and fold; fewer -> abstain (reason "too_little_data")
 
@@ -478,7 +480,8 @@ def mutual_rounds(a: _Side, b: _Side, c: Candidates, rounds: int) -> np.ndarray:
         alive = np.flatnonzero(free)
         if not len(alive):
             break
-        rank_a, _, rank_b, _ = candidate_ranks(a, b, c.take(alive))
+        live = c if len(alive) == len(c) else c.take(alive)  # round 1: no copy
+        rank_a, _, rank_b, _ = candidate_ranks(a, b, live)
         mutual = alive[(rank_a == 1) & (rank_b == 1)]
         if not len(mutual):
             break
