@@ -64,7 +64,7 @@ TRIED = (
     "consecutive detections instead of 0.04, tracklets 3-4 long instead of 1.2-1.4) "
     "51 / 765 / 295 against 86 / 735 / 296, with mean pooling 34 and with the tracklet "
     "features 64 at noise 2; scorer features without the norms and local scales "
-    "(appearance, dt, box centres and sizes) 156, 117, 23 / 948 / 276, 227, 164 over "
+    "(appearance, dt, box centres and sizes) 156, 117, 23 / 948, 804, 789 / 276, 227, 164 over "
     "matcher seeds 0, 1, 2 against the default's 86, 129, 100 / 735, 756, 853 / 296, "
     "182, 308; an average of three scorers per fold 77, 140, 106 / 817, 786, 807 / "
     "238, 238, 272. The matcher's seed alone moves these numbers by up to 2x on the weak "
