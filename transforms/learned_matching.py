@@ -153,6 +153,24 @@ signed square roots; then embeddings are L2-normalised (:func:`normalize_embeddi
 The ``log_norm_*`` features keep the raw embeddings' norms (how much a crop shows).
 Measured by the target-decoy estimate on held-out data: BENCHMARKS.md, "Weak links".
 
+Zone gate (``zone_gate=True``; off by default)
+=============================================
+A link joins particular places of the two views: on a road seen carrying both
+directions, the vehicles that reach b at +30 s leave a in one carriageway and enter b
+in one carriageway, and the other half of a's traffic (the other direction) only ever
+meets chance candidates in that band. Those chance candidates compete for the nearest
+neighbour of the true ones. The gate learns where a link's pairs lie from the data, as
+the scorer learns the score: a small classifier of the boxes' places and sizes and the
+dt only (``ZONE_FEATURES``, no appearance) separates the mutual nearest neighbours of
+the real alignment (label 1) from those of the training negatives (label 0),
+cross-fitted and purged by the same time folds as the scorer. Where its logit is
+above 0 (the place looks more like the real alignment's mutual pairs than chance
+does) a candidate is kept; the selection (mutual nearest neighbours, then the greedy
+one-to-one by score) runs on the kept candidates only. It is a function of the
+candidates' places and dt, applied alike to the real alignment and to every control,
+so the controls stay valid. Measured: BENCHMARKS.md, "Weak links" (on the synthetic
+world, where every camera sees both directions, and on the reference pair).
+
 Nothing here knows camera ids or offsets: everything comes from the bands and the
 data. :class:`LearnedLinkMatch` is the Beam transform (groups per linked camera pair
 and period of the a-detection).
@@ -171,9 +189,9 @@ from transforms import match_blocks as mb
 __all__ = ["Candidates", "DEFAULT_CONTROL_SHIFTS", "DEFAULT_FEATURES",
            "DEFAULT_MAX_CANDIDATES", "DEFAULT_MIN_PRECISION", "DEFAULT_PERIOD_S",
            "DEFAULT_SCORER", "DEFAULT_SELECTION", "DEFAULT_TRACKLETS", "DEFAULT_TRAIN_SHIFTS",
-           "FEATURES", "LearnedLinkMatch", "MIN_TRAIN_ROWS", "MUTUAL_ROUNDS", "NAMESPACE",
-           "NORMALIZATIONS", "POLICY", "SCALE_K", "SCALE_MAX_MS", "SCALE_MIN_MS", "SELECTIONS",
-           "STATS", "TRACKLET_FEATURES",
+           "FEATURES", "LearnedLinkMatch", "MIN_TRAIN_ROWS", "MIN_ZONE_ROWS", "MUTUAL_ROUNDS",
+           "NAMESPACE", "NORMALIZATIONS", "POLICY", "SCALE_K", "SCALE_MAX_MS", "SCALE_MIN_MS",
+           "SELECTIONS", "STATS", "TRACKLET_FEATURES", "ZONE_FEATURES", "ZONE_SCORER",
            "TooManyCandidates", "best_achievable", "better_match", "candidate_features",
            "candidate_ranks", "choose_threshold", "enumerate_candidates",
            "greedy_one_to_one", "match_group", "match_linked_pair", "match_linked_periods",
@@ -198,6 +216,14 @@ MUTUAL_ROUNDS = {"mutual": 1, "mutual-2": 2, "mutual-3": 3}
 SELECTIONS = tuple(MUTUAL_ROUNDS) + ("greedy",)
 DEFAULT_SELECTION = "mutual"
 MIN_TRAIN_ROWS = 200  # per class and fold; fewer -> abstain (reason "too_little_data")
+# The zone gate ("Zone gate"): its features (places, sizes, dt; no appearance), its
+# classifier (trained on a few thousand mutual pairs, so more passes in smaller batches
+# than the scorer's defaults, which are sized for 250k rows) and its minimum of training
+# rows per class and fold (fewer -> that fold is not gated).
+ZONE_FEATURES = ("cx_a", "cy_a", "log_w_a", "log_h_a", "cx_b", "cy_b", "log_w_b", "log_h_b",
+                 "dt_s")
+ZONE_SCORER = {"hidden": 32, "epochs": 200, "batch_size": 256}
+MIN_ZONE_ROWS = 50
 
 FEATURES = (
     "distance", "ratio_a", "ratio_b", "log_rank_a", "log_rank_b", "best_a", "best_b",
@@ -802,7 +828,8 @@ def match_linked_pair(a: dict, b: dict, bands, min_precision: float = DEFAULT_MI
                       dt_jitter_s: Optional[float] = None, threads: int = 1,
                       tracklets=DEFAULT_TRACKLETS, tracklet_pooling: Optional[str] = None,
                       tracklet_selection: bool = False, normalize: str = "",
-                      selection: str = DEFAULT_SELECTION) -> Tuple[List[dict], dict]:
+                      selection: str = DEFAULT_SELECTION,
+                      zone_gate: bool = False) -> Tuple[List[dict], dict]:
     """Learned one-to-one matching of two linked cameras (see the module docstring).
 
     Args:
@@ -850,6 +877,9 @@ def match_linked_pair(a: dict, b: dict, bands, min_precision: float = DEFAULT_MI
         only the candidates that are mutual nearest neighbours by distance among the
         candidates of their alignment; "mutual-2"/"mutual-3": those found in 2 or 3
         rounds on the detections left free; "greedy": every candidate (see "Selection").
+      zone_gate: the selection visits only the candidates whose places in the two views
+        and dt look like the link's (see "Zone gate"); ``stats["zone_gate"]`` says how
+        many folds were gated and what share of the real candidates was kept.
 
     Returns ``(matches, stats)``: Match dicts (transforms/records.py) with policy
     ``learned``, L2 ``distance``, ``rank_a``/``rank_b`` (ranks by distance among all
@@ -893,7 +923,7 @@ def match_linked_pair(a: dict, b: dict, bands, min_precision: float = DEFAULT_MI
         _check_shifts("control_shifts", control_shifts),
         _check_shifts("audit_shifts", audit_shifts), window, tuple(features), params,
         dt_jitter_s, trk_params, bool(tracklet_selection), tracklet_pooling, normalize,
-        selection)
+        selection, bool(zone_gate))
     with _torch_threads(threads):
         return _match_linked_pair(a, b, bands, settings)
 
@@ -939,6 +969,7 @@ class _PairSettings:
     tracklet_pooling: Optional[str]
     normalize: str
     selection: str
+    zone_gate: bool
 
 
 class _Alignments:
@@ -948,6 +979,8 @@ class _Alignments:
 
     def __init__(self, A: "_Side", B: "_Side", bands_ms: np.ndarray, s: _PairSettings):
         self.A, self.B, self.bands_ms, self.s = A, B, bands_ms, s
+        self.zone_gates: Optional[list] = None   # per fold (None: not gated), set by fit
+        self.fold_of_a: Optional[np.ndarray] = None
         all_ts = np.concatenate([A.ts, B.ts])
         self.start = int(all_ts.min())
         self.span = int(all_ts.max()) - self.start + 1000
@@ -963,14 +996,30 @@ class _Alignments:
         return pool_tracklet_scores(self.A.trk[c.ia], self.B.trk[c.ib], sc,
                                     self.s.tracklet_pooling)
 
+    def zone_kept(self, c: Candidates, chunk: int = 1 << 20) -> np.ndarray:
+        """Sorted positions in ``c`` that the zone gates keep (all of them without).
+        Memory: one bool per candidate plus the features of ``chunk`` candidates."""
+        if self.zone_gates is None:
+            return np.arange(len(c))
+        keep = np.ones(len(c), dtype=bool)
+        for s0 in range(0, len(c), chunk):
+            part = c.take(slice(s0, s0 + chunk))
+            X = candidate_features(self.A, self.B, part, ZONE_FEATURES)
+            fold = self.fold_of_a[part.ia]
+            for k, gate in enumerate(self.zone_gates):
+                in_k = fold == k
+                if gate is not None and in_k.any():
+                    keep[s0:s0 + chunk][in_k] = gate.score(X[in_k]) > 0.0
+        return np.flatnonzero(keep)
+
     def select(self, c: Candidates, s: np.ndarray, min_score=-np.inf, own=None) -> np.ndarray:
         """Positions in ``c`` of the one-to-one selection by score ``s`` (see
-        "Selection"), in selection order."""
+        "Selection", and "Zone gate" for the candidates it visits), in selection order."""
         A, B = self.A, self.B
+        at = self.zone_kept(c)
         if self.s.selection in MUTUAL_ROUNDS:
-            at = mutual_rounds(A, B, c, MUTUAL_ROUNDS[self.s.selection])
-        else:
-            at = np.arange(len(c))
+            live = c if len(at) == len(c) else c.take(at)
+            at = at[mutual_rounds(A, B, live, MUTUAL_ROUNDS[self.s.selection])]
         ia, ib = c.ia[at], c.ib[at]
         groups = (A.trk[ia], B.trk[ib]) if self.s.tracklet_selection else (None, None)
         tie = own[at] if own is not None and self.s.tracklet_pooling is not None else None
@@ -998,6 +1047,54 @@ def _abstain(stats: dict, reason: str, t0: float, **more) -> Tuple[List[dict], d
     return [], _done(stats, t0)
 
 
+def _jitter_ms(A: "_Side", B: "_Side", s: _PairSettings) -> int:
+    """Width of the uniform dt noise on training rows (see ``dt_jitter_s``)."""
+    if s.dt_jitter_s is None:
+        return max(_frame_interval_ms(A.ts), _frame_interval_ms(B.ts))
+    return int(round(float(s.dt_jitter_s) * 1000))
+
+
+def _purged(fold_of_a: np.ndarray, k: int, c: Candidates,
+            touched: np.ndarray) -> np.ndarray:
+    """Rows of ``c`` a fold-k model may train on: a outside fold k, b not touched."""
+    return (fold_of_a[c.ia] != k) & ~touched[c.ib]
+
+
+def _fit_zone_gates(al: _Alignments, real: Candidates, train_cands: list,
+                    fold_of_a: np.ndarray, stats: dict) -> list:
+    """One zone gate per fold, trained like the scorers but on the mutual nearest
+    neighbours of the real alignment against those of the training negatives, with
+    ``ZONE_FEATURES`` only; None for a fold with fewer than ``MIN_ZONE_ROWS`` rows of a
+    class (not gated). Memory: the alignments' mutual pairs, one row per detection."""
+    from models.pair_scorer import PairScorer
+
+    A, B, s = al.A, al.B, al.s
+    pos = real.take(mutual_rounds(A, B, real, 1))
+    negs = [c.take(mutual_rounds(A, B, c, 1)) for c in train_cands]
+    Xp = candidate_features(A, B, pos, ZONE_FEATURES)
+    Xn = [candidate_features(A, B, c, ZONE_FEATURES) for c in negs]
+    dt_col, jitter_s = ZONE_FEATURES.index("dt_s"), _jitter_ms(A, B, s) / 1000.0
+    rng = np.random.default_rng([s.seed, 11])
+    gates = []
+    for k in range(s.folds):
+        touched = np.zeros(len(B), bool)
+        touched[real.ib[fold_of_a[real.ia] == k]] = True
+        keep_p = _purged(fold_of_a, k, pos, touched)
+        keep_n = [_purged(fold_of_a, k, c, touched) for c in negs]
+        n_pos, n_neg = int(keep_p.sum()), int(sum(m.sum() for m in keep_n))
+        if min(n_pos, n_neg) < MIN_ZONE_ROWS:
+            gates.append(None)
+            continue
+        X = np.concatenate([Xp[keep_p]] + [x[m] for x, m in zip(Xn, keep_n)])
+        X[:, dt_col] += (rng.uniform(-0.5, 0.5, len(X)) * jitter_s).astype(np.float32)
+        y = np.r_[np.ones(n_pos, bool), np.zeros(n_neg, bool)]
+        params = dict(ZONE_SCORER, threads=s.scorer_params.get("threads", 1))
+        gates.append(PairScorer(**params).fit(X, y, seed=s.seed * 1000 + 500 + k))
+    stats["zone_gate"] = {"folds_gated": sum(g is not None for g in gates),
+                          "train_rows": [len(pos), sum(len(c) for c in negs)]}
+    return gates
+
+
 def _cross_fitted_scores(al: _Alignments, real: Candidates, Xr: np.ndarray, negs: list,
                          fold_of_a: np.ndarray, stats: dict):
     """-> (one scorer per fold, the real candidates' scores) or (None, ...) when a fold
@@ -1005,8 +1102,7 @@ def _cross_fitted_scores(al: _Alignments, real: Candidates, Xr: np.ndarray, negs
     from models.pair_scorer import PairScorer
 
     A, B, s = al.A, al.B, al.s
-    jitter_ms = (max(_frame_interval_ms(A.ts), _frame_interval_ms(B.ts))
-                 if s.dt_jitter_s is None else int(round(float(s.dt_jitter_s) * 1000)))
+    jitter_ms = _jitter_ms(A, B, s)
     stats["dt_jitter_ms"] = jitter_ms
     dt_col = s.features.index("dt_s") if "dt_s" in s.features else None
     jrng = np.random.default_rng([s.seed, 7])
@@ -1018,8 +1114,8 @@ def _cross_fitted_scores(al: _Alignments, real: Candidates, Xr: np.ndarray, negs
         # not used for training either (no detection of a scored pair was seen)
         touched = np.zeros(len(B), bool)
         touched[real.ib[in_k]] = True
-        pos = ~in_k & ~touched[real.ib]
-        neg_sel = [(fold_of_a[c.ia] != k) & ~touched[c.ib] for c, _ in negs]
+        pos = _purged(fold_of_a, k, real, touched)
+        neg_sel = [_purged(fold_of_a, k, c, touched) for c, _ in negs]
         n_pos, n_neg = int(pos.sum()), int(sum(s_.sum() for s_ in neg_sel))
         if min(n_pos, n_neg) < MIN_TRAIN_ROWS:
             return None, real_score
@@ -1103,6 +1199,10 @@ def _match_linked_pair(a: dict, b: dict, bands, s: _PairSettings) -> Tuple[List[
     except TooManyCandidates as e:
         return _abstain(stats, "too_many_candidates", t0, candidates=int(e.args[0]))
     fold_of_a = (np.arange(len(A)) * s.folds) // len(A)  # equal-count time blocks
+    if s.zone_gate:
+        al.fold_of_a = fold_of_a
+        al.zone_gates = _fit_zone_gates(al, real, [c for c, _ in negs], fold_of_a, stats)
+        stats["zone_gate"]["kept"] = round(len(al.zone_kept(real)) / len(real), 4)
     scorers, real_score = _cross_fitted_scores(al, real, Xr, negs, fold_of_a, stats)
     del negs
     if scorers is None:
