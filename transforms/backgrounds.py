@@ -1,8 +1,11 @@
 """EstimateBackgrounds: each camera's empty-road image, for the ``background`` detector.
 
 A per-pixel median over a sample of the camera's own frames; the sample is the frames
-with the smallest hashes of their URIs, so a re-run (or a retried bundle) picks the same
-frames and gets the same background, whatever order the frames arrive in. The result is
+with the smallest hashes of their file names, so a re-run (or a retried bundle) picks the
+same frames and gets the same background, whatever order the frames arrive in. The file
+name, not the whole URI: the same archive copied to another folder or bucket gets the
+same sample, and so the same detections (the layout's file names hold the camera and
+the second). The result is
 a dict camera_id -> HxWx3 uint8, passed to detection as a side input.
 
 Two inputs are accepted:
@@ -19,7 +22,7 @@ Two inputs are accepted:
   have no index.
 
 Both give the same background when the sampled files decode: among the
-``2 * sample`` smallest-hash URIs of a camera the first ``sample`` that decode are used
+``2 * sample`` smallest-hash files of a camera the first ``sample`` that decode are used
 (a file that does not decode is dead-lettered by ReadFrames anyway).
 """
 import hashlib
@@ -34,7 +37,9 @@ NAMESPACE = "cctview"
 
 
 def _sample_rank(uri: str) -> int:
-    return int.from_bytes(hashlib.sha1(uri.encode("utf-8")).digest()[:8], "big")
+    """The rank of a frame in the sample order: a hash of its file name (ties: by URI)."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return int.from_bytes(hashlib.sha1(name.encode("utf-8")).digest()[:8], "big")
 
 
 class _EstimateFn(beam.DoFn):

@@ -166,3 +166,24 @@ def test_the_background_wrapper_supplies_each_frames_background():
     assert with_own_bg.inference == []  # a frame against itself: nothing differs
     boxes = separate.detect.run_inference([(img, bg)], separate.detect.load_model())[0].inference["boxes"]
     np.testing.assert_array_equal(boxes, expected["boxes"])
+
+
+def test_the_background_sample_does_not_depend_on_where_the_archive_lives():
+    """The same camera's files under a local folder and under a bucket prefix: the
+    sample (the smallest hashes) picks the same files, so the backgrounds and the
+    detections are the same wherever the archive is copied."""
+    from transforms.backgrounds import _SmallestDistinct
+
+    names = ["cam-01/2024/05/01/12/%02d/%02d/cam-01--2024-05-01--12.%02d.%02d--original.jpeg"
+             % (m, s, m, s) for m in range(10) for s in range(0, 60, 2)]
+
+    def sample(root):
+        fn = _SmallestDistinct(20)
+        acc = fn.create_accumulator()
+        for name in names:
+            acc = fn.add_input(acc, root + "/" + name)
+        return [uri[len(root) + 1:] for uri in fn.extract_output(acc)]
+
+    local, bucket = sample("/tmp/archive/frames"), sample("gs://bucket/cctv/frames")
+    assert len(local) == 20 and local == bucket
+    assert local != sorted(names)[:20]  # a hash order, not the listing's
