@@ -1012,11 +1012,13 @@ class _Alignments:
                     keep[s0:s0 + chunk][in_k] = gate.score(X[in_k]) > 0.0
         return np.flatnonzero(keep)
 
-    def select(self, c: Candidates, s: np.ndarray, min_score=-np.inf, own=None) -> np.ndarray:
+    def select(self, c: Candidates, s: np.ndarray, min_score=-np.inf, own=None,
+               kept: Optional[np.ndarray] = None) -> np.ndarray:
         """Positions in ``c`` of the one-to-one selection by score ``s`` (see
-        "Selection", and "Zone gate" for the candidates it visits), in selection order."""
+        "Selection", and "Zone gate" for the candidates it visits), in selection order.
+        ``kept``: ``zone_kept(c)`` if already computed."""
         A, B = self.A, self.B
-        at = self.zone_kept(c)
+        at = self.zone_kept(c) if kept is None else kept
         if self.s.selection in MUTUAL_ROUNDS:
             live = c if len(at) == len(c) else c.take(at)
             at = at[mutual_rounds(A, B, live, MUTUAL_ROUNDS[self.s.selection])]
@@ -1054,6 +1056,14 @@ def _jitter_ms(A: "_Side", B: "_Side", s: _PairSettings) -> int:
     return int(round(float(s.dt_jitter_s) * 1000))
 
 
+def _touched_b(real: Candidates, fold_of_a: np.ndarray, k: int, n_b: int) -> np.ndarray:
+    """(n_b,) bool: b detections that are real candidates of fold k's a-detections (a
+    fold-k model trains on none of them: no detection of a scored pair was seen)."""
+    touched = np.zeros(n_b, bool)
+    touched[real.ib[fold_of_a[real.ia] == k]] = True
+    return touched
+
+
 def _purged(fold_of_a: np.ndarray, k: int, c: Candidates,
             touched: np.ndarray) -> np.ndarray:
     """Rows of ``c`` a fold-k model may train on: a outside fold k, b not touched."""
@@ -1077,8 +1087,7 @@ def _fit_zone_gates(al: _Alignments, real: Candidates, train_cands: list,
     rng = np.random.default_rng([s.seed, 11])
     gates = []
     for k in range(s.folds):
-        touched = np.zeros(len(B), bool)
-        touched[real.ib[fold_of_a[real.ia] == k]] = True
+        touched = _touched_b(real, fold_of_a, k, len(B))
         keep_p = _purged(fold_of_a, k, pos, touched)
         keep_n = [_purged(fold_of_a, k, c, touched) for c in negs]
         n_pos, n_neg = int(keep_p.sum()), int(sum(m.sum() for m in keep_n))
@@ -1110,10 +1119,7 @@ def _cross_fitted_scores(al: _Alignments, real: Candidates, Xr: np.ndarray, negs
     real_score = np.full(len(real), np.nan, np.float32)
     for k in range(s.folds):
         in_k = fold_of_a[real.ia] == k
-        # purge: b detections that are candidates of fold k in the real alignment are
-        # not used for training either (no detection of a scored pair was seen)
-        touched = np.zeros(len(B), bool)
-        touched[real.ib[in_k]] = True
+        touched = _touched_b(real, fold_of_a, k, len(B))
         pos = _purged(fold_of_a, k, real, touched)
         neg_sel = [_purged(fold_of_a, k, c, touched) for c, _ in negs]
         n_pos, n_neg = int(pos.sum()), int(sum(s_.sum() for s_ in neg_sel))
@@ -1199,10 +1205,12 @@ def _match_linked_pair(a: dict, b: dict, bands, s: _PairSettings) -> Tuple[List[
     except TooManyCandidates as e:
         return _abstain(stats, "too_many_candidates", t0, candidates=int(e.args[0]))
     fold_of_a = (np.arange(len(A)) * s.folds) // len(A)  # equal-count time blocks
+    real_kept = None  # the zone gate's kept real candidates (None: no gate, all)
     if s.zone_gate:
         al.fold_of_a = fold_of_a
         al.zone_gates = _fit_zone_gates(al, real, [c for c, _ in negs], fold_of_a, stats)
-        stats["zone_gate"]["kept"] = round(len(al.zone_kept(real)) / len(real), 4)
+        real_kept = al.zone_kept(real)
+        stats["zone_gate"]["kept"] = round(len(real_kept) / len(real), 4)
     scorers, real_score = _cross_fitted_scores(al, real, Xr, negs, fold_of_a, stats)
     del negs
     if scorers is None:
@@ -1217,7 +1225,7 @@ def _match_linked_pair(a: dict, b: dict, bands, s: _PairSettings) -> Tuple[List[
         return _abstain(stats, "too_many_candidates", t0, candidates=int(e.args[0]))
     stats["control_candidates"] = float(np.mean(n_ctrl)) if n_ctrl else 0.0
     own_score, real_score = real_score, al.pool(real, real_score)
-    real_pick = al.select(real, real_score, own=own_score)
+    real_pick = al.select(real, real_score, own=own_score, kept=real_kept)
     thr, R, C, prec = choose_threshold(real_score[real_pick], ctrl_sel, s.min_precision,
                                        s.min_significance)
     stats.update(est_real=R, est_control=C, est_precision=prec, est_excess=R - C,
