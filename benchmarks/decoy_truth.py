@@ -16,7 +16,7 @@ seed 1 at noise 1 held out) against its ground truth, per configuration:
 The learned matcher runs at every threshold once and is read at `--min-precision` 0.7
 and 0.8 (its matches with q_value <= 0.3 and 0.2), in both runs.
 
-  .venv/bin/python benchmarks/decoy_truth.py --work /tmp/decoy-truth
+  .venv/bin/python benchmarks/decoy_truth.py --work /tmp/decoy-truth [--configs 0,3,4]
 """
 import argparse
 import pickle
@@ -68,10 +68,10 @@ def fates(decoy_hits, real, vehicles):
     return out
 
 
-def measure(noise, seed, dets, links, vehicles):
+def measure(noise, seed, dets, links, vehicles, configs=weak_links.CONFIGS):
     rows = []
-    for config, norm, selection in weak_links.CONFIGS:
-        fn, scored = weak_links._matcher(norm, selection, GAP)
+    for config, norm, selection, zone_gate in configs:
+        fn, scored = weak_links._matcher(norm, selection, GAP, zone_gate=zone_gate)
         real_all = fn(dets, links)
         for at in ([None] if scored is None else READ_AT):
             keep = (lambda ms: ms) if at is None else (
@@ -113,12 +113,16 @@ def table(rows) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", required=True, help="folder for the worlds (kept, reused)")
+    parser.add_argument("--configs", default=None,
+                        help="comma-separated positions in weak_links.CONFIGS (default: all)")
     args = parser.parse_args(argv)
+    configs = weak_links.CONFIGS if args.configs is None else tuple(
+        weak_links.CONFIGS[int(k)] for k in args.configs.split(","))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     started, rows = time.time(), []
     for noise, seed in LEVELS:
-        rows += measure(noise, seed, *part(work, noise, seed))
+        rows += measure(noise, seed, *part(work, noise, seed), configs=configs)
     print("Machine: %s; %.0f s." % (machine(), time.time() - started))
     print(table(rows))
     return 0

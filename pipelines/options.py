@@ -237,6 +237,14 @@ class MatchOptions(PipelineOptions):
                  "'power+center' first takes signed square roots (for histogram-like "
                  "embeddings such as color_histogram); none keeps them (default none).")
         parser.add_argument(
+            "--selection", dest="selection", choices=learned_matching.SELECTIONS,
+            default=learned_matching.DEFAULT_SELECTION,
+            help="For --policy learned: which candidates the one-to-one selection by score "
+                 "visits: mutual nearest neighbours by distance (mutual), found again "
+                 "among the detections earlier rounds left free (mutual-2, mutual-3), "
+                 "or every candidate (greedy) (default %s)."
+                 % learned_matching.DEFAULT_SELECTION)
+        parser.add_argument(
             "--threshold", dest="threshold", type=float, default=None,
             help="Largest distance that may match (default: none).")
         parser.add_argument(

@@ -40,7 +40,8 @@ def _matcher(settings: dict):
     and the ``min_precision`` its rows are read at (None for unscored policies). A
     setting missing from an older match_settings.json takes the matchers' default."""
     from transforms import matching
-    from transforms.learned_matching import DEFAULT_MIN_PRECISION, POLICY as LEARNED
+    from transforms.learned_matching import (DEFAULT_MIN_PRECISION, DEFAULT_SELECTION,
+                                             POLICY as LEARNED)
 
     policy = settings.get("policy") or matching.DEFAULT_POLICY
     if policy == LEARNED:
@@ -48,7 +49,8 @@ def _matcher(settings: dict):
 
         norm = settings.get("embedding_norm") or "none"
         kwargs = {"tracklets": settings.get("tracklets", "on") != "off",
-                  "normalize": "" if norm == "none" else norm}
+                  "normalize": "" if norm == "none" else norm,
+                  "selection": settings.get("selection") or DEFAULT_SELECTION}
 
         def learned(detections, links):  # at every threshold: summarize reads them all
             return match_linked_periods(detections, links, min_precision=0.0, **kwargs)[0]

@@ -176,7 +176,8 @@ def match_settings(options) -> dict:
             "max_gap_s": candidates.max_gap, "window_s": candidates.window,
             "threshold": policy.threshold, "top_k": policy.top_k,
             "min_precision": policy.min_precision, "tracklets": policy.tracklets,
-            "embedding_norm": policy.embedding_norm, "links_file": policy.links,
+            "embedding_norm": policy.embedding_norm, "selection": policy.selection,
+            "links_file": policy.links,
             "links": read_links(policy.links)}
 
 
@@ -195,15 +196,16 @@ def matcher_factory(options):
     if name == "learned":
         if not policy.links:
             raise UsageError("--policy learned needs --links (run 'cctview calibrate' first)")
-        from transforms.learned_matching import LearnedLinkMatch
+        from transforms.learned_matching import DEFAULT_SELECTION, LearnedLinkMatch
 
         tracklets = getattr(policy, "tracklets", "on") != "off"
         norm = getattr(policy, "embedding_norm", "none")
         norm = "" if norm == "none" else norm
+        selection = getattr(policy, "selection", None) or DEFAULT_SELECTION
 
         def learned(links, min_precision=policy.min_precision):
             return LearnedLinkMatch(links, min_precision=min_precision, tracklets=tracklets,
-                                    normalize=norm)
+                                    normalize=norm, selection=selection)
 
         learned.scored = True  # its matches carry score and q_value
         return learned

@@ -73,3 +73,45 @@ def test_beam_equals_pure_across_period_boundary():
     assert c["learned_candidates"] == sum(s["candidates"] for s in group_stats)
     assert sorted(summaries, key=lambda r: r["period"]) == [lm.summary_record(s)
                                                            for s in group_stats]
+
+
+def test_cli_selection_flag_reaches_the_matcher_and_its_settings(tmp_path):
+    """`cctview match --selection mutual-3` returns what the library returns with
+    selection="mutual-3" (more pairs than the default's mutual nearest neighbours), and
+    match_settings.json records it so that `cctview report` estimates the same matcher."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.dataset as pds
+    import pyarrow.parquet as pq
+
+    from pipelines.cli import main
+    from pipelines.report_estimate import _matcher
+    from unit.test_tracklets import two_cameras
+
+    dets = two_cameras(seed=1)
+    links = [{"camera_a": "cam-a", "camera_b": "cam-b", "offset_s": 12.0, "spread_s": 6.0}]
+    pq.write_table(pa.table({
+        "camera_id": [d["camera_id"] for d in dets],
+        "frame_ts": pa.array([d["frame_ts_ms"] for d in dets], pa.timestamp("ms")),
+        "detection_id": [d["detection_id"] for d in dets],
+        "embedding": pa.array([d["embedding"].tolist() for d in dets], pa.list_(pa.float32())),
+        "box_xyxy": pa.array([[float(v) for v in d["box_xyxy"]] for d in dets],
+                             pa.list_(pa.float32(), 4))}), tmp_path / "dets.parquet")
+    (tmp_path / "links.json").write_text(json.dumps(links))
+    out = tmp_path / "out"
+    assert main(["match", "--detections", str(tmp_path / "dets.parquet"), "--output", str(out),
+                 "--links", str(tmp_path / "links.json"), "--min-precision", "0.8",
+                 "--selection", "mutual-3"]) == 0
+    got = sorted((r["detection_id_a"], r["detection_id_b"]) for r in
+                 pds.dataset(out / "matches", partitioning="hive").to_table().to_pylist())
+    plain = [{k: v for k, v in d.items() if k != "vid"} for d in dets]
+    want, _ = lm.match_linked_periods(plain, links, min_precision=0.8, selection="mutual-3")
+    default, _ = lm.match_linked_periods(plain, links, min_precision=0.8)
+    assert got == sorted((m["detection_id_a"], m["detection_id_b"]) for m in want)
+    assert len(want) > len(default) > 0
+    settings = json.loads((out / "match_settings.json").read_text())
+    assert settings["selection"] == "mutual-3"
+    make, _ = _matcher(settings)
+    from_settings = [m for m in make(plain, links) if m["q_value"] <= 0.2 + 1e-6]
+    assert len(from_settings) > len(default)

@@ -40,6 +40,9 @@ def test_match_flags_default_to_the_matchers_defaults():
         assert flags.min_precision == _default(function, "min_precision")
     for function in (learned_matching.match_linked_pair, learned_matching.LearnedLinkMatch):
         assert (flags.tracklets == "on") == _default(function, "tracklets")
+        assert flags.selection == _default(function, "selection")
+    selection = next(a for a in _actions(MatchOptions) if a.dest == "selection")
+    assert tuple(selection.choices) == learned_matching.SELECTIONS
 
 
 def test_calibrate_flags_default_to_the_link_finders_defaults():
