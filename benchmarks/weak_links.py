@@ -71,8 +71,10 @@ TRIED = (
     "parts, so single-seed differences smaller than that are not evidence. Built on "
     "2026-12-03: a zone gate (where in the two views a link's pairs lie, and so their "
     "direction, learned from the data: zone_gate=True, its row above, not the default). "
-    "Not tried here: k-reciprocal re-ranking, first-in-first-out order, Sinkhorn "
-    "assignment with a dustbin.")
+    "Measured with the truth of the synthetic world at noise 2 on 2026-12-04 and not "
+    "built (docs/design.md, \"Why weak links stay weak\"): k-reciprocal re-ranking, "
+    "first-in-first-out order, Sinkhorn assignment with a dustbin, a scorer trained only "
+    "on the pairs the selection visits.")
 CONFIGS = (  # (name, embedding normalisation or None for mutual NN, selection, zone gate)
     ("mutual NN in the links' bands", None, None, False),
     ("learned, raw embeddings, greedy selection", "", "greedy", False),
