@@ -196,16 +196,15 @@ def matcher_factory(options):
     if name == "learned":
         if not policy.links:
             raise UsageError("--policy learned needs --links (run 'cctview calibrate' first)")
-        from transforms.learned_matching import DEFAULT_SELECTION, LearnedLinkMatch
+        from transforms.learned_matching import LearnedLinkMatch
 
         tracklets = getattr(policy, "tracklets", "on") != "off"
         norm = getattr(policy, "embedding_norm", "none")
         norm = "" if norm == "none" else norm
-        selection = getattr(policy, "selection", None) or DEFAULT_SELECTION
 
         def learned(links, min_precision=policy.min_precision):
             return LearnedLinkMatch(links, min_precision=min_precision, tracklets=tracklets,
-                                    normalize=norm, selection=selection)
+                                    normalize=norm, selection=policy.selection)
 
         learned.scored = True  # its matches carry score and q_value
         return learned

@@ -81,24 +81,13 @@ def test_cli_selection_flag_reaches_the_matcher_and_its_settings(tmp_path):
     match_settings.json records it so that `cctview report` estimates the same matcher."""
     import json
 
-    import pyarrow as pa
     import pyarrow.dataset as pds
-    import pyarrow.parquet as pq
 
+    from e2e.test_tracklets import LINKS as links, write_two_cameras
     from pipelines.cli import main
     from pipelines.report_estimate import _matcher
-    from unit.test_tracklets import two_cameras
 
-    dets = two_cameras(seed=1)
-    links = [{"camera_a": "cam-a", "camera_b": "cam-b", "offset_s": 12.0, "spread_s": 6.0}]
-    pq.write_table(pa.table({
-        "camera_id": [d["camera_id"] for d in dets],
-        "frame_ts": pa.array([d["frame_ts_ms"] for d in dets], pa.timestamp("ms")),
-        "detection_id": [d["detection_id"] for d in dets],
-        "embedding": pa.array([d["embedding"].tolist() for d in dets], pa.list_(pa.float32())),
-        "box_xyxy": pa.array([[float(v) for v in d["box_xyxy"]] for d in dets],
-                             pa.list_(pa.float32(), 4))}), tmp_path / "dets.parquet")
-    (tmp_path / "links.json").write_text(json.dumps(links))
+    dets = write_two_cameras(tmp_path)
     out = tmp_path / "out"
     assert main(["match", "--detections", str(tmp_path / "dets.parquet"), "--output", str(out),
                  "--links", str(tmp_path / "links.json"), "--min-precision", "0.8",

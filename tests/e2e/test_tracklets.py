@@ -28,26 +28,34 @@ def test_beam_with_tracklets_equals_pure():
     assert sorted(out, key=mb.match_sort_key) == want
 
 
-def test_cli_match_links_writes_tracklet_ids(tmp_path):
-    """`cctview match --links` uses tracklets by default (tracklet ids in the Parquet
-    matches); `--tracklets off` leaves the columns empty."""
+def write_two_cameras(folder, seed=1) -> list:
+    """``two_cameras(seed)`` written as ``folder/dets.parquet`` (the detections columns
+    ``cctview match`` reads) with ``LINKS`` as ``folder/links.json``; -> the detections."""
     import json
 
     import pyarrow as pa
-    import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
-    from pipelines.cli import main
-
-    dets = two_cameras(seed=1)
+    dets = two_cameras(seed=seed)
     pq.write_table(pa.table({
         "camera_id": [d["camera_id"] for d in dets],
         "frame_ts": pa.array([d["frame_ts_ms"] for d in dets], pa.timestamp("ms")),
         "detection_id": [d["detection_id"] for d in dets],
         "embedding": pa.array([d["embedding"].tolist() for d in dets], pa.list_(pa.float32())),
         "box_xyxy": pa.array([[float(v) for v in d["box_xyxy"]] for d in dets],
-                             pa.list_(pa.float32(), 4))}), tmp_path / "dets.parquet")
-    (tmp_path / "links.json").write_text(json.dumps(LINKS))
+                             pa.list_(pa.float32(), 4))}), folder / "dets.parquet")
+    (folder / "links.json").write_text(json.dumps(LINKS))
+    return dets
+
+
+def test_cli_match_links_writes_tracklet_ids(tmp_path):
+    """`cctview match --links` uses tracklets by default (tracklet ids in the Parquet
+    matches); `--tracklets off` leaves the columns empty."""
+    import pyarrow.dataset as ds
+
+    from pipelines.cli import main
+
+    dets = write_two_cameras(tmp_path)
     got = {}
     for mode in ("on", "off"):
         out = tmp_path / mode
