@@ -16,6 +16,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines import outputs
 from pipelines import progress
+from pipelines import report_estimate
 from pipelines.command import Command
 from pipelines.options import (
     CalibrateOptions,
@@ -533,24 +534,13 @@ def format_precision_table(rows) -> str:
 
 def precision_notes(rows, min_precision: float) -> str:
     """One line per camera pair whose estimated precision is below ``min_precision``
-    or that got no matches: what the configuration reached and, for a scored policy,
-    the ``--min-precision`` of its best estimated precision, so no pair fails silently."""
+    or that got no matches (:func:`pipelines.report_estimate.shortfall`), so no pair
+    fails silently."""
     lines = []
     for r in rows:
-        pair = "%s / %s" % (r["camera_a"], r["camera_b"])
-        hits = r.get("target_hits", r.get("real", 0))
-        if hits and r["precision"] >= min_precision:
-            continue
-        text = ("no matches" if not hits else "estimated precision %.2f is below "
-                "--min-precision %.2f" % (r["precision"], min_precision))
-        if "best_min_precision" in r:
-            text += ("; the best estimated precision is %.2f (excess %.0f): --min-precision "
-                     "%.2f would return it" % (r["best_precision"], r["best_excess"],
-                                               r["best_min_precision"]))
-        elif "best_precision" in r:
-            text += "; the best estimated precision is %.2f (excess %.0f)" % (
-                r["best_precision"], r["best_excess"])
-        lines.append("%s: %s" % (pair, text))
+        text = report_estimate.shortfall(r, min_precision)
+        if text is not None:
+            lines.append("%s / %s: %s" % (r["camera_a"], r["camera_b"], text))
     return "\n".join(lines)
 
 

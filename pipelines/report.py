@@ -185,14 +185,24 @@ def _counts(dets: List[dict], by_pair: Dict[tuple, List[dict]]) -> str:
     return "".join(parts)
 
 
-def _precision(rows: List[dict], source: str) -> str:
+def _verdict(row: dict, min_precision: Optional[float]) -> str:
+    """Whether to trust a row; for a pair the matcher left without matches at the run's
+    ``--min-precision``, what it reached and the flag value that returns matches."""
+    if report_estimate.significant(row):
+        return '<span class=ok>significant</span>'
+    why = None
+    if min_precision is not None and not row.get("target_hits"):
+        why = report_estimate.shortfall(row, min_precision)
+    return '<span class=warn>not significant: %s</span>' % _e(
+        why or "too few matches to judge")
+
+
+def _precision(rows: List[dict], source: str, min_precision: Optional[float]) -> str:
     if not rows:
         return "<h2>Estimated precision</h2><p class=warn>%s</p>" % _e(source)
     out = []
     for r in rows:
-        trusted = report_estimate.significant(r)
-        verdict = ('<span class=ok>significant</span>' if trusted else
-                   '<span class=warn>not significant: too few matches to judge</span>')
+        verdict = _verdict(r, min_precision)
         hits, false = r.get("target_hits", 0), r.get("false", 0.0)
         error = "%.2f" % ((hits + false) ** 0.5 / hits) if hits else "-"
         out.append([_e(r["camera_a"]), _e(r["camera_b"]), "%d" % hits,
@@ -358,7 +368,8 @@ def build_report(input_dir: str, output_dir: str, gallery: int = GALLERY_SIZE,
     parts = ["<h1>cctview report</h1><p>%s%s</p>" % (
         _e(input_dir), "" if not settings else " &middot; policy %s" % _e(settings["policy"]))]
     parts.append(_counts(dets, by_pair))
-    parts.append(_precision(rows, source))
+    min_precision = (settings or {}).get("min_precision")
+    parts.append(_precision(rows, source, None if min_precision is None else float(min_precision)))
     pairs = sorted(set(by_pair) | {(r["camera_a"], r["camera_b"]) for r in rows})
     for a, b in pairs:
         parts.append(_pair_section(a, b, by_pair.get((a, b), []), decoys, links, images,

@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["DEFAULT_MAX_DETECTIONS", "estimate", "read_settings", "significant"]
+__all__ = ["DEFAULT_MAX_DETECTIONS", "estimate", "read_settings", "shortfall", "significant"]
 
 DEFAULT_MAX_DETECTIONS = 60000
 
@@ -95,3 +95,23 @@ def significant(row: dict, z: float = 3.0) -> bool:
     hits, false = float(row.get("target_hits", 0)), float(row.get("false", 0.0))
     excess = float(row.get("excess", hits - false))
     return excess > 0 and excess >= z * (hits + false) ** 0.5
+
+
+def shortfall(row: dict, min_precision: float) -> Optional[str]:
+    """Why a camera pair's row is not usable at ``min_precision``: "no matches" or its
+    estimated precision below it, and, where the row has a score curve, the best
+    estimated precision and the ``--min-precision`` that would return it. None where the
+    pair has matches at or above ``min_precision``."""
+    hits = row.get("target_hits", row.get("real", 0))
+    if hits and row["precision"] >= min_precision:
+        return None
+    text = ("no matches" if not hits else "estimated precision %.2f is below "
+            "--min-precision %.2f" % (row["precision"], min_precision))
+    if "best_min_precision" in row:
+        text += ("; the best estimated precision is %.2f (excess %.0f): --min-precision "
+                 "%.2f would return it" % (row["best_precision"], row["best_excess"],
+                                           row["best_min_precision"]))
+    elif "best_precision" in row:
+        text += "; the best estimated precision is %.2f (excess %.0f)" % (
+            row["best_precision"], row["best_excess"])
+    return text
