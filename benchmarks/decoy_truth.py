@@ -79,7 +79,6 @@ def measure(noise, seed, dets, links, vehicles, configs=weak_links.CONFIGS):
             real, decoy_hits = keep(real_all), []
             pairs, targets = decoy.evaluate_in_memory(dets, fn, links, GAP, min_precision=at,
                                                       decoys=decoy_hits)
-            targets, decoy_hits = keep(targets), keep(decoy_hits)
             t = sum(r["target_hits"] for r in pairs)
             d = sum(r["decoy_hits"] for r in pairs)
             false = sum(r["false"] for r in pairs)

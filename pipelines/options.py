@@ -240,8 +240,9 @@ class MatchOptions(PipelineOptions):
             "--selection", dest="selection", choices=learned_matching.SELECTIONS,
             default=learned_matching.DEFAULT_SELECTION,
             help="For --policy learned: which candidates the one-to-one selection by score "
-                 "visits: mutual nearest neighbours by distance (mutual), found again "
-                 "among the detections earlier rounds left free (mutual-2, mutual-3), "
+                 "visits: mutual nearest neighbours by distance, one round (mutual) or "
+                 "found again among the detections earlier rounds left free (mutual-2, "
+                 "mutual-3), "
                  "or every candidate (greedy) (default %s)."
                  % learned_matching.DEFAULT_SELECTION)
         parser.add_argument(

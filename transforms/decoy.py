@@ -221,6 +221,11 @@ def best_point(curve: Sequence[dict], min_significance: float = 3.0) -> Optional
     return max(ok, key=lambda p: (p["precision"], p["excess"])) if ok else None
 
 
+def _returned(q_value: Optional[float], min_precision: float) -> bool:
+    """Whether ``--min-precision`` returns a match of this q-value."""
+    return q_value is not None and q_value <= 1.0 - min_precision + 1e-6
+
+
 def summarize(pair, hits: Sequence[tuple], counts: Sequence[tuple],
               min_precision: Optional[float] = None) -> dict:
     """``hits``: (kind, half, score, q_value) of the pair's matches; ``counts``: (kind,
@@ -234,7 +239,7 @@ def summarize(pair, hits: Sequence[tuple], counts: Sequence[tuple],
     ``best_min_precision`` is the flag value that returns the best point."""
     scored = hits
     if min_precision is not None:
-        hits = [h for h in hits if h[3] is not None and h[3] <= 1.0 - min_precision + 1e-6]
+        hits = [h for h in hits if _returned(h[3], min_precision)]
     target_hits, decoy_hits = [0, 0], [0, 0]
     for h in hits:
         (target_hits if h[0] == TARGET else decoy_hits)[h[1]] += 1
@@ -266,7 +271,9 @@ def evaluate_in_memory(detections: Sequence[dict], make_matches, links: Optional
     matcher (e.g. ``match_blocks.match_arrays`` or ``match_linked_periods``) and returns
     match dicts; ``min_precision``: see :func:`summarize` (then ``make_matches`` must run
     a scored matcher at ``min_precision`` 0). -> (one row per evaluated pair, the target
-    hits with the real camera and detection ids, to score against a ground truth).
+    hits with the real camera and detection ids, to score against a ground truth). With
+    ``min_precision``, the target and decoy hits given back are those the rows count
+    (``q_value <= 1 - min_precision``).
 
     ``decoys``: a list that receives the decoy hits (the matches on decoys, false by
     construction), with the real camera ids and ``weight`` = the false matches each
@@ -290,6 +297,8 @@ def evaluate_in_memory(detections: Sequence[dict], make_matches, links: Optional
         if c is None:
             continue
         hits[c[0]].append(c[1:])
+        if min_precision is not None and not _returned(m.get("q_value"), min_precision):
+            continue
         if c[1] != TARGET and decoys is not None:
             if (c[0], c[2]) not in scale:
                 kinds = counts[c[0]]

@@ -121,17 +121,17 @@ features stay available (``TRACKLET_FEATURES``), as does the binding
 
 Selection (``selection``)
 =========================
-The greedy one-to-one selection by score (step 5) visits, by default
-(``"mutual"``), only the candidates that are mutual nearest neighbours by distance
-among the candidates of their alignment (each is the other's nearest in the bands; ties
-by detection id): the structure of mutual nearest neighbours, with the learned score
-deciding which of them are kept. The filter is a function of the alignment's own
-candidates, applied the same way to the real alignment and to every control, so the
-controls stay valid. ``"mutual-2"`` and ``"mutual-3"`` repeat the search for mutual
-nearest neighbours among the candidates of the detections that earlier rounds left free
+The greedy one-to-one selection by score (step 5) visits only the candidates that are
+mutual nearest neighbours by distance among the candidates of their alignment (each is
+the other's nearest in the bands; ties by detection id): the structure of mutual
+nearest neighbours, with the learned score deciding which of them are kept.
+``"mutual"`` takes one round of them; ``"mutual-2"`` and the default ``"mutual-3"``
+repeat the search among the candidates of the detections that earlier rounds left free
 (:func:`mutual_rounds`), so a detection whose nearest was taken by a closer pair can
-still be visited with its next. ``"greedy"`` visits every candidate. Measured:
-BENCHMARKS.md, "Weak links" and "Decoy estimate against the truth".
+still be visited with its next. The filter is a function of the alignment's own
+candidates, applied the same way to the real alignment and to every control, so the
+controls stay valid. ``"greedy"`` visits every candidate. Measured: BENCHMARKS.md,
+"Weak links over matcher seeds" and "Decoy estimate against the truth".
 
 q-values and the summary
 ========================
@@ -214,7 +214,7 @@ DEFAULT_TRACKLETS = True  # also the default of --tracklets (on)
 # 1, 2 or 3 rounds, or every candidate.
 MUTUAL_ROUNDS = {"mutual": 1, "mutual-2": 2, "mutual-3": 3}
 SELECTIONS = tuple(MUTUAL_ROUNDS) + ("greedy",)
-DEFAULT_SELECTION = "mutual"
+DEFAULT_SELECTION = "mutual-3"
 MIN_TRAIN_ROWS = 200  # per class and fold; fewer -> abstain (reason "too_little_data")
 # The zone gate ("Zone gate"): its features (places, sizes, dt; no appearance), its
 # classifier (trained on a few thousand mutual pairs, so more passes in smaller batches
@@ -873,10 +873,11 @@ def match_linked_pair(a: dict, b: dict, bands, min_precision: float = DEFAULT_MI
         tracklet of the other camera (see :func:`greedy_one_to_one`); off by default
         (it lowered the excess on the reference footage).
       normalize: "" (off), "center" or "power+center" (see "Embedding normalisation").
-      selection: "mutual" (default): the greedy one-to-one selection by score visits
+      selection: "mutual-3" (default): the greedy one-to-one selection by score visits
         only the candidates that are mutual nearest neighbours by distance among the
-        candidates of their alignment; "mutual-2"/"mutual-3": those found in 2 or 3
-        rounds on the detections left free; "greedy": every candidate (see "Selection").
+        candidates of their alignment, found in 3 rounds on the detections earlier
+        rounds left free; "mutual"/"mutual-2": 1 or 2 rounds; "greedy": every
+        candidate (see "Selection").
       zone_gate: the selection visits only the candidates whose places in the two views
         and dt look like the link's (see "Zone gate"); ``stats["zone_gate"]`` says how
         many folds were gated and what share of the real candidates was kept.
@@ -979,8 +980,10 @@ class _Alignments:
 
     def __init__(self, A: "_Side", B: "_Side", bands_ms: np.ndarray, s: _PairSettings):
         self.A, self.B, self.bands_ms, self.s = A, B, bands_ms, s
-        self.zone_gates: Optional[list] = None   # per fold (None: not gated), set by fit
-        self.fold_of_a: Optional[np.ndarray] = None
+        self.fold_of_a = (np.arange(len(A)) * s.folds) // len(A)  # equal-count time blocks
+        # one zone gate per fold (None: that fold not gated), from _fit_zone_gates; None
+        # for the whole: no gate
+        self.zone_gates: Optional[list] = None
         all_ts = np.concatenate([A.ts, B.ts])
         self.start = int(all_ts.min())
         self.span = int(all_ts.max()) - self.start + 1000
@@ -1070,15 +1073,14 @@ def _purged(fold_of_a: np.ndarray, k: int, c: Candidates,
     return (fold_of_a[c.ia] != k) & ~touched[c.ib]
 
 
-def _fit_zone_gates(al: _Alignments, real: Candidates, train_cands: list,
-                    fold_of_a: np.ndarray, stats: dict) -> list:
+def _fit_zone_gates(al: _Alignments, real: Candidates, train_cands: list, stats: dict) -> list:
     """One zone gate per fold, trained like the scorers but on the mutual nearest
     neighbours of the real alignment against those of the training negatives, with
     ``ZONE_FEATURES`` only; None for a fold with fewer than ``MIN_ZONE_ROWS`` rows of a
     class (not gated). Memory: the alignments' mutual pairs, one row per detection."""
     from models.pair_scorer import PairScorer
 
-    A, B, s = al.A, al.B, al.s
+    A, B, s, fold_of_a = al.A, al.B, al.s, al.fold_of_a
     pos = real.take(mutual_rounds(A, B, real, 1))
     negs = [c.take(mutual_rounds(A, B, c, 1)) for c in train_cands]
     Xp = candidate_features(A, B, pos, ZONE_FEATURES)
@@ -1105,12 +1107,12 @@ def _fit_zone_gates(al: _Alignments, real: Candidates, train_cands: list,
 
 
 def _cross_fitted_scores(al: _Alignments, real: Candidates, Xr: np.ndarray, negs: list,
-                         fold_of_a: np.ndarray, stats: dict):
+                         stats: dict):
     """-> (one scorer per fold, the real candidates' scores) or (None, ...) when a fold
     has too few training rows: fold k is scored by a model that never saw it."""
     from models.pair_scorer import PairScorer
 
-    A, B, s = al.A, al.B, al.s
+    A, B, s, fold_of_a = al.A, al.B, al.s, al.fold_of_a
     jitter_ms = _jitter_ms(A, B, s)
     stats["dt_jitter_ms"] = jitter_ms
     dt_col = s.features.index("dt_s") if "dt_s" in s.features else None
@@ -1138,13 +1140,13 @@ def _cross_fitted_scores(al: _Alignments, real: Candidates, Xr: np.ndarray, negs
     return scorers, real_score
 
 
-def _score_alignment(al: _Alignments, scorers: list, fold_of_a: np.ndarray, frac: float):
+def _score_alignment(al: _Alignments, scorers: list, frac: float):
     """Candidates of a shifted alignment, scored fold by fold (features dropped):
     -> (candidates, pooled scores, own scores)."""
     c = al.candidates(frac)
     X = candidate_features(al.A, al.B, c, al.s.features)
     out = np.empty(len(c), np.float32)
-    f_a = fold_of_a[c.ia]
+    f_a = al.fold_of_a[c.ia]
     for k, scorer in enumerate(scorers):
         sel = f_a == k
         out[sel] = scorer.score(X[sel])
@@ -1204,21 +1206,19 @@ def _match_linked_pair(a: dict, b: dict, bands, s: _PairSettings) -> Tuple[List[
                 for c in map(al.candidates, train_shifts)]
     except TooManyCandidates as e:
         return _abstain(stats, "too_many_candidates", t0, candidates=int(e.args[0]))
-    fold_of_a = (np.arange(len(A)) * s.folds) // len(A)  # equal-count time blocks
     real_kept = None  # the zone gate's kept real candidates (None: no gate, all)
     if s.zone_gate:
-        al.fold_of_a = fold_of_a
-        al.zone_gates = _fit_zone_gates(al, real, [c for c, _ in negs], fold_of_a, stats)
+        al.zone_gates = _fit_zone_gates(al, real, [c for c, _ in negs], stats)
         real_kept = al.zone_kept(real)
         stats["zone_gate"]["kept"] = round(len(real_kept) / len(real), 4)
-    scorers, real_score = _cross_fitted_scores(al, real, Xr, negs, fold_of_a, stats)
+    scorers, real_score = _cross_fitted_scores(al, real, Xr, negs, stats)
     del negs
     if scorers is None:
         return _abstain(stats, "too_little_data", t0)
     try:  # the threshold from the selection controls
         ctrl_sel, n_ctrl = [], []
         for f in control_shifts:
-            c, s_, own = _score_alignment(al, scorers, fold_of_a, f)
+            c, s_, own = _score_alignment(al, scorers, f)
             n_ctrl.append(len(c))
             ctrl_sel.append(s_[al.select(c, s_, own=own)])
     except TooManyCandidates as e:
@@ -1234,7 +1234,7 @@ def _match_linked_pair(a: dict, b: dict, bands, s: _PairSettings) -> Tuple[List[
         return _abstain(stats, "precision_not_reached", t0)
     stats.update(abstained=False, threshold=thr)
     for f in s.audit_shifts:
-        c, s_, own = _score_alignment(al, scorers, fold_of_a, f)
+        c, s_, own = _score_alignment(al, scorers, f)
         stats["audit"][f] = int(len(al.select(c, s_, thr, own)))
     picked = real_pick[real_score[real_pick] >= thr]
     q = q_values(real_score[picked], real_score[real_pick], ctrl_sel)
