@@ -74,9 +74,9 @@ def measure(noise, seed, dets, links, vehicles, configs=weak_links.CONFIGS):
         fn, scored = weak_links._matcher(norm, selection, GAP, zone_gate=zone_gate)
         real_all = fn(dets, links)
         for at in ([None] if scored is None else READ_AT):
-            keep = (lambda ms: ms) if at is None else (
-                lambda ms, q=1.0 - at + 1e-6: [m for m in ms if m["q_value"] <= q])
-            real, decoy_hits = keep(real_all), []
+            real = real_all if at is None else [
+                m for m in real_all if decoy.returned_at(m["q_value"], at)]
+            decoy_hits = []
             pairs, targets = decoy.evaluate_in_memory(dets, fn, links, GAP, min_precision=at,
                                                       decoys=decoy_hits)
             t = sum(r["target_hits"] for r in pairs)

@@ -46,8 +46,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 __all__ = ["DECOY", "EvaluateWithDecoys", "FRONTIER", "b_side_counts", "best_point",
            "classify_hit", "decoy_links", "decoy_ts", "evaluate_in_memory",
            "estimated_precision", "evaluated_pairs", "half_of", "namespaces", "original_id",
-           "pair_camera", "pooled_precision", "precision_curve", "precision_row", "roles_of",
-           "summarize", "with_decoys"]
+           "pair_camera", "pooled_precision", "precision_curve", "precision_row", "returned_at",
+           "roles_of", "summarize", "with_decoys"]
 
 DECOY = "~decoy"
 FRONTIER = (0.8, 0.9)  # rows give the most excess at an estimated precision of at least these
@@ -221,8 +221,9 @@ def best_point(curve: Sequence[dict], min_significance: float = 3.0) -> Optional
     return max(ok, key=lambda p: (p["precision"], p["excess"])) if ok else None
 
 
-def _returned(q_value: Optional[float], min_precision: float) -> bool:
-    """Whether ``--min-precision`` returns a match of this q-value."""
+def returned_at(q_value: Optional[float], min_precision: float) -> bool:
+    """Whether ``--min-precision`` returns a match of this q-value (``q_value <= 1 -
+    min_precision``, with a float tolerance)."""
     return q_value is not None and q_value <= 1.0 - min_precision + 1e-6
 
 
@@ -239,7 +240,7 @@ def summarize(pair, hits: Sequence[tuple], counts: Sequence[tuple],
     ``best_min_precision`` is the flag value that returns the best point."""
     scored = hits
     if min_precision is not None:
-        hits = [h for h in hits if _returned(h[3], min_precision)]
+        hits = [h for h in hits if returned_at(h[3], min_precision)]
     target_hits, decoy_hits = [0, 0], [0, 0]
     for h in hits:
         (target_hits if h[0] == TARGET else decoy_hits)[h[1]] += 1
@@ -297,7 +298,7 @@ def evaluate_in_memory(detections: Sequence[dict], make_matches, links: Optional
         if c is None:
             continue
         hits[c[0]].append(c[1:])
-        if min_precision is not None and not _returned(m.get("q_value"), min_precision):
+        if min_precision is not None and not returned_at(m.get("q_value"), min_precision):
             continue
         if c[1] != TARGET and decoys is not None:
             if (c[0], c[2]) not in scale:
